@@ -1,0 +1,1487 @@
+#!/usr/bin/env python
+"""On-policy distillation of Stable Diffusion 3, in one file.
+
+The student samples its own few-step trajectory from noise; at every state it actually visits, the
+frozen teacher (with classifier-free guidance) says what the velocity should have been, and the
+student learns there. Loss: a weighted KL between the two Gaussian transitions of the stochastic
+flow sampler (warmed up from 0), plus epsilon MSE and latent (x0) MSE.
+
+Run it:   python scripts/run_onpolicy_distill_colab.py                  (edit the constants below)
+          python scripts/run_onpolicy_distill_colab.py --preset tiny    (built-in tiny SD3, CPU, < 1 min)
+          python scripts/run_onpolicy_distill_colab.py --MAX_STEPS=200 --LEARNING_RATE=5e-5
+
+Sections, in the order data flows: config -> setup helpers -> prompts -> models -> rollout and
+losses -> training loop -> writers -> main().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+# =================================================================================================
+# Config. Plain constants; each can be overridden as --NAME=VALUE on the command line.
+# =================================================================================================
+
+# --- Model setup --------------------------------------------------------------------------------
+TEACHER_ID = "stabilityai/stable-diffusion-3-medium-diffusers"  # Hub id or local diffusers folder; "tiny-random-sd3" = built-in
+TEACHER_REVISION = "main"  # git revision of TEACHER_ID on the Hub
+STUDENT_ID = "stabilityai/stable-diffusion-3-medium-diffusers"  # same as TEACHER_ID = few-step self-distillation
+STUDENT_REVISION = "main"  # git revision of STUDENT_ID
+TEACHER_DTYPE = "auto"  # teacher weights: "auto" (bf16 on recent GPUs, fp16 on older, fp32 on CPU) | "bfloat16" | "float16" | "float32"
+STUDENT_DTYPE = "float32"  # student weights outside LoRA; trainable weights are always kept in fp32
+TEXT_ENCODER_DTYPE = "auto"  # CLIP-L/CLIP-G/T5 weights while embeddings are cached; same choices as TEACHER_DTYPE
+IMAGE_SIZE = 1024  # pixels, square; multiple of VAE factor x patch size (16 for SD3); 512-1024 typical
+USE_T5 = False  # load the 4.7B-param T5 encoder; False = zeros in its place, as SD3 supports (saves ~10 GB)
+T5_MAX_LENGTH = 256  # T5 tokens per prompt (the SD3 pipeline default); text length = 77 + this
+TRAINABLE = "lora"  # what of the student trains: "all" | "lora" | "blocks" (TRAIN_BLOCKS) | "norms" (AdaLN modulation)
+TRAIN_BLOCKS = "-4:"  # python slice of transformer_blocks for TRAINABLE="blocks", e.g. "-4:" = last 4, "0:12"
+LORA_RANK = 32  # LoRA rank for TRAINABLE="lora"; 4-128 typical
+LORA_ALPHA = 32  # LoRA scale numerator (scale = alpha / rank)
+LORA_TARGET_MODULES = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out"  # as diffusers' SD3 LoRA training
+GRADIENT_CHECKPOINTING = False  # recompute block activations in backward: less memory, ~30% slower
+
+# --- Train setup --------------------------------------------------------------------------------
+SEED = 0  # seeds noise, prompt order and state choice; the same seed gives the same run
+BATCH_SIZE = 1  # prompts per rollout, per process
+GRAD_ACCUM_STEPS = 4  # rollouts accumulated into one optimizer step
+LEARNING_RATE = 1e-4  # AdamW peak learning rate; 1e-4 for LoRA, 1e-5 for full training
+ADAM_BETA1 = 0.9
+ADAM_BETA2 = 0.999
+ADAM_WEIGHT_DECAY = 1e-4
+ADAM_EPS = 1e-8
+LR_SCHEDULER = "constant_with_warmup"  # any name of diffusers.optimization.get_scheduler: constant, cosine, linear, ...
+LR_WARMUP_STEPS = 50  # optimizer steps of linear learning-rate warmup
+MAX_STEPS = 1000  # optimizer steps in the whole run
+MAX_GRAD_NORM = 1.0  # gradient clipping (L2 over all trainable weights); 0 = off
+MIXED_PRECISION = "auto"  # "no" | "fp16" | "bf16" | "auto" (bf16 where the GPU has it, else fp16; "no" on CPU)
+LOG_EVERY = 10  # optimizer steps between metrics rows
+CHECKPOINT_EVERY = 250  # optimizer steps between step_<N>.pt checkpoints
+CHECKPOINT_EVERY_MINUTES = 10.0  # also checkpoint after this much wall time (a disconnect gives no warning); 0 = off
+KEEP_LAST_CHECKPOINTS = 3  # newest step_*.pt kept (final.pt is always kept)
+RESUME = "auto"  # "auto" (continue the newest valid checkpoint of this run) | "never" | a checkpoint path
+EVAL_EVERY = 250  # optimizer steps between held-out evaluations (teacher-student gap); 0 = only start and end
+MAX_CONSECUTIVE_SKIPS = 5  # stop the run after this many non-finite steps in a row
+
+# --- Distill setup ------------------------------------------------------------------------------
+NUM_ROLLOUT_STEPS = 4  # K: steps of the student's own sampler, from noise to image
+SAMPLER_SHIFT = None  # sigma shift of the student's sampler; None = the teacher scheduler's config (3.0 for SD3)
+SUPERVISED_STATES = 0  # rollout states the teacher supervises: 0 = all K, M = a random M of them per rollout
+GUIDANCE_SCALE = 7.0  # teacher classifier-free guidance (SD3: 7.0, SD3.5: 3.5-4.5); the student learns it
+SAMPLER_ETA = 0.7  # eta, noise level of the stochastic flow sampler that defines the KL (Flow-GRPO uses 0.7)
+STOCHASTIC_ROLLOUT = True  # sample rollout transitions with that noise (True) or follow the ODE (False)
+KL_WEIGHT = 1.0  # weight of the transition KL after warmup
+EPS_MSE_WEIGHT = 1.0  # weight of the epsilon MSE
+LATENT_MSE_WEIGHT = 1.0  # weight of the latent (x0) MSE
+KL_WARMUP_STEPS = 100  # optimizer steps over which the KL weight ramps linearly from 0 to KL_WEIGHT
+TEACHER_EVAL_STEPS = 28  # steps of the teacher's own sampler for held-out reference samples
+
+# --- Prompt setup -------------------------------------------------------------------------------
+GENERATE_PROMPTS = True  # write PROMPTS_JSONL from the built-in generator (False = read your own file)
+PROMPTS_JSONL = "outputs_colab/prompts.jsonl"  # one {"id", "prompt", "category"} per line
+NUM_PROMPTS = 512  # prompts generated (train + held-out)
+PROMPT_SEED = 0  # seeds the generator; the same seed gives the same prompts
+HELDOUT_PROMPTS = 8  # the last N prompts of the file are held out for evaluation, never trained on
+
+# --- Colab setup --------------------------------------------------------------------------------
+PRINT_COLAB_SETUP = False  # print the notebook cells to paste (install, token, Drive) and exit
+INSTALL_DEPS = False  # pip-install what requirements are missing or too old before the run
+PREFETCH_MODELS = False  # download only the needed files with huggingface_hub.snapshot_download first
+COLAB_MODEL_CACHE = ""  # Hugging Face cache folder (e.g. on Drive); "" = the default cache
+
+# --- Output -------------------------------------------------------------------------------------
+OUTPUT_ROOT = "outputs_colab"  # everything the run writes goes under here (may be a mounted Drive folder)
+RUN_NAME = ""  # "" = reuse the newest unfinished run of this config (RESUME="auto"), else a timestamped name
+
+PRESETS = {
+    # The built-in tiny random SD3: every component made in code, the whole job on a laptop CPU.
+    "tiny": dict(
+        TEACHER_ID="tiny-random-sd3", STUDENT_ID="tiny-random-sd3", TEACHER_DTYPE="float32",
+        TEXT_ENCODER_DTYPE="float32", IMAGE_SIZE=32, USE_T5=True, T5_MAX_LENGTH=64, TRAINABLE="all",
+        BATCH_SIZE=2, GRAD_ACCUM_STEPS=1, LEARNING_RATE=1e-3, LR_WARMUP_STEPS=2, MAX_STEPS=30,
+        MIXED_PRECISION="no", LOG_EVERY=1, CHECKPOINT_EVERY=10, EVAL_EVERY=10, KL_WARMUP_STEPS=10,
+        GUIDANCE_SCALE=3.0, TEACHER_EVAL_STEPS=8, NUM_PROMPTS=48, HELDOUT_PROMPTS=4,
+    ),
+}
+
+TINY_MODEL_ID = "tiny-random-sd3"
+CONFIG_NAMES = [n for n in list(globals()) if n.isupper() and n not in ("PRESETS", "TINY_MODEL_ID")]
+
+# =================================================================================================
+# Setup helpers: command line, validation, devices, atomic files.
+# =================================================================================================
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one paragraph, without a traceback."""
+
+
+def default_config() -> dict:
+    return {name: globals()[name] for name in CONFIG_NAMES}
+
+
+def parse_value(name: str, text: str, default):
+    """Parse --NAME=VALUE to the type of the constant's default."""
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"--{name}={text}: expected true or false.")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise UserError(f"--{name}={text}: expected a whole number.") from None
+    if isinstance(default, float) or default is None:
+        if default is None and text.lower() in ("none", ""):
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            raise UserError(f"--{name}={text}: expected a number{' or none' if default is None else ''}.") from None
+    return text
+
+
+def parse_args(argv: list[str]) -> dict:
+    """Config = constants, then --preset NAME, then each --NAME=VALUE, in that order of precedence."""
+    config = default_config()
+    overrides, preset, problems = {}, None, []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--preset" or arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1] if "=" in arg else (args.pop(0) if args else "")
+            if preset not in PRESETS:
+                problems.append(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+            continue
+        if not arg.startswith("--") or "=" not in arg:
+            problems.append(f"{arg!r}: arguments are --NAME=VALUE (e.g. --MAX_STEPS=200) or --preset tiny.")
+            continue
+        name, text = arg[2:].split("=", 1)
+        if name not in config:
+            close = difflib.get_close_matches(name.upper(), CONFIG_NAMES, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            problems.append(f"unknown setting --{name}.{hint}")
+            continue
+        try:
+            overrides[name] = parse_value(name, text, config[name])
+        except UserError as err:
+            problems.append(str(err))
+    if problems:
+        raise UserError("Command line: " + " ".join(problems))
+    if preset:
+        config.update(PRESETS[preset])
+    config.update(overrides)
+    return config
+
+
+def validate_config(c: dict) -> None:
+    """Check every setting before anything heavy runs; report all problems at once, each with its fix."""
+    problems = []
+
+    def need(ok, message):
+        if not ok:
+            problems.append(message)
+
+    for name in ("BATCH_SIZE", "GRAD_ACCUM_STEPS", "MAX_STEPS", "LOG_EVERY", "CHECKPOINT_EVERY",
+                 "NUM_ROLLOUT_STEPS", "TEACHER_EVAL_STEPS", "NUM_PROMPTS", "LORA_RANK", "T5_MAX_LENGTH",
+                 "KEEP_LAST_CHECKPOINTS", "MAX_CONSECUTIVE_SKIPS"):
+        need(isinstance(c[name], int) and c[name] >= 1, f"{name}={c[name]!r} must be a whole number >= 1.")
+    for name in ("LEARNING_RATE", "ADAM_EPS", "IMAGE_SIZE", "LORA_ALPHA"):
+        need(isinstance(c[name], (int, float)) and c[name] > 0, f"{name}={c[name]!r} must be > 0.")
+    for name in ("ADAM_WEIGHT_DECAY", "MAX_GRAD_NORM", "LR_WARMUP_STEPS", "KL_WARMUP_STEPS", "EVAL_EVERY",
+                 "CHECKPOINT_EVERY_MINUTES", "SUPERVISED_STATES", "HELDOUT_PROMPTS", "SAMPLER_ETA"):
+        need(isinstance(c[name], (int, float)) and c[name] >= 0, f"{name}={c[name]!r} must be >= 0.")
+    for name in ("ADAM_BETA1", "ADAM_BETA2"):
+        need(0 <= c[name] < 1, f"{name}={c[name]!r} must be in [0, 1).")
+    weights = [c["KL_WEIGHT"], c["EPS_MSE_WEIGHT"], c["LATENT_MSE_WEIGHT"]]
+    need(all(w >= 0 for w in weights), "KL_WEIGHT, EPS_MSE_WEIGHT and LATENT_MSE_WEIGHT must be >= 0.")
+    need(any(w > 0 for w in weights), "KL_WEIGHT, EPS_MSE_WEIGHT and LATENT_MSE_WEIGHT are all 0: nothing to learn; set one > 0.")
+    need(not (c["KL_WEIGHT"] > 0 and c["SAMPLER_ETA"] <= 0),
+         "KL_WEIGHT > 0 needs SAMPLER_ETA > 0 (the KL is between stochastic transitions); set SAMPLER_ETA=0.7 or KL_WEIGHT=0.")
+    need(c["GUIDANCE_SCALE"] >= 1, f"GUIDANCE_SCALE={c['GUIDANCE_SCALE']} must be >= 1 (1 = no guidance).")
+    need(c["SUPERVISED_STATES"] <= c["NUM_ROLLOUT_STEPS"],
+         f"SUPERVISED_STATES={c['SUPERVISED_STATES']} exceeds NUM_ROLLOUT_STEPS={c['NUM_ROLLOUT_STEPS']}; use 0 for all states.")
+    need(c["SAMPLER_SHIFT"] is None or c["SAMPLER_SHIFT"] > 0, "SAMPLER_SHIFT must be > 0, or None for the teacher's own.")
+    need(c["MIXED_PRECISION"] in ("no", "fp16", "bf16", "auto"), f"MIXED_PRECISION={c['MIXED_PRECISION']!r}: use no, fp16, bf16 or auto.")
+    for name in ("TEACHER_DTYPE", "STUDENT_DTYPE", "TEXT_ENCODER_DTYPE"):
+        need(c[name] in DTYPES, f"{name}={c[name]!r}: use one of {sorted(DTYPES)}.")
+    need(c["TRAINABLE"] in ("all", "lora", "blocks", "norms"), f"TRAINABLE={c['TRAINABLE']!r}: use all, lora, blocks or norms.")
+    if c["TRAINABLE"] == "blocks":
+        try:
+            parse_block_slice(c["TRAIN_BLOCKS"])
+        except ValueError:
+            problems.append(f"TRAIN_BLOCKS={c['TRAIN_BLOCKS']!r} is not a python slice such as '-4:' or '0:12'.")
+    need(c["IMAGE_SIZE"] % 16 == 0 or c["TEACHER_ID"] == TINY_MODEL_ID,
+         f"IMAGE_SIZE={c['IMAGE_SIZE']} must be a multiple of 16 (VAE factor 8 x patch size 2), e.g. 512, 768 or 1024.")
+    need(c["HELDOUT_PROMPTS"] < c["NUM_PROMPTS"] or not c["GENERATE_PROMPTS"],
+         f"HELDOUT_PROMPTS={c['HELDOUT_PROMPTS']} leaves no training prompts out of NUM_PROMPTS={c['NUM_PROMPTS']}.")
+    need(not (c["RESUME"] not in ("auto", "never") and not Path(c["RESUME"]).is_file()),
+         f"RESUME={c['RESUME']!r} is neither auto, never nor an existing checkpoint file.")
+    need(bool(str(c["OUTPUT_ROOT"]).strip()), "OUTPUT_ROOT is empty; give a folder such as outputs_colab.")
+    need(all(ch.isalnum() or ch in "-_." for ch in c["RUN_NAME"]), f"RUN_NAME={c['RUN_NAME']!r}: use letters, digits, '-', '_' and '.'.")
+    if problems:
+        raise UserError("Config has %d problem(s):\n  - " % len(problems) + "\n  - ".join(problems))
+
+
+def parse_block_slice(text: str) -> slice:
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise ValueError(text)
+    return slice(*(int(p) if p.strip() else None for p in parts))
+
+
+DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def resolve_dtype(name: str, device):
+    """'auto' -> bf16 on a GPU that has it, fp16 on an older GPU, fp32 on the CPU."""
+    import torch
+
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, name)
+
+
+def resolve_mixed_precision(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) into a temporary file beside `path`, fsync it, then rename it into place.
+
+    A rename within one folder is atomic, so a reader (or a resumed run) sees the old file or the
+    new one, never half of one, even when the runtime dies mid-write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """A run killed mid-write leaves .tmp-* files; they are never valid, so remove them at start."""
+    if folder.is_dir():
+        for tmp in folder.glob(".tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
+def config_fingerprint(config: dict) -> str:
+    """What makes two runs the same run: every setting except where outputs go and how often."""
+    volatile = {"RUN_NAME", "RESUME", "OUTPUT_ROOT", "LOG_EVERY", "CHECKPOINT_EVERY", "CHECKPOINT_EVERY_MINUTES",
+                "KEEP_LAST_CHECKPOINTS", "EVAL_EVERY", "PRINT_COLAB_SETUP", "INSTALL_DEPS", "PREFETCH_MODELS",
+                "COLAB_MODEL_CACHE", "MAX_CONSECUTIVE_SKIPS"}
+    kept = {k: v for k, v in sorted(config.items()) if k not in volatile}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- Colab setup ---------------------------------------------------------------------------------
+
+REQUIREMENTS = {  # the ranges of requirements.txt, for dep_install()
+    "torch": ">=2.4", "diffusers": ">=0.32", "transformers": ">=4.45", "accelerate": ">=0.34",
+    "huggingface_hub": ">=0.25", "sentencepiece": ">=0.2", "protobuf": ">=3.20", "tqdm": ">=4.60", "peft": ">=0.13",
+}
+
+
+def colab_setup_text() -> str:
+    return """\
+# Cell 1: install (skips what is already there)
+!pip install -q "diffusers>=0.32" "transformers>=4.45" "accelerate>=0.34" "peft>=0.13" sentencepiece protobuf
+# Cell 2: Hugging Face token. Add HF_TOKEN under Colab's key icon (Secrets) first; a !python process
+# cannot read secrets itself, so hand it over through the environment:
+from google.colab import userdata; import os; os.environ["HF_TOKEN"] = userdata.get("HF_TOKEN")
+# SD3 models are gated: accept the licence on each model page while logged in, e.g.
+#   https://huggingface.co/stabilityai/stable-diffusion-3-medium-diffusers
+# Cell 3 (optional): keep outputs and downloads on Drive, so a disconnect loses nothing
+from google.colab import drive; drive.mount("/content/drive")
+# Cell 4: run (edit the constants at the top of the script, or pass --NAME=VALUE)
+!python run_onpolicy_distill_colab.py --OUTPUT_ROOT=/content/drive/MyDrive/distill --COLAB_MODEL_CACHE=/content/drive/MyDrive/hf_cache
+"""
+
+
+def dep_install() -> list[str]:
+    """pip-install each requirement that is missing or older than its range; return what was installed."""
+    import importlib.metadata as md
+    import subprocess
+
+    from packaging.specifiers import SpecifierSet
+
+    wanted = []
+    for package, spec in REQUIREMENTS.items():
+        try:
+            if md.version(package) in SpecifierSet(spec):
+                continue
+        except md.PackageNotFoundError:
+            pass
+        wanted.append(package + spec)
+    if wanted:
+        print("installing:", " ".join(wanted))
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *wanted])
+    else:
+        print("all requirements already installed")
+    return wanted
+
+
+def prefetch_patterns(use_t5: bool) -> list[str]:
+    """The files of a diffusers SD3 folder that a run reads: configs, tokenizers and safetensors weights."""
+    folders = ["transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+    if use_t5:
+        folders += ["text_encoder_3", "tokenizer_3"]
+    patterns = ["model_index.json"]
+    for folder in folders:
+        patterns += [f"{folder}/*.json", f"{folder}/*.safetensors", f"{folder}/*.txt", f"{folder}/*.model"]
+    return patterns
+
+
+def prefetch_model(model_id: str, revision: str, use_t5: bool, cache_dir: str) -> str:
+    """Download once (huggingface_hub skips files already cached); return the local folder."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model_id, revision=revision, cache_dir=cache_dir or None,
+                             allow_patterns=prefetch_patterns(use_t5))
+
+
+# =================================================================================================
+# Prompts: a deterministic generator (categories x templates x attributes) and a checked reader.
+# =================================================================================================
+
+PROMPT_CATEGORIES = {
+    "animal": ["a cat", "a dog", "a fox", "an owl", "a horse", "a red panda", "a whale", "a tiger"],
+    "landscape": ["a mountain lake", "a desert canyon", "a snowy forest", "a rocky coast", "a rice terrace", "a volcano"],
+    "object": ["a teapot", "a vintage camera", "a pair of sneakers", "a glass bottle", "an old clock", "a guitar"],
+    "food": ["a bowl of ramen", "a slice of cake", "a plate of sushi", "a basket of apples", "a cup of coffee"],
+    "vehicle": ["a red bicycle", "a steam train", "a sailboat", "a vintage car", "a hot air balloon"],
+    "architecture": ["a lighthouse", "a gothic cathedral", "a wooden cabin", "a glass skyscraper", "a stone bridge"],
+    "person": ["an astronaut", "a chef", "a knight in armor", "a street musician", "a painter"],
+}
+PROMPT_TEMPLATES = [
+    "{style} of {subject}, {light}",
+    "{subject} in {setting}, {style}",
+    "{style}: {subject} at {setting}, {light}",
+    "close-up {style} of {subject}, {light}",
+]
+PROMPT_ATTRIBUTES = {
+    "style": ["a photo", "an oil painting", "a watercolor", "a pencil sketch", "a 3d render", "a pixel art image"],
+    "light": ["golden hour light", "soft morning light", "neon lights", "dramatic shadows", "overcast sky"],
+    "setting": ["the city", "the countryside", "a quiet studio", "the night", "the seaside", "a misty valley"],
+}
+
+
+def generate_prompts(num_prompts: int, seed: int) -> list[dict]:
+    """Draw `num_prompts` distinct prompts, deterministically from `seed`, balanced over categories.
+
+    Each is {"id", "prompt", "category"}; the same (num_prompts, seed) always gives the same list."""
+    rng = random.Random(seed)
+    per_category = {}
+    for category, subjects in PROMPT_CATEGORIES.items():
+        combos = [(s, t, st, li, se) for s in subjects for t in PROMPT_TEMPLATES for st in PROMPT_ATTRIBUTES["style"]
+                  for li in PROMPT_ATTRIBUTES["light"] for se in PROMPT_ATTRIBUTES["setting"]]
+        rng.shuffle(combos)
+        per_category[category] = combos
+    capacity = sum(len(v) for v in per_category.values())
+    if num_prompts > capacity:
+        raise UserError(f"NUM_PROMPTS={num_prompts} exceeds the {capacity} distinct prompts the generator can make.")
+    prompts, seen, cursor = [], set(), 0
+    categories = list(PROMPT_CATEGORIES)
+    while len(prompts) < num_prompts:
+        category = categories[cursor % len(categories)]
+        combos = per_category[category]
+        if combos:
+            subject, template, style, light, setting = combos.pop()
+            text = template.format(subject=subject, style=style, light=light, setting=setting)
+            if text not in seen:
+                seen.add(text)
+                prompts.append({"id": len(prompts), "prompt": text, "category": category})
+        cursor += 1
+    return prompts
+
+
+def write_prompts_jsonl(path: Path, prompts: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in prompts))
+
+
+def read_prompts_jsonl(path: Path) -> list[dict]:
+    """Read and check a prompts file; every problem names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Prompts file {path} not found. Set GENERATE_PROMPTS=True to write one, "
+                        f"or point PROMPTS_JSONL at a file with one {{\"prompt\": ...}} per line.")
+    prompts, problems = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(f"{path}:{number}: not valid JSON ({err.msg}).")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{path}:{number}: expected an object like {{\"prompt\": \"a cat\"}}.")
+            continue
+        text = row.get("prompt")
+        if not isinstance(text, str):
+            problems.append(f"{path}:{number}: missing \"prompt\" string.")
+            continue
+        if not text.strip():
+            problems.append(f"{path}:{number}: empty \"prompt\".")
+            continue
+        prompts.append({"id": row.get("id", len(prompts)), "prompt": text, "category": row.get("category", "")})
+    if problems:
+        raise UserError("Prompts file has %d problem(s):\n  - " % len(problems) + "\n  - ".join(problems[:20]))
+    if not prompts:
+        raise UserError(f"Prompts file {path} has no prompts; add lines like {{\"prompt\": \"a cat\"}}.")
+    return prompts
+
+
+def split_heldout(prompts: list[dict], heldout: int) -> tuple[list[dict], list[dict]]:
+    """The last `heldout` prompts are for evaluation only."""
+    if heldout >= len(prompts):
+        raise UserError(f"HELDOUT_PROMPTS={heldout} leaves none of the {len(prompts)} prompts for training.")
+    return prompts[: len(prompts) - heldout], prompts[len(prompts) - heldout:]
+
+
+def prompt_indices(step: int, micro: int, rank: int, world: int, batch: int, accum: int, n: int, seed: int) -> list[int]:
+    """Which training prompts one rollout uses: a fresh permutation each epoch, the stream cut into
+    batches, batches dealt to (step, micro-batch, process). A pure function of the step, so a resumed
+    run continues exactly where it stopped."""
+    start = ((step * accum + micro) * world + rank) * batch
+    out = []
+    for position in range(start, start + batch):
+        epoch, offset = divmod(position, n)
+        out.append(epoch_permutation(n, seed, epoch)[offset])
+    return out
+
+
+_PERMUTATIONS: dict = {}
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _PERMUTATIONS:
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        _PERMUTATIONS.clear()
+        _PERMUTATIONS[key] = order
+    return _PERMUTATIONS[key]
+
+
+# =================================================================================================
+# Models: the built-in tiny SD3, loading teacher/student, compatibility, trainable parts, text cache.
+# =================================================================================================
+
+
+def build_tiny_sd3(path: Path) -> None:
+    """Make a tiny random SD3 (every component, tokenizers included) and save it as a diffusers folder.
+
+    Deterministic: the same folder, bit for bit, every time. Loaded back through the same
+    from_pretrained calls as a Hub model. Architecture as SD3.5 (qk RMS-norm, a dual-attention block)."""
+    import io
+    import tempfile
+
+    import sentencepiece as spm
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
+                              T5TokenizerFast)
+
+    with tempfile.TemporaryDirectory() as scratch, torch.random.fork_rng(devices=[]):
+        scratch = Path(scratch)
+        # CLIP tokenizers: a byte-pair vocabulary of single characters (and word-final ones), no merges needed.
+        chars = "abcdefghijklmnopqrstuvwxyz0123456789,.:-'!?"
+        vocab = {}
+        for c in chars:
+            vocab[c] = len(vocab)
+        for c in chars:
+            vocab[c + "</w>"] = len(vocab)
+        merges = ["t h", "th e</w>", "a n", "an d</w>"]
+        for merge in merges:
+            vocab[merge.replace(" ", "")] = len(vocab)
+        vocab["<|startoftext|>"] = len(vocab)
+        vocab["<|endoftext|>"] = len(vocab)
+        (scratch / "clip").mkdir()
+        (scratch / "clip" / "vocab.json").write_text(json.dumps(vocab))
+        (scratch / "clip" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        clip_tokenizer = CLIPTokenizer.from_pretrained(scratch / "clip", model_max_length=77)
+        # T5 tokenizer: a sentencepiece unigram model trained here on the prompt generator's own text.
+        sentences = [p["prompt"] for p in generate_prompts(300, seed=0)]
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=96,
+                                       hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
+                                       bos_id=-1, minloglevel=2, num_threads=1, shuffle_input_sentence=False)
+        (scratch / "t5").mkdir()
+        (scratch / "t5" / "spiece.model").write_bytes(model.getvalue())
+        t5_tokenizer = T5TokenizerFast.from_pretrained(scratch / "t5", extra_ids=0, model_max_length=512)
+
+        def clip(hidden, seed):
+            torch.manual_seed(seed)
+            return CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
+                num_attention_heads=2, max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
+                bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"]))
+
+        text_encoder, text_encoder_2 = clip(8, 1), clip(16, 2)
+        torch.manual_seed(3)
+        text_encoder_3 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+            feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+        torch.manual_seed(4)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                            latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=1.5035,
+                            shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+        torch.manual_seed(5)
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64,
+            pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,))
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer,
+            text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer, text_encoder_3=text_encoder_3,
+            tokenizer_3=t5_tokenizer)
+        staging = Path(path).with_name(f".tmp-{Path(path).name}-{os.getpid()}")
+        pipe.save_pretrained(staging)
+        os.replace(staging, path)
+
+
+def resolve_model_path(model_id: str, output_root: str) -> str:
+    """The built-in tiny model is built once under OUTPUT_ROOT/cache; anything else passes through."""
+    if model_id != TINY_MODEL_ID:
+        return model_id
+    path = Path(output_root) / "cache" / TINY_MODEL_ID
+    if not (path / "model_index.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_tiny_sd3(path)
+    return str(path)
+
+
+def explain_load_error(model_id: str, err: Exception) -> UserError:
+    """Turn a Hub or folder loading failure into the one-paragraph fix."""
+    name = type(err).__name__
+    text = str(err)
+    if Path(model_id).exists():
+        return UserError(f"{model_id} is a local folder but not a diffusers SD3 folder (it needs model_index.json "
+                         f"and transformer/, vae/, text_encoder*/ and tokenizer*/ subfolders): {name}: {text[:300]}")
+    if name == "GatedRepoError" or "gated" in text.lower() or "401" in text or "403" in text:
+        if not os.environ.get("HF_TOKEN"):
+            return UserError(f"{model_id} is gated and no Hugging Face token is set. Create a token at "
+                             f"https://huggingface.co/settings/tokens and set HF_TOKEN (in Colab: from Secrets, "
+                             f"see PRINT_COLAB_SETUP), then run again.")
+        return UserError(f"{model_id} is gated and your token's account has not accepted its licence. Open "
+                         f"https://huggingface.co/{model_id} while logged in, accept the licence, then run again.")
+    if name in ("RepositoryNotFoundError", "RevisionNotFoundError") or "404" in text:
+        return UserError(f"{model_id} was not found on the Hugging Face Hub (or that revision does not exist). "
+                         f"Check the spelling, e.g. stabilityai/stable-diffusion-3.5-medium, or give a local folder.")
+    return UserError(f"Could not load {model_id}: {name}: {text[:400]}. If you are offline, set PREFETCH_MODELS "
+                     f"while online or point TEACHER_ID/STUDENT_ID at a local diffusers folder.")
+
+
+def load_transformer(model_path: str, revision: str, dtype, cache_dir: str):
+    from diffusers import SD3Transformer2DModel
+
+    try:
+        return SD3Transformer2DModel.from_pretrained(model_path, subfolder="transformer", revision=revision,
+                                                     torch_dtype=dtype, cache_dir=cache_dir or None)
+    except Exception as err:  # any failure here is the user's model id, folder, network or token
+        raise explain_load_error(model_path, err) from err
+
+
+def check_compatible(teacher_config, student_config, image_size: int, vae_factor: int) -> None:
+    """Teacher and student must read the same latents and the same text embeddings."""
+    problems = []
+    for key in ("in_channels", "out_channels", "joint_attention_dim", "pooled_projection_dim"):
+        if teacher_config[key] != student_config[key]:
+            problems.append(f"{key}: teacher {teacher_config[key]}, student {student_config[key]}")
+    if problems:
+        raise UserError("Teacher and student are not compatible (" + "; ".join(problems) + "). Pick models of one "
+                        "family: SD3-medium, SD3.5-medium and SD3.5-large all share 16 latent channels and 4096/2048 "
+                        "text sizes.")
+    for who, cfg in (("teacher", teacher_config), ("student", student_config)):
+        multiple = vae_factor * cfg["patch_size"]
+        patches = image_size // multiple
+        if image_size % multiple:
+            raise UserError(f"IMAGE_SIZE={image_size} must be a multiple of {multiple} (VAE factor {vae_factor} x "
+                            f"{who} patch size {cfg['patch_size']}).")
+        if patches > cfg["pos_embed_max_size"]:
+            raise UserError(f"IMAGE_SIZE={image_size} is too large for the {who}: at most "
+                            f"{cfg['pos_embed_max_size'] * multiple} pixels.")
+
+
+def set_trainable(student, config: dict) -> list:
+    """Freeze the student except the part TRAINABLE names; return the trainable parameters (fp32)."""
+    import torch
+
+    mode = config["TRAINABLE"]
+    student.requires_grad_(mode == "all")
+    if mode == "lora":
+        from peft import LoraConfig
+
+        targets = [t.strip() for t in config["LORA_TARGET_MODULES"].split(",") if t.strip()]
+        student.add_adapter(LoraConfig(r=config["LORA_RANK"], lora_alpha=config["LORA_ALPHA"],
+                                       init_lora_weights="gaussian", target_modules=targets))
+    elif mode == "blocks":
+        for block in student.transformer_blocks[parse_block_slice(config["TRAIN_BLOCKS"])]:
+            block.requires_grad_(True)
+    elif mode == "norms":
+        for name, param in student.named_parameters():
+            if "norm" in name:
+                param.requires_grad_(True)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise UserError(f"TRAINABLE={mode!r} (TRAIN_BLOCKS={config['TRAIN_BLOCKS']!r}) selects no weights of the student.")
+    for p in params:  # master weights in fp32, as diffusers' cast_training_params does
+        p.data = p.data.to(torch.float32)
+    return params
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The shared-weights teacher: the LoRA student with its adapters switched off."""
+    model.disable_adapters()
+    try:
+        yield model
+    finally:
+        model.enable_adapters()
+
+
+@dataclasses.dataclass
+class TextEmbeddings:
+    """Cached encoder outputs for every prompt: (N, L, D) token embeddings and (N, P) pooled ones."""
+
+    embeds: "torch.Tensor"
+    pooled: "torch.Tensor"
+    empty_embeds: "torch.Tensor"  # the empty prompt, the unconditional branch of guidance
+    empty_pooled: "torch.Tensor"
+
+    def batch(self, indices, device, dtype):
+        return (self.embeds[indices].to(device, dtype, non_blocking=True),
+                self.pooled[indices].to(device, dtype, non_blocking=True))
+
+    def empty_batch(self, size, device, dtype):
+        return (self.empty_embeds.to(device, dtype).expand(size, -1, -1),
+                self.empty_pooled.to(device, dtype).expand(size, -1))
+
+
+def text_cache_path(cache_root: Path, model_path: str, revision: str, dtype_name: str, use_t5: bool, t5_len: int) -> Path:
+    key = json.dumps([model_path, revision, dtype_name, use_t5, t5_len])
+    return cache_root / "text_embeddings" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".pt")
+
+
+def encode_prompts_cached(texts: list[str], model_path: str, config: dict, device, transformer, cache_root: Path):
+    """Encode each prompt once with CLIP-L, CLIP-G and (unless USE_T5 is off) T5, through diffusers'
+    own StableDiffusion3Pipeline.encode_prompt; reuse earlier results from a cache on disk keyed by
+    model, revision, dtype, T5 switch and length, and prompt. Text encoders are loaded only on a cache
+    miss, and deleted (off the accelerator) before training starts."""
+    import torch
+
+    dtype = resolve_dtype(config["TEXT_ENCODER_DTYPE"], device)
+    path = text_cache_path(cache_root, model_path, config["TEACHER_REVISION"], str(dtype), config["USE_T5"],
+                           config["T5_MAX_LENGTH"])
+    cache = {}
+    if path.is_file():
+        try:
+            cache = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            print(f"warning: text-embedding cache {path} is unreadable ({type(err).__name__}); re-encoding.")
+    wanted = list(dict.fromkeys([""] + texts))
+    missing = [t for t in wanted if t not in cache]
+    if missing:
+        from diffusers import StableDiffusion3Pipeline
+
+        extra = {} if config["USE_T5"] else {"text_encoder_3": None, "tokenizer_3": None}
+        try:
+            pipe = StableDiffusion3Pipeline.from_pretrained(
+                model_path, revision=config["TEACHER_REVISION"], torch_dtype=dtype, transformer=transformer, vae=None,
+                cache_dir=config["COLAB_MODEL_CACHE"] or None, **extra)
+        except Exception as err:
+            raise explain_load_error(model_path, err) from err
+        for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            if module is not None:
+                module.to(device)
+        warn_truncation(pipe, missing, config)
+        with torch.no_grad():
+            for start in range(0, len(missing), 16):
+                chunk = missing[start:start + 16]
+                embeds, _, pooled, _ = pipe.encode_prompt(
+                    prompt=chunk, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+                    max_sequence_length=config["T5_MAX_LENGTH"])
+                for i, text in enumerate(chunk):
+                    cache[text] = (embeds[i].cpu().clone(), pooled[i].cpu().clone())
+        del pipe
+        free_accelerator_memory()
+        atomic_write(path, lambda tmp: torch.save(cache, tmp))
+    embeds = torch.stack([cache[t][0] for t in texts])
+    pooled = torch.stack([cache[t][1] for t in texts])
+    return TextEmbeddings(embeds, pooled, cache[""][0][None], cache[""][1][None])
+
+
+def warn_truncation(pipe, texts: list[str], config: dict) -> None:
+    """Name prompts longer than the tokenizers keep, once, instead of per batch."""
+    limits = [(pipe.tokenizer, 77, "CLIP")]
+    if pipe.tokenizer_3 is not None:
+        limits.append((pipe.tokenizer_3, config["T5_MAX_LENGTH"], "T5"))
+    for tokenizer, limit, name in limits:
+        long = [t for t in texts if len(tokenizer(t).input_ids) > limit]
+        if long:
+            print(f"warning: {len(long)} prompt(s) exceed {name}'s {limit} tokens and are truncated, e.g. {long[0][:80]!r}")
+
+
+def free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# =================================================================================================
+# Rollout and losses. Flow matching, as SD3 is trained: x_t = (1 - sigma) x0 + sigma eps, and the
+# transformer predicts the velocity v = eps - x0. Each formula is a small pure function.
+# =================================================================================================
+
+
+def sampler_sigmas(scheduler_config: dict, num_steps: int, shift: float | None, image_seq_len: int):
+    """Sigmas sigma_0 = 1 > ... > sigma_K = 0 and timesteps t_i = 1000 sigma_i of a K-step sampler.
+
+    Exactly diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps: sigma = linspace(1, 1/T..)
+    then shifted, sigma' = s sigma / (1 + (s - 1) sigma), with shift s (or the resolution-dependent
+    mu of the SD3 pipeline when the scheduler uses dynamic shifting)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    overrides = {} if shift is None else {"shift": shift}
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, **overrides)
+    kwargs = {}
+    if scheduler.config.get("use_dynamic_shifting", False):
+        kwargs["mu"] = calculate_shift(image_seq_len, scheduler.config.get("base_image_seq_len", 256),
+                                       scheduler.config.get("max_image_seq_len", 4096),
+                                       scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.16))
+    scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
+    return scheduler.sigmas.clone(), scheduler.timesteps.clone()
+
+
+def epsilon_from_velocity(x_t, sigma, velocity):
+    """eps_hat = x_t + (1 - sigma) v   (from x_t = (1 - sigma) x0 + sigma eps and v = eps - x0)."""
+    return x_t + (1 - sigma) * velocity
+
+
+def x0_from_velocity(x_t, sigma, velocity):
+    """x0_hat = x_t - sigma v."""
+    return x_t - sigma * velocity
+
+
+def guided_velocity(v_uncond, v_cond, guidance_scale: float):
+    """Classifier-free guidance: v = v_uncond + w (v_cond - v_uncond)."""
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+def euler_step(x, velocity, sigma, sigma_next):
+    """The deterministic flow sampler (diffusers' FlowMatchEulerDiscreteScheduler.step):
+    x' = x + (sigma_next - sigma) v."""
+    return x + (sigma_next - sigma) * velocity
+
+
+def sde_noise_scale(sigma: float, sigma_next: float, eta: float) -> float:
+    """s = eta sqrt(sigma / (1 - sigma)), with sigma = 1 in the denominator replaced by the next
+    sigma (the first step would divide by zero), as in Flow-GRPO's stochastic flow sampler."""
+    denominator_sigma = sigma_next if sigma >= 1 else sigma
+    return eta * math.sqrt(sigma / (1 - denominator_sigma))
+
+
+def sde_transition_mean(x, velocity, sigma: float, sigma_next: float, eta: float):
+    """Mean of the stochastic flow sampler's Gaussian step from sigma to sigma_next (Delta = sigma - sigma_next):
+    mu(v) = x (1 - s^2 Delta / (2 sigma)) - v (1 + s^2 (1 - sigma) / (2 sigma)) Delta; variance s^2 Delta."""
+    s = sde_noise_scale(sigma, sigma_next, eta)
+    delta = sigma - sigma_next
+    return x * (1 - s * s * delta / (2 * sigma)) - velocity * (1 + s * s * (1 - sigma) / (2 * sigma)) * delta
+
+
+def sde_step(x, velocity, sigma: float, sigma_next: float, eta: float, noise):
+    """Draw x' ~ N(mu(v), s^2 Delta) with the given standard-normal noise."""
+    s = sde_noise_scale(sigma, sigma_next, eta)
+    return sde_transition_mean(x, velocity, sigma, sigma_next, eta) + s * math.sqrt(sigma - sigma_next) * noise
+
+
+def epsilon_mse(x_t, sigma: float, v_student, v_teacher):
+    """mean || eps_hat(v_student) - eps_hat(v_teacher) ||^2, the mean over all elements."""
+    return (epsilon_from_velocity(x_t, sigma, v_student) - epsilon_from_velocity(x_t, sigma, v_teacher)).square().mean()
+
+
+def latent_mse(x_t, sigma: float, v_student, v_teacher):
+    """mean || x0_hat(v_student) - x0_hat(v_teacher) ||^2, the mean over all elements."""
+    return (x0_from_velocity(x_t, sigma, v_student) - x0_from_velocity(x_t, sigma, v_teacher)).square().mean()
+
+
+def transition_kl(x_t, sigma: float, sigma_next: float, eta: float, v_student, v_teacher):
+    """KL( N(mu(v_student), s^2 Delta I) || N(mu(v_teacher), s^2 Delta I) ) = || mu_s - mu_t ||^2 / (2 s^2 Delta).
+
+    Reduction: the mean over latent elements (the per-dimension KL; the KL of the whole latent is
+    this times C*H*W), then the mean over the batch, so its scale matches the two MSE terms."""
+    s = sde_noise_scale(sigma, sigma_next, eta)
+    delta = sigma - sigma_next
+    mean_gap = sde_transition_mean(x_t, v_student, sigma, sigma_next, eta) - sde_transition_mean(
+        x_t, v_teacher, sigma, sigma_next, eta)
+    return mean_gap.square().mean() / (2 * s * s * delta)
+
+
+def kl_weight_at(step: int, kl_weight: float, warmup_steps: int) -> float:
+    """Linear warmup: w(step) = KL_WEIGHT * min(1, step / KL_WARMUP_STEPS); KL_WEIGHT at once if no warmup."""
+    if warmup_steps <= 0:
+        return kl_weight
+    return kl_weight * min(1.0, step / warmup_steps)
+
+
+def predict_velocity(transformer, x, timestep, embeds, pooled, dtype):
+    """One SD3 transformer call: the velocity at state x and timestep t = 1000 sigma, in fp32."""
+    import torch
+
+    t = torch.full((x.shape[0],), float(timestep), device=x.device, dtype=dtype)
+    return transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=embeds.to(dtype),
+                       pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
+
+
+def teacher_velocity(teacher, x, timestep, cond, uncond, guidance_scale: float, dtype):
+    """The teacher's guided velocity; conditional and unconditional in one batched call."""
+    if guidance_scale == 1:
+        return predict_velocity(teacher, x, timestep, cond[0], cond[1], dtype)
+    import torch
+
+    v_uncond, v_cond = predict_velocity(teacher, torch.cat([x, x]), timestep, torch.cat([uncond[0], cond[0]]),
+                                        torch.cat([uncond[1], cond[1]]), dtype).chunk(2)
+    return guided_velocity(v_uncond, v_cond, guidance_scale)
+
+
+def sample_latents(velocity_fn, noise, sigmas, timesteps):
+    """The deterministic flow sampler from noise: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) velocity_fn(x_i, t_i)."""
+    x = noise.float()
+    for i in range(len(timesteps)):
+        x = euler_step(x, velocity_fn(x, timesteps[i]), float(sigmas[i]), float(sigmas[i + 1]))
+    return x
+
+
+@dataclasses.dataclass
+class Models:
+    """Everything the step needs; `teacher` is the student itself when the two share LoRA base weights."""
+
+    student: object  # as prepared by accelerate (may be wrapped for data parallelism)
+    teacher: object
+    shares_weights: bool
+    teacher_dtype: object
+    student_dtype: object
+    latent_shape: tuple  # (C, H, W)
+
+    def teacher_context(self):
+        return adapters_disabled(self.teacher) if self.shares_weights else contextlib.nullcontext()
+
+
+def distill_rollout(models: Models, accelerator, cond, uncond, sigmas, timesteps, supervised: set[int], config: dict,
+                    kl_weight: float, generator, loss_scale: float):
+    """One on-policy rollout with its losses; gradients are accumulated into the student.
+
+    From noise the student integrates its own K-step sampler. At a supervised state x_i (one the
+    student actually visits) the teacher predicts with guidance, the student predicts with gradients,
+    the losses are taken and backpropagated at once (no backpropagation through the rollout), and the
+    same student prediction, detached, moves the rollout on. Returns per-step loss terms (fp32,
+    detached) as a (K, 4) tensor: total, kl, eps_mse, latent_mse (zeros where not supervised)."""
+    import torch
+
+    batch = cond[0].shape[0]
+    device = accelerator.device
+    x = torch.randn((batch, *models.latent_shape), generator=generator, device=device)
+    terms = torch.zeros(len(timesteps), 4, device=device)
+    plain_student = accelerator.unwrap_model(models.student)
+    eta = config["SAMPLER_ETA"]
+    for i in range(len(timesteps)):
+        sigma, sigma_next, t = float(sigmas[i]), float(sigmas[i + 1]), timesteps[i]
+        if i in supervised:
+            with torch.no_grad(), models.teacher_context():
+                v_teacher = teacher_velocity(models.teacher, x, t, cond, uncond, config["GUIDANCE_SCALE"],
+                                             models.teacher_dtype)
+            with accelerator.autocast():
+                v_student = predict_velocity(models.student, x, t, cond[0], cond[1], models.student_dtype)
+            kl = transition_kl(x, sigma, sigma_next, max(eta, 1e-6), v_student, v_teacher)
+            eps = epsilon_mse(x, sigma, v_student, v_teacher)
+            lat = latent_mse(x, sigma, v_student, v_teacher)
+            total = kl_weight * kl + config["EPS_MSE_WEIGHT"] * eps + config["LATENT_MSE_WEIGHT"] * lat
+            accelerator.backward(total * loss_scale)
+            terms[i] = torch.stack([total, kl, eps, lat]).detach()
+            v_next = v_student.detach()
+        else:
+            with torch.no_grad(), accelerator.autocast():
+                v_next = predict_velocity(plain_student, x, t, cond[0], cond[1], models.student_dtype)
+        if config["STOCHASTIC_ROLLOUT"] and eta > 0:
+            noise = torch.randn(x.shape, generator=generator, device=device)
+            x = sde_step(x, v_next, sigma, sigma_next, eta, noise)
+        else:
+            x = euler_step(x, v_next, sigma, sigma_next)
+    return terms
+
+
+def choose_supervised(num_steps: int, num_supervised: int, rng: random.Random) -> set[int]:
+    """All K states, or a random M of them (0 = all)."""
+    if num_supervised == 0 or num_supervised >= num_steps:
+        return set(range(num_steps))
+    return set(rng.sample(range(num_steps), num_supervised))
+
+
+# =================================================================================================
+# Training loop.
+# =================================================================================================
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int, device):
+    """Noise for one rollout depends only on (seed, step, micro-batch, process): resumes are exact."""
+    import torch
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step) * 1_009 + micro * 101 + rank)
+    return generator
+
+
+def evaluate_gap(models: Models, accelerator, heldout_cond, sigmas, timesteps, teacher_samples, noise):
+    """Held-out teacher-student gap: mean latent MSE between the teacher's full guided sample and the
+    student's K-step sample from the same noise, per prompt."""
+    import torch
+
+    student = accelerator.unwrap_model(models.student)
+    with torch.no_grad(), accelerator.autocast():
+        samples = sample_latents(lambda x, t: predict_velocity(student, x, t, heldout_cond[0], heldout_cond[1],
+                                                               models.student_dtype), noise, sigmas, timesteps)
+    return (samples - teacher_samples).square().flatten(1).mean(1)
+
+
+def teacher_reference_samples(models: Models, heldout_cond, uncond, scheduler_config, config, noise, image_seq_len):
+    """The teacher's own sampler (TEACHER_EVAL_STEPS steps, guidance) on the held-out prompts: computed once."""
+    import torch
+
+    sigmas, timesteps = sampler_sigmas(scheduler_config, config["TEACHER_EVAL_STEPS"], None, image_seq_len)
+    with torch.no_grad(), models.teacher_context():
+        return sample_latents(lambda x, t: teacher_velocity(models.teacher, x, t, heldout_cond, uncond,
+                                                            config["GUIDANCE_SCALE"], models.teacher_dtype),
+                              noise, sigmas, timesteps)
+
+
+# =================================================================================================
+# Writers: metrics (JSONL + CSV), checkpoints, summary.
+# =================================================================================================
+
+
+def metric_columns(num_steps: int) -> list[str]:
+    columns = ["step", "loss", "kl", "eps_mse", "latent_mse", "kl_weight", "lr", "grad_norm", "sec_per_step",
+               "images_per_sec", "peak_mem_gb", "skipped_steps", "eval_gap"]
+    for i in range(num_steps):
+        columns += [f"kl_{i}", f"eps_mse_{i}", f"latent_mse_{i}"]
+    return columns
+
+
+class MetricsWriter:
+    """metrics.jsonl and metrics.csv, a row per logged step, flushed as written. On resume, rows past
+    the restored step are dropped first, so each step appears once."""
+
+    def __init__(self, folder: Path, columns: list[str], resume_step: int | None):
+        self.jsonl, self.csv, self.columns = folder / "metrics.jsonl", folder / "metrics.csv", columns
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        if resume_step is not None and self.jsonl.is_file():
+            for line in self.jsonl.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
+                    row = json.loads(line)
+                    if row.get("step", math.inf) <= resume_step:
+                        rows.append(row)
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(self.csv, ",".join(columns) + "\n" + "".join(self._csv_line(r) for r in rows))
+
+    def _csv_line(self, row: dict) -> str:
+        import io
+
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerow(["" if row.get(c) is None else row.get(c) for c in self.columns])
+        return out.getvalue()
+
+    def write(self, row: dict) -> None:
+        for path, text in ((self.jsonl, json.dumps(row) + "\n"), (self.csv, self._csv_line(row))):
+            with open(path, "a") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)), "numpy_pos": int(np.random.get_state()[2]),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(student) -> dict:
+    """Only what trains: all weights, the chosen blocks, or just the LoRA adapters."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in student.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, student, optimizer, lr_scheduler, accelerator, step: int, config: dict, extra: dict) -> None:
+    import torch
+
+    payload = {"format": "onpolicy-distill-v1", "step": step, "student": trainable_state(accelerator.unwrap_model(student)),
+               "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+               "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+               "rng": rng_state(), "config": config, "fingerprint": config_fingerprint(config), **extra}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """weights_only=True: a checkpoint holds only tensors and plain values, so loading one runs no code."""
+    import torch
+
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != "onpolicy-distill-v1":
+        raise ValueError("not a checkpoint of this script")
+    return payload
+
+
+class CheckpointDir:
+    """checkpoints/<run>/: step_<N>.pt, final.pt and latest.json naming the newest complete one."""
+
+    def __init__(self, folder: Path, keep: int):
+        self.folder, self.keep = folder, keep
+        self.pointer = folder / "latest.json"
+
+    def step_files(self) -> list[Path]:
+        files = [p for p in self.folder.glob("step_*.pt") if p.stem[5:].isdigit()]
+        return sorted(files, key=lambda p: int(p.stem[5:]))
+
+    def save(self, name: str, step: int, status: str, fingerprint: str, save_fn) -> Path:
+        path = self.folder / name
+        save_fn(path)
+        atomic_write_text(self.pointer, json.dumps({"checkpoint": name, "step": step, "status": status,
+                                                    "fingerprint": fingerprint, "time": time.time()}))
+        if name.startswith("step_"):
+            for old in self.step_files()[: -self.keep]:
+                old.unlink(missing_ok=True)
+        return path
+
+    def newest_valid(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that loads; a truncated or corrupt one is named and skipped."""
+        candidates = self.step_files()[::-1]
+        final = self.folder / "final.pt"
+        if final.is_file():
+            candidates.insert(0, final)
+        for path in candidates:
+            try:
+                return path, load_checkpoint(path)
+            except Exception as err:
+                print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}: {str(err)[:120]}); "
+                      f"falling back to an older one.")
+        return None
+
+
+def find_resumable_run(output_root: Path, fingerprint: str) -> str | None:
+    """With RUN_NAME empty: the newest unfinished run of exactly this config, to continue after a disconnect."""
+    best = None
+    for pointer in (output_root / "checkpoints").glob("*/latest.json"):
+        try:
+            info = json.loads(pointer.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if info.get("fingerprint") == fingerprint and info.get("status") != "finished":
+            if best is None or info.get("time", 0) > best[0]:
+                best = (info.get("time", 0), pointer.parent.name)
+    return best[1] if best else None
+
+
+# =================================================================================================
+# main(): the story of a run.
+# =================================================================================================
+
+
+@dataclasses.dataclass
+class RunPaths:
+    root: Path
+    name: str
+
+    @property
+    def metrics(self):
+        return self.root / "metrics" / self.name
+
+    @property
+    def checkpoints(self):
+        return self.root / "checkpoints" / self.name
+
+    @property
+    def run(self):
+        return self.root / "runs" / self.name
+
+
+def choose_run_name(config: dict) -> str:
+    if config["RUN_NAME"]:
+        return config["RUN_NAME"]
+    if config["RESUME"] == "auto":
+        found = find_resumable_run(Path(config["OUTPUT_ROOT"]), config_fingerprint(config))
+        if found:
+            print(f"resuming unfinished run {found} (same config); set RUN_NAME to start another.")
+            return found
+    return time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def train(config: dict) -> dict:
+    """Load models, cache embeddings, run the distillation loop, write every output; return the summary."""
+    import torch
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    output_root = Path(config["OUTPUT_ROOT"])
+    paths = RunPaths(output_root, choose_run_name(config))
+    config = {**config, "RUN_NAME": paths.name}
+    checkpoints = CheckpointDir(paths.checkpoints, config["KEEP_LAST_CHECKPOINTS"])
+    for folder in (paths.metrics, paths.checkpoints, paths.run):
+        remove_stale_temporaries(folder)
+
+    # Resume point, decided before any model is loaded, so a wrong setting costs nothing.
+    resume = None
+    if config["RESUME"] == "auto":
+        resume = checkpoints.newest_valid()
+    elif config["RESUME"] != "never":
+        resume = (Path(config["RESUME"]), load_checkpoint(Path(config["RESUME"])))
+    elif checkpoints.step_files() or (paths.checkpoints / "final.pt").exists():
+        raise UserError(f"Run {paths.name} already has checkpoints in {paths.checkpoints} and RESUME='never' would "
+                        f"overwrite them. Set RESUME='auto' to continue it, or a new RUN_NAME.")
+    if resume and resume[1]["fingerprint"] != config_fingerprint(config):
+        raise UserError(f"Checkpoint {resume[0]} was written with different settings; resuming would mix two runs. "
+                        f"Use a new RUN_NAME, or restore the settings of that run (its config is in the checkpoint).")
+    if resume and resume[1]["step"] >= config["MAX_STEPS"]:
+        print(f"run {paths.name} already finished at step {resume[1]['step']}; set a new RUN_NAME to train again.")
+        return json.loads((paths.run / "train_summary.json").read_text()) if (paths.run / "train_summary.json").exists() else {}
+
+    mixed_precision = resolve_mixed_precision(config["MIXED_PRECISION"])
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    device = accelerator.device
+    torch.manual_seed(config["SEED"])
+
+    # Prompts.
+    prompts_path = Path(config["PROMPTS_JSONL"])
+    if config["GENERATE_PROMPTS"] and accelerator.is_main_process:
+        write_prompts_jsonl(prompts_path, generate_prompts(config["NUM_PROMPTS"], config["PROMPT_SEED"]))
+    accelerator.wait_for_everyone()
+    train_prompts, heldout_prompts = split_heldout(read_prompts_jsonl(prompts_path), config["HELDOUT_PROMPTS"])
+
+    # Models.
+    t0 = time.time()
+    teacher_path = resolve_model_path(config["TEACHER_ID"], config["OUTPUT_ROOT"])
+    student_path = resolve_model_path(config["STUDENT_ID"], config["OUTPUT_ROOT"])
+    if config["PREFETCH_MODELS"]:
+        teacher_path = prefetch_model(teacher_path, config["TEACHER_REVISION"], config["USE_T5"], config["COLAB_MODEL_CACHE"])
+        student_path = prefetch_model(student_path, config["STUDENT_REVISION"], False, config["COLAB_MODEL_CACHE"])
+    teacher_dtype = resolve_dtype(config["TEACHER_DTYPE"], device)
+    shares_weights = config["TRAINABLE"] == "lora" and (config["TEACHER_ID"], config["TEACHER_REVISION"]) == (
+        config["STUDENT_ID"], config["STUDENT_REVISION"])
+    teacher = load_transformer(teacher_path, config["TEACHER_REVISION"], teacher_dtype, config["COLAB_MODEL_CACHE"])
+    if shares_weights:
+        student, student_dtype = teacher, teacher_dtype
+    else:
+        student_dtype = resolve_dtype(config["STUDENT_DTYPE"], device)
+        student = load_transformer(student_path, config["STUDENT_REVISION"], student_dtype, config["COLAB_MODEL_CACHE"])
+    vae_config = AutoencoderKL.load_config(teacher_path, subfolder="vae", revision=config["TEACHER_REVISION"],
+                                           cache_dir=config["COLAB_MODEL_CACHE"] or None)
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    check_compatible(teacher.config, student.config, config["IMAGE_SIZE"], vae_factor)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    teacher.to(device)
+    params = set_trainable(student, config)
+    student.to(device)
+    student.train()
+    if config["GRADIENT_CHECKPOINTING"]:
+        student.enable_gradient_checkpointing()
+    load_seconds = time.time() - t0
+
+    # Text embeddings: encoded once, cached on disk, encoders gone before training.
+    t0 = time.time()
+    all_texts = [p["prompt"] for p in train_prompts + heldout_prompts]
+    with accelerator.main_process_first():
+        text = encode_prompts_cached(all_texts, teacher_path, config, device, teacher, output_root / "cache")
+    embed_seconds = time.time() - t0
+
+    # Optimizer, schedule, accelerate.
+    optimizer = torch.optim.AdamW(params, lr=config["LEARNING_RATE"], betas=(config["ADAM_BETA1"], config["ADAM_BETA2"]),
+                                  weight_decay=config["ADAM_WEIGHT_DECAY"], eps=config["ADAM_EPS"],
+                                  **({"fused": True} if device.type == "cuda" else {}))
+    lr_scheduler = get_scheduler(config["LR_SCHEDULER"], optimizer,
+                                 num_warmup_steps=config["LR_WARMUP_STEPS"] * accelerator.num_processes,
+                                 num_training_steps=config["MAX_STEPS"] * accelerator.num_processes)
+    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    latent_size = config["IMAGE_SIZE"] // vae_factor
+    models = Models(student, teacher if not shares_weights else accelerator.unwrap_model(student), shares_weights,
+                    teacher_dtype, student_dtype, (teacher.config.in_channels, latent_size, latent_size))
+    image_seq_len = (latent_size // teacher.config.patch_size) ** 2
+    scheduler_config = load_scheduler_config(teacher_path, config)
+    sigmas, timesteps = sampler_sigmas(scheduler_config, config["NUM_ROLLOUT_STEPS"], config["SAMPLER_SHIFT"], image_seq_len)
+
+    # Held-out evaluation: fixed noise, teacher references computed once.
+    heldout_idx = list(range(len(train_prompts), len(all_texts)))
+    heldout_cond = text.batch(heldout_idx, device, teacher_dtype)
+    eval_noise = torch.randn((len(heldout_idx), *models.latent_shape),
+                             generator=torch.Generator().manual_seed(config["SEED"] + 12345)).to(device)
+    teacher_samples = teacher_reference_samples(models, heldout_cond, text.empty_batch(len(heldout_idx), device, teacher_dtype),
+                                                scheduler_config, config, eval_noise, image_seq_len)
+
+    def eval_gap():
+        return float(evaluate_gap(models, accelerator, heldout_cond, sigmas, timesteps, teacher_samples, eval_noise).mean())
+
+    # Restore, last: weights, optimizer, schedule, then RNG states (after everything that draws randomness).
+    start_step, skipped_total, gap_before = 0, 0, None
+    if resume:
+        payload = resume[1]
+        missing = set(trainable_state(accelerator.unwrap_model(student))) - set(payload["student"])
+        if missing:
+            raise UserError(f"Checkpoint {resume[0]} lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}).")
+        accelerator.unwrap_model(student).load_state_dict(payload["student"], strict=False)
+        optimizer.load_state_dict(payload["optimizer"])
+        lr_scheduler.load_state_dict(payload["lr_scheduler"])
+        if payload["scaler"] is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(payload["scaler"])
+        start_step, skipped_total = payload["step"], payload.get("skipped_steps", 0)
+        gap_before = payload.get("gap_before")
+        set_rng_state(payload["rng"])
+        print(f"resumed {paths.name} from {resume[0].name} at step {start_step}")
+    else:
+        gap_before = eval_gap()
+
+    columns = metric_columns(config["NUM_ROLLOUT_STEPS"])
+    metrics = MetricsWriter(paths.metrics, columns, start_step if resume else None) if accelerator.is_main_process else None
+    atomic_write_text(paths.run / "config.json", json.dumps(config, indent=2)) if accelerator.is_main_process else None
+
+    def checkpoint(name, step, status):
+        if accelerator.is_main_process:
+            extra = {"skipped_steps": skipped_total, "gap_before": gap_before}
+            checkpoints.save(name, step, status, config_fingerprint(config),
+                             lambda path: save_checkpoint(path, student, optimizer, lr_scheduler, accelerator, step,
+                                                          config, extra))
+        accelerator.wait_for_everyone()
+
+    # The loop.
+    K, accum, batch = config["NUM_ROLLOUT_STEPS"], config["GRAD_ACCUM_STEPS"], config["BATCH_SIZE"]
+    window_terms = torch.zeros(K, 4, device=device)
+    window_counts = torch.zeros(K, device=device)
+    window_steps, window_start, window_grad = 0, time.time(), torch.zeros((), device=device)
+    last_row, last_checkpoint_time, consecutive_skips = {}, time.time(), 0
+    gap_now = gap_before
+    step = start_step
+    bar = tqdm(total=config["MAX_STEPS"], initial=start_step, disable=not accelerator.is_local_main_process,
+               desc="distill", dynamic_ncols=True)
+    status, summary = "running", {}
+    train_started = time.time()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        while step < config["MAX_STEPS"]:
+            kl_weight = kl_weight_at(step, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"])
+            step_terms = torch.zeros(K, 4, device=device)
+            step_counts = torch.zeros(K, device=device)
+            for micro in range(accum):
+                idx = prompt_indices(step, micro, accelerator.process_index, accelerator.num_processes, batch, accum,
+                                     len(train_prompts), config["SEED"])
+                cond = text.batch(idx, device, teacher_dtype)
+                uncond = text.empty_batch(batch, device, teacher_dtype)
+                generator = step_generator(config["SEED"], step, micro, accelerator.process_index, device)
+                supervised = choose_supervised(K, config["SUPERVISED_STATES"],
+                                               random.Random(config["SEED"] * 7919 + step * 31 + micro))
+                sync = accelerator.no_sync(student) if micro < accum - 1 else contextlib.nullcontext()
+                with sync:
+                    terms = distill_rollout(models, accelerator, cond, uncond, sigmas, timesteps, supervised, config,
+                                            kl_weight, generator, 1.0 / (len(supervised) * accum))
+                step_terms += terms
+                for i in supervised:
+                    step_counts[i] += 1
+            loss = (step_terms[:, 0].sum() / step_counts.sum())
+            grad_norm = accelerator.clip_grad_norm_(params, config["MAX_GRAD_NORM"] or float("inf"))
+            finite = bool(torch.isfinite(loss) and (mixed_precision == "fp16" or torch.isfinite(grad_norm)))
+            if finite:
+                optimizer.step()
+                lr_scheduler.step()
+                consecutive_skips = 0
+            else:
+                skipped_total += 1
+                consecutive_skips += 1
+                if consecutive_skips >= config["MAX_CONSECUTIVE_SKIPS"]:
+                    optimizer.zero_grad(set_to_none=True)
+                    raise UserError(f"{consecutive_skips} steps in a row had a non-finite loss or gradient (last at "
+                                    f"step {step}); stopped. The last good checkpoint is intact. Lower LEARNING_RATE, "
+                                    f"use MIXED_PRECISION='bf16' or 'no', or lower GUIDANCE_SCALE.")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if finite:
+                window_terms += step_terms
+                window_counts += step_counts
+                window_grad += grad_norm.detach().float()
+                window_steps += 1
+
+            evaluate_now = step == config["MAX_STEPS"] or (config["EVAL_EVERY"] and step % config["EVAL_EVERY"] == 0)
+            if evaluate_now:
+                gap_now = eval_gap()
+            if step % config["LOG_EVERY"] == 0 or step == config["MAX_STEPS"] or evaluate_now:
+                elapsed = time.time() - window_start
+                row = metrics_row(step, window_terms, window_counts, window_grad, max(window_steps, 1), elapsed,
+                                  kl_weight_at(step - 1, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
+                                  lr_scheduler.get_last_lr()[0], batch * accum * accelerator.num_processes,
+                                  skipped_total, gap_now if evaluate_now else None, K)
+                if metrics:
+                    metrics.write(row)
+                last_row = row
+                bar.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "nan",
+                                s_it=f"{row['sec_per_step']:.2f}")
+                window_terms.zero_(), window_counts.zero_(), window_grad.zero_()
+                window_steps, window_start = 0, time.time()
+            minutes = (time.time() - last_checkpoint_time) / 60
+            if step < config["MAX_STEPS"] and (step % config["CHECKPOINT_EVERY"] == 0 or (
+                    config["CHECKPOINT_EVERY_MINUTES"] and minutes >= config["CHECKPOINT_EVERY_MINUTES"])):
+                checkpoint(f"step_{step}.pt", step, "running")
+                last_checkpoint_time = time.time()
+        status = "finished"
+        checkpoint("final.pt", step, "finished")
+    except KeyboardInterrupt:
+        status = "interrupted"
+        checkpoint(f"step_{step}.pt", step, "interrupted")
+        print(f"\ninterrupted: saved {paths.checkpoints / f'step_{step}.pt'}; run again to continue.")
+    except BaseException:
+        status = "failed"
+        raise
+    finally:
+        bar.close()
+        if accelerator.is_main_process:
+            summary = {
+                "status": status, "run_name": paths.name, "step": step, "max_steps": config["MAX_STEPS"],
+                "skipped_steps": skipped_total, "eval_gap_before": gap_before, "eval_gap_last": gap_now,
+                "final_metrics": last_row,
+                "timings": {"total_seconds": time.time() - started, "model_load_seconds": load_seconds,
+                            "text_embedding_seconds": embed_seconds, "train_seconds": time.time() - train_started},
+                "device": str(device), "mixed_precision": mixed_precision, "num_processes": accelerator.num_processes,
+                "trainable_parameters": sum(p.numel() for p in params), "shares_teacher_weights": shares_weights,
+                "paths": {"metrics_jsonl": str(paths.metrics / "metrics.jsonl"),
+                          "metrics_csv": str(paths.metrics / "metrics.csv"),
+                          "checkpoints": str(paths.checkpoints), "final": str(paths.checkpoints / "final.pt"),
+                          "prompts": str(prompts_path)},
+                "config": config,
+            }
+            atomic_write_text(paths.run / "train_summary.json", json.dumps(summary, indent=2))
+    if status == "interrupted":
+        sys.exit(130)
+    return summary
+
+
+def metrics_row(step, terms, counts, grad_sum, steps, elapsed, kl_weight, lr, images_per_step, skipped, gap, K) -> dict:
+    """Means over the log window, read from the device once."""
+    import torch
+
+    terms_cpu, counts_cpu = terms.tolist(), counts.tolist()
+    total_count = sum(counts_cpu)
+
+    def mean(col):
+        return sum(terms_cpu[i][col] for i in range(K)) / total_count if total_count else None
+
+    row = {"step": step, "loss": mean(0), "kl": mean(1), "eps_mse": mean(2), "latent_mse": mean(3),
+           "kl_weight": kl_weight, "lr": lr, "grad_norm": float(grad_sum) / steps, "sec_per_step": elapsed / steps,
+           "images_per_sec": images_per_step * steps / elapsed if elapsed > 0 else None,
+           "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+           "skipped_steps": skipped, "eval_gap": gap}
+    for i in range(K):
+        for col, name in ((1, "kl"), (2, "eps_mse"), (3, "latent_mse")):
+            row[f"{name}_{i}"] = terms_cpu[i][col] / counts_cpu[i] if counts_cpu[i] else None
+    return row
+
+
+def load_scheduler_config(model_path: str, config: dict) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return dict(FlowMatchEulerDiscreteScheduler.load_config(model_path, subfolder="scheduler",
+                                                            revision=config["TEACHER_REVISION"],
+                                                            cache_dir=config["COLAB_MODEL_CACHE"] or None))
+
+
+def quiet_libraries() -> None:
+    """Keep the console to what this script says: no per-file progress bars or deprecation chatter."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv)
+        if config["PRINT_COLAB_SETUP"]:
+            print(colab_setup_text())
+            return 0
+        validate_config(config)
+        if config["INSTALL_DEPS"]:
+            dep_install()
+        quiet_libraries()
+        summary = train(config)
+        if summary:
+            print(json.dumps({k: summary[k] for k in ("status", "run_name", "step", "eval_gap_before", "eval_gap_last")}))
+        return 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
