@@ -28,6 +28,10 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that --help-level work stays instant
+    import torch
 
 # =================================================================================================
 # Config. Plain constants; each can be overridden as --NAME=VALUE on the command line.
@@ -896,15 +900,60 @@ def sample_latents(velocity_fn, noise, sigmas, timesteps):
 class Models:
     """Everything the step needs; `teacher` is the student itself when the two share LoRA base weights."""
 
-    student: object  # as prepared by accelerate (may be wrapped for data parallelism)
+    student: object  # after accelerator.prepare: may be wrapped for data parallelism
     teacher: object
     shares_weights: bool
     teacher_dtype: object
     student_dtype: object
-    latent_shape: tuple  # (C, H, W)
+    latent_shape: tuple  # (C, H, W) of one latent
+    trainable: list  # the student's trainable parameters (fp32)
+    scheduler_config: dict  # the teacher's FlowMatchEulerDiscreteScheduler config
+    patch_size: int
 
     def teacher_context(self):
         return adapters_disabled(self.teacher) if self.shares_weights else contextlib.nullcontext()
+
+    @property
+    def image_seq_len(self) -> int:
+        return (self.latent_shape[1] // self.patch_size) * (self.latent_shape[2] // self.patch_size)
+
+
+def load_models(config: dict, device) -> tuple[Models, str]:
+    """Teacher and student SD3 transformers through diffusers' from_pretrained, checked for
+    compatibility, the teacher frozen, the student's trainable part chosen; returns the models and the
+    teacher's folder (where the text encoders, VAE and scheduler come from)."""
+    from diffusers import AutoencoderKL
+
+    teacher_path = resolve_model_path(config["TEACHER_ID"], config["OUTPUT_ROOT"])
+    student_path = resolve_model_path(config["STUDENT_ID"], config["OUTPUT_ROOT"])
+    if config["PREFETCH_MODELS"]:
+        teacher_path = prefetch_model(teacher_path, config["TEACHER_REVISION"], config["USE_T5"], config["COLAB_MODEL_CACHE"])
+        student_path = prefetch_model(student_path, config["STUDENT_REVISION"], False, config["COLAB_MODEL_CACHE"])
+    teacher_dtype = resolve_dtype(config["TEACHER_DTYPE"], device)
+    # One copy of the transformer when the student is LoRA on the teacher's own weights.
+    shares_weights = config["TRAINABLE"] == "lora" and (config["TEACHER_ID"], config["TEACHER_REVISION"]) == (
+        config["STUDENT_ID"], config["STUDENT_REVISION"])
+    teacher = load_transformer(teacher_path, config["TEACHER_REVISION"], teacher_dtype, config["COLAB_MODEL_CACHE"])
+    if shares_weights:
+        student, student_dtype = teacher, teacher_dtype
+    else:
+        student_dtype = resolve_dtype(config["STUDENT_DTYPE"], device)
+        student = load_transformer(student_path, config["STUDENT_REVISION"], student_dtype, config["COLAB_MODEL_CACHE"])
+    vae_config = AutoencoderKL.load_config(teacher_path, subfolder="vae", revision=config["TEACHER_REVISION"],
+                                           cache_dir=config["COLAB_MODEL_CACHE"] or None)
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    check_compatible(teacher.config, student.config, config["IMAGE_SIZE"], vae_factor)
+    teacher.requires_grad_(False)
+    teacher.eval().to(device)
+    trainable = set_trainable(student, config)
+    student.to(device).train()
+    if config["GRADIENT_CHECKPOINTING"]:
+        student.enable_gradient_checkpointing()
+    latent_size = config["IMAGE_SIZE"] // vae_factor
+    models = Models(student, teacher, shares_weights, teacher_dtype, student_dtype,
+                    (teacher.config.in_channels, latent_size, latent_size), trainable,
+                    load_scheduler_config(teacher_path, config), teacher.config.patch_size)
+    return models, teacher_path
 
 
 def distill_rollout(models: Models, accelerator, cond, uncond, sigmas, timesteps, supervised: set[int], config: dict,
@@ -950,6 +999,34 @@ def distill_rollout(models: Models, accelerator, cond, uncond, sigmas, timesteps
     return terms
 
 
+def distill_step(models: Models, accelerator, text: "TextEmbeddings", step: int, config: dict, sigmas, timesteps,
+                 num_train_prompts: int):
+    """GRAD_ACCUM_STEPS on-policy rollouts of BATCH_SIZE training prompts, gradients accumulated (and
+    synchronised across processes only on the last). Returns the summed (K, 4) loss terms and how
+    often each rollout step was supervised."""
+    import torch
+
+    K, accum, batch = len(timesteps), config["GRAD_ACCUM_STEPS"], config["BATCH_SIZE"]
+    kl_weight = kl_weight_at(step, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"])
+    terms = torch.zeros(K, 4, device=accelerator.device)
+    counts = torch.zeros(K, device=accelerator.device)
+    for micro in range(accum):
+        idx = prompt_indices(step, micro, accelerator.process_index, accelerator.num_processes, batch, accum,
+                             num_train_prompts, config["SEED"])
+        cond = text.batch(idx, accelerator.device, models.teacher_dtype)
+        uncond = text.empty_batch(batch, accelerator.device, models.teacher_dtype)
+        generator = step_generator(config["SEED"], step, micro, accelerator.process_index, accelerator.device)
+        supervised = choose_supervised(K, config["SUPERVISED_STATES"],
+                                       random.Random(config["SEED"] * 7919 + step * 31 + micro))
+        sync = accelerator.no_sync(models.student) if micro < accum - 1 else contextlib.nullcontext()
+        with sync:
+            terms += distill_rollout(models, accelerator, cond, uncond, sigmas, timesteps, supervised, config,
+                                     kl_weight, generator, 1.0 / (len(supervised) * accum))
+        for i in supervised:
+            counts[i] += 1
+    return terms, counts
+
+
 def choose_supervised(num_steps: int, num_supervised: int, rng: random.Random) -> set[int]:
     """All K states, or a random M of them (0 = all)."""
     if num_supervised == 0 or num_supervised >= num_steps:
@@ -983,11 +1060,11 @@ def evaluate_gap(models: Models, accelerator, heldout_cond, sigmas, timesteps, t
     return (samples - teacher_samples).square().flatten(1).mean(1)
 
 
-def teacher_reference_samples(models: Models, heldout_cond, uncond, scheduler_config, config, noise, image_seq_len):
+def teacher_reference_samples(models: Models, heldout_cond, uncond, config: dict, noise):
     """The teacher's own sampler (TEACHER_EVAL_STEPS steps, guidance) on the held-out prompts: computed once."""
     import torch
 
-    sigmas, timesteps = sampler_sigmas(scheduler_config, config["TEACHER_EVAL_STEPS"], None, image_seq_len)
+    sigmas, timesteps = sampler_sigmas(models.scheduler_config, config["TEACHER_EVAL_STEPS"], None, models.image_seq_len)
     with torch.no_grad(), models.teacher_context():
         return sample_latents(lambda x, t: teacher_velocity(models.teacher, x, t, heldout_cond, uncond,
                                                             config["GUIDANCE_SCALE"], models.teacher_dtype),
@@ -1172,11 +1249,9 @@ def choose_run_name(config: dict) -> str:
 
 
 def train(config: dict) -> dict:
-    """Load models, cache embeddings, run the distillation loop, write every output; return the summary."""
+    """The run: resume point, prompts, models, text embeddings, the loop, every output; returns the summary."""
     import torch
     from accelerate import Accelerator
-    from diffusers import AutoencoderKL
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     started = time.time()
@@ -1188,20 +1263,11 @@ def train(config: dict) -> dict:
         remove_stale_temporaries(folder)
 
     # Resume point, decided before any model is loaded, so a wrong setting costs nothing.
-    resume = None
-    if config["RESUME"] == "auto":
-        resume = checkpoints.newest_valid()
-    elif config["RESUME"] != "never":
-        resume = (Path(config["RESUME"]), load_checkpoint(Path(config["RESUME"])))
-    elif checkpoints.step_files() or (paths.checkpoints / "final.pt").exists():
-        raise UserError(f"Run {paths.name} already has checkpoints in {paths.checkpoints} and RESUME='never' would "
-                        f"overwrite them. Set RESUME='auto' to continue it, or a new RUN_NAME.")
-    if resume and resume[1]["fingerprint"] != config_fingerprint(config):
-        raise UserError(f"Checkpoint {resume[0]} was written with different settings; resuming would mix two runs. "
-                        f"Use a new RUN_NAME, or restore the settings of that run (its config is in the checkpoint).")
+    resume = find_resume_point(config, paths, checkpoints)
     if resume and resume[1]["step"] >= config["MAX_STEPS"]:
         print(f"run {paths.name} already finished at step {resume[1]['step']}; set a new RUN_NAME to train again.")
-        return json.loads((paths.run / "train_summary.json").read_text()) if (paths.run / "train_summary.json").exists() else {}
+        summary_path = paths.run / "train_summary.json"
+        return json.loads(summary_path.read_text()) if summary_path.exists() else {}
 
     mixed_precision = resolve_mixed_precision(config["MIXED_PRECISION"])
     accelerator = Accelerator(mixed_precision=mixed_precision)
@@ -1217,179 +1283,102 @@ def train(config: dict) -> dict:
 
     # Models.
     t0 = time.time()
-    teacher_path = resolve_model_path(config["TEACHER_ID"], config["OUTPUT_ROOT"])
-    student_path = resolve_model_path(config["STUDENT_ID"], config["OUTPUT_ROOT"])
-    if config["PREFETCH_MODELS"]:
-        teacher_path = prefetch_model(teacher_path, config["TEACHER_REVISION"], config["USE_T5"], config["COLAB_MODEL_CACHE"])
-        student_path = prefetch_model(student_path, config["STUDENT_REVISION"], False, config["COLAB_MODEL_CACHE"])
-    teacher_dtype = resolve_dtype(config["TEACHER_DTYPE"], device)
-    shares_weights = config["TRAINABLE"] == "lora" and (config["TEACHER_ID"], config["TEACHER_REVISION"]) == (
-        config["STUDENT_ID"], config["STUDENT_REVISION"])
-    teacher = load_transformer(teacher_path, config["TEACHER_REVISION"], teacher_dtype, config["COLAB_MODEL_CACHE"])
-    if shares_weights:
-        student, student_dtype = teacher, teacher_dtype
-    else:
-        student_dtype = resolve_dtype(config["STUDENT_DTYPE"], device)
-        student = load_transformer(student_path, config["STUDENT_REVISION"], student_dtype, config["COLAB_MODEL_CACHE"])
-    vae_config = AutoencoderKL.load_config(teacher_path, subfolder="vae", revision=config["TEACHER_REVISION"],
-                                           cache_dir=config["COLAB_MODEL_CACHE"] or None)
-    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    check_compatible(teacher.config, student.config, config["IMAGE_SIZE"], vae_factor)
-    teacher.requires_grad_(False)
-    teacher.eval()
-    teacher.to(device)
-    params = set_trainable(student, config)
-    student.to(device)
-    student.train()
-    if config["GRADIENT_CHECKPOINTING"]:
-        student.enable_gradient_checkpointing()
+    models, teacher_path = load_models(config, device)
     load_seconds = time.time() - t0
 
     # Text embeddings: encoded once, cached on disk, encoders gone before training.
     t0 = time.time()
     all_texts = [p["prompt"] for p in train_prompts + heldout_prompts]
     with accelerator.main_process_first():
-        text = encode_prompts_cached(all_texts, teacher_path, config, device, teacher, output_root / "cache")
+        text = encode_prompts_cached(all_texts, teacher_path, config, device, models.teacher, output_root / "cache")
     embed_seconds = time.time() - t0
 
     # Optimizer, schedule, accelerate.
-    optimizer = torch.optim.AdamW(params, lr=config["LEARNING_RATE"], betas=(config["ADAM_BETA1"], config["ADAM_BETA2"]),
-                                  weight_decay=config["ADAM_WEIGHT_DECAY"], eps=config["ADAM_EPS"],
-                                  **({"fused": True} if device.type == "cuda" else {}))
-    lr_scheduler = get_scheduler(config["LR_SCHEDULER"], optimizer,
-                                 num_warmup_steps=config["LR_WARMUP_STEPS"] * accelerator.num_processes,
-                                 num_training_steps=config["MAX_STEPS"] * accelerator.num_processes)
-    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    latent_size = config["IMAGE_SIZE"] // vae_factor
-    models = Models(student, teacher if not shares_weights else accelerator.unwrap_model(student), shares_weights,
-                    teacher_dtype, student_dtype, (teacher.config.in_channels, latent_size, latent_size))
-    image_seq_len = (latent_size // teacher.config.patch_size) ** 2
-    scheduler_config = load_scheduler_config(teacher_path, config)
-    sigmas, timesteps = sampler_sigmas(scheduler_config, config["NUM_ROLLOUT_STEPS"], config["SAMPLER_SHIFT"], image_seq_len)
+    optimizer, lr_scheduler = build_optimizer(models.trainable, config, device, accelerator.num_processes)
+    models.student, optimizer, lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
+    sigmas, timesteps = sampler_sigmas(models.scheduler_config, config["NUM_ROLLOUT_STEPS"], config["SAMPLER_SHIFT"],
+                                       models.image_seq_len)
 
     # Held-out evaluation: fixed noise, teacher references computed once.
-    heldout_idx = list(range(len(train_prompts), len(all_texts)))
-    heldout_cond = text.batch(heldout_idx, device, teacher_dtype)
-    eval_noise = torch.randn((len(heldout_idx), *models.latent_shape),
+    heldout = list(range(len(train_prompts), len(all_texts)))
+    heldout_cond = text.batch(heldout, device, models.teacher_dtype)
+    eval_noise = torch.randn((len(heldout), *models.latent_shape),
                              generator=torch.Generator().manual_seed(config["SEED"] + 12345)).to(device)
-    teacher_samples = teacher_reference_samples(models, heldout_cond, text.empty_batch(len(heldout_idx), device, teacher_dtype),
-                                                scheduler_config, config, eval_noise, image_seq_len)
+    teacher_samples = teacher_reference_samples(models, heldout_cond, text.empty_batch(len(heldout), device,
+                                                models.teacher_dtype), config, eval_noise)
 
     def eval_gap():
         return float(evaluate_gap(models, accelerator, heldout_cond, sigmas, timesteps, teacher_samples, eval_noise).mean())
 
     # Restore, last: weights, optimizer, schedule, then RNG states (after everything that draws randomness).
-    start_step, skipped_total, gap_before = 0, 0, None
+    start_step, skipped_total = 0, 0
     if resume:
-        payload = resume[1]
-        missing = set(trainable_state(accelerator.unwrap_model(student))) - set(payload["student"])
-        if missing:
-            raise UserError(f"Checkpoint {resume[0]} lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}).")
-        accelerator.unwrap_model(student).load_state_dict(payload["student"], strict=False)
-        optimizer.load_state_dict(payload["optimizer"])
-        lr_scheduler.load_state_dict(payload["lr_scheduler"])
-        if payload["scaler"] is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(payload["scaler"])
-        start_step, skipped_total = payload["step"], payload.get("skipped_steps", 0)
-        gap_before = payload.get("gap_before")
-        set_rng_state(payload["rng"])
+        start_step, skipped_total, gap_before = restore_checkpoint(resume, models, optimizer, lr_scheduler, accelerator)
         print(f"resumed {paths.name} from {resume[0].name} at step {start_step}")
     else:
         gap_before = eval_gap()
 
-    columns = metric_columns(config["NUM_ROLLOUT_STEPS"])
-    metrics = MetricsWriter(paths.metrics, columns, start_step if resume else None) if accelerator.is_main_process else None
-    atomic_write_text(paths.run / "config.json", json.dumps(config, indent=2)) if accelerator.is_main_process else None
+    metrics = None
+    if accelerator.is_main_process:
+        metrics = MetricsWriter(paths.metrics, metric_columns(config["NUM_ROLLOUT_STEPS"]),
+                                start_step if resume else None)
+        atomic_write_text(paths.run / "config.json", json.dumps(config, indent=2))
 
-    def checkpoint(name, step, status):
+    def checkpoint(name, at_step, status):
         if accelerator.is_main_process:
             extra = {"skipped_steps": skipped_total, "gap_before": gap_before}
-            checkpoints.save(name, step, status, config_fingerprint(config),
-                             lambda path: save_checkpoint(path, student, optimizer, lr_scheduler, accelerator, step,
-                                                          config, extra))
+            checkpoints.save(name, at_step, status, config_fingerprint(config),
+                             lambda path: save_checkpoint(path, models.student, optimizer, lr_scheduler, accelerator,
+                                                          at_step, config, extra))
         accelerator.wait_for_everyone()
 
-    # The loop.
-    K, accum, batch = config["NUM_ROLLOUT_STEPS"], config["GRAD_ACCUM_STEPS"], config["BATCH_SIZE"]
-    window_terms = torch.zeros(K, 4, device=device)
-    window_counts = torch.zeros(K, device=device)
-    window_steps, window_start, window_grad = 0, time.time(), torch.zeros((), device=device)
+    # The loop: one optimizer step per iteration; scalars leave the device only at log steps.
+    K, images_per_step = config["NUM_ROLLOUT_STEPS"], config["BATCH_SIZE"] * config["GRAD_ACCUM_STEPS"] * accelerator.num_processes
+    window = LogWindow(K, device)
     last_row, last_checkpoint_time, consecutive_skips = {}, time.time(), 0
-    gap_now = gap_before
-    step = start_step
+    gap_now, step, status, summary = gap_before, start_step, "running", {}
     bar = tqdm(total=config["MAX_STEPS"], initial=start_step, disable=not accelerator.is_local_main_process,
                desc="distill", dynamic_ncols=True)
-    status, summary = "running", {}
     train_started = time.time()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
         while step < config["MAX_STEPS"]:
-            kl_weight = kl_weight_at(step, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"])
-            step_terms = torch.zeros(K, 4, device=device)
-            step_counts = torch.zeros(K, device=device)
-            for micro in range(accum):
-                idx = prompt_indices(step, micro, accelerator.process_index, accelerator.num_processes, batch, accum,
-                                     len(train_prompts), config["SEED"])
-                cond = text.batch(idx, device, teacher_dtype)
-                uncond = text.empty_batch(batch, device, teacher_dtype)
-                generator = step_generator(config["SEED"], step, micro, accelerator.process_index, device)
-                supervised = choose_supervised(K, config["SUPERVISED_STATES"],
-                                               random.Random(config["SEED"] * 7919 + step * 31 + micro))
-                sync = accelerator.no_sync(student) if micro < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    terms = distill_rollout(models, accelerator, cond, uncond, sigmas, timesteps, supervised, config,
-                                            kl_weight, generator, 1.0 / (len(supervised) * accum))
-                step_terms += terms
-                for i in supervised:
-                    step_counts[i] += 1
-            loss = (step_terms[:, 0].sum() / step_counts.sum())
-            grad_norm = accelerator.clip_grad_norm_(params, config["MAX_GRAD_NORM"] or float("inf"))
-            finite = bool(torch.isfinite(loss) and (mixed_precision == "fp16" or torch.isfinite(grad_norm)))
+            terms, counts = distill_step(models, accelerator, text, step, config, sigmas, timesteps, len(train_prompts))
+            grad_norm, finite = apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config,
+                                             mixed_precision)
             if finite:
-                optimizer.step()
-                lr_scheduler.step()
                 consecutive_skips = 0
+                window.add(terms, counts, grad_norm)
             else:
                 skipped_total += 1
                 consecutive_skips += 1
                 if consecutive_skips >= config["MAX_CONSECUTIVE_SKIPS"]:
-                    optimizer.zero_grad(set_to_none=True)
                     raise UserError(f"{consecutive_skips} steps in a row had a non-finite loss or gradient (last at "
                                     f"step {step}); stopped. The last good checkpoint is intact. Lower LEARNING_RATE, "
                                     f"use MIXED_PRECISION='bf16' or 'no', or lower GUIDANCE_SCALE.")
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            if finite:
-                window_terms += step_terms
-                window_counts += step_counts
-                window_grad += grad_norm.detach().float()
-                window_steps += 1
 
             evaluate_now = step == config["MAX_STEPS"] or (config["EVAL_EVERY"] and step % config["EVAL_EVERY"] == 0)
             if evaluate_now:
                 gap_now = eval_gap()
             if step % config["LOG_EVERY"] == 0 or step == config["MAX_STEPS"] or evaluate_now:
-                elapsed = time.time() - window_start
-                row = metrics_row(step, window_terms, window_counts, window_grad, max(window_steps, 1), elapsed,
-                                  kl_weight_at(step - 1, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
-                                  lr_scheduler.get_last_lr()[0], batch * accum * accelerator.num_processes,
-                                  skipped_total, gap_now if evaluate_now else None, K)
+                row = window.row(step, kl_weight_at(step - 1, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
+                                 lr_scheduler.get_last_lr()[0], images_per_step, skipped_total,
+                                 gap_now if evaluate_now else None)
                 if metrics:
                     metrics.write(row)
                 last_row = row
                 bar.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "nan",
                                 s_it=f"{row['sec_per_step']:.2f}")
-                window_terms.zero_(), window_counts.zero_(), window_grad.zero_()
-                window_steps, window_start = 0, time.time()
             minutes = (time.time() - last_checkpoint_time) / 60
             if step < config["MAX_STEPS"] and (step % config["CHECKPOINT_EVERY"] == 0 or (
                     config["CHECKPOINT_EVERY_MINUTES"] and minutes >= config["CHECKPOINT_EVERY_MINUTES"])):
                 checkpoint(f"step_{step}.pt", step, "running")
                 last_checkpoint_time = time.time()
-        status = "finished"
         checkpoint("final.pt", step, "finished")
+        status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"
         checkpoint(f"step_{step}.pt", step, "interrupted")
@@ -1407,7 +1396,8 @@ def train(config: dict) -> dict:
                 "timings": {"total_seconds": time.time() - started, "model_load_seconds": load_seconds,
                             "text_embedding_seconds": embed_seconds, "train_seconds": time.time() - train_started},
                 "device": str(device), "mixed_precision": mixed_precision, "num_processes": accelerator.num_processes,
-                "trainable_parameters": sum(p.numel() for p in params), "shares_teacher_weights": shares_weights,
+                "trainable_parameters": sum(p.numel() for p in models.trainable),
+                "shares_teacher_weights": models.shares_weights,
                 "paths": {"metrics_jsonl": str(paths.metrics / "metrics.jsonl"),
                           "metrics_csv": str(paths.metrics / "metrics.csv"),
                           "checkpoints": str(paths.checkpoints), "final": str(paths.checkpoints / "final.pt"),
@@ -1420,25 +1410,110 @@ def train(config: dict) -> dict:
     return summary
 
 
-def metrics_row(step, terms, counts, grad_sum, steps, elapsed, kl_weight, lr, images_per_step, skipped, gap, K) -> dict:
-    """Means over the log window, read from the device once."""
+def build_optimizer(params: list, config: dict, device, num_processes: int):
+    """AdamW (fused on CUDA) and diffusers' learning-rate schedule. accelerate steps a prepared
+    schedule once per process, hence the factor."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=config["LEARNING_RATE"], betas=(config["ADAM_BETA1"], config["ADAM_BETA2"]),
+                                  weight_decay=config["ADAM_WEIGHT_DECAY"], eps=config["ADAM_EPS"],
+                                  **({"fused": True} if device.type == "cuda" else {}))
+    lr_scheduler = get_scheduler(config["LR_SCHEDULER"], optimizer, num_warmup_steps=config["LR_WARMUP_STEPS"] * num_processes,
+                                 num_training_steps=config["MAX_STEPS"] * num_processes)
+    return optimizer, lr_scheduler
+
+
+def apply_update(models: Models, accelerator, optimizer, lr_scheduler, terms, counts, config: dict, mixed_precision: str):
+    """Clip, then step, unless the loss or the gradient is not finite: then the weights and the
+    optimizer state stay exactly as they were. (Under fp16 the gradient scaler handles overflowing
+    gradients itself, by skipping and lowering its scale.) One host sync per step, for that check."""
     import torch
 
-    terms_cpu, counts_cpu = terms.tolist(), counts.tolist()
-    total_count = sum(counts_cpu)
+    loss = terms[:, 0].sum() / counts.sum()
+    grad_norm = accelerator.clip_grad_norm_(models.trainable, config["MAX_GRAD_NORM"] or float("inf"))
+    finite = bool(torch.isfinite(loss) and (mixed_precision == "fp16" or torch.isfinite(grad_norm)))
+    if finite:
+        optimizer.step()
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
 
-    def mean(col):
-        return sum(terms_cpu[i][col] for i in range(K)) / total_count if total_count else None
 
-    row = {"step": step, "loss": mean(0), "kl": mean(1), "eps_mse": mean(2), "latent_mse": mean(3),
-           "kl_weight": kl_weight, "lr": lr, "grad_norm": float(grad_sum) / steps, "sec_per_step": elapsed / steps,
-           "images_per_sec": images_per_step * steps / elapsed if elapsed > 0 else None,
-           "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-           "skipped_steps": skipped, "eval_gap": gap}
-    for i in range(K):
-        for col, name in ((1, "kl"), (2, "eps_mse"), (3, "latent_mse")):
-            row[f"{name}_{i}"] = terms_cpu[i][col] / counts_cpu[i] if counts_cpu[i] else None
-    return row
+def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointDir"):
+    """(path, payload) of the checkpoint to continue from, or None for a fresh run."""
+    resume = None
+    if config["RESUME"] == "auto":
+        resume = checkpoints.newest_valid()
+    elif config["RESUME"] != "never":
+        try:
+            resume = (Path(config["RESUME"]), load_checkpoint(Path(config["RESUME"])))
+        except Exception as err:
+            raise UserError(f"RESUME={config['RESUME']!r} cannot be read ({type(err).__name__}: {str(err)[:200]}); "
+                            f"give another checkpoint or RESUME='auto'.") from err
+    elif checkpoints.step_files() or (paths.checkpoints / "final.pt").exists():
+        raise UserError(f"Run {paths.name} already has checkpoints in {paths.checkpoints} and RESUME='never' would "
+                        f"overwrite them. Set RESUME='auto' to continue it, or a new RUN_NAME.")
+    if resume and resume[1]["fingerprint"] != config_fingerprint(config):
+        raise UserError(f"Checkpoint {resume[0]} was written with different settings; resuming would mix two runs. "
+                        f"Use a new RUN_NAME, or restore the settings of that run (its config is in the checkpoint).")
+    return resume
+
+
+def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelerator):
+    """Weights, optimizer, schedule, scaler, then the RNG states; returns (step, skipped steps, gap before)."""
+    path, payload = resume
+    student = accelerator.unwrap_model(models.student)
+    missing = set(trainable_state(student)) - set(payload["student"])
+    if missing:
+        raise UserError(f"Checkpoint {path} lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}).")
+    student.load_state_dict(payload["student"], strict=False)
+    optimizer.load_state_dict(payload["optimizer"])
+    lr_scheduler.load_state_dict(payload["lr_scheduler"])
+    if payload["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(payload["scaler"])
+    set_rng_state(payload["rng"])
+    return payload["step"], payload.get("skipped_steps", 0), payload.get("gap_before")
+
+
+class LogWindow:
+    """Loss terms, supervision counts and gradient norms summed on the device since the last metrics row."""
+
+    def __init__(self, num_steps: int, device):
+        import torch
+
+        self.terms = torch.zeros(num_steps, 4, device=device)
+        self.counts = torch.zeros(num_steps, device=device)
+        self.grad = torch.zeros((), device=device)
+        self.steps, self.start = 0, time.time()
+
+    def add(self, terms, counts, grad_norm):
+        self.terms += terms
+        self.counts += counts
+        self.grad += grad_norm.detach().float()
+        self.steps += 1
+
+    def row(self, step, kl_weight, lr, images_per_step, skipped, gap) -> dict:
+        """Means over the window, read from the device once; then the window starts again."""
+        import torch
+
+        elapsed, steps = time.time() - self.start, max(self.steps, 1)
+        terms, counts = self.terms.tolist(), self.counts.tolist()
+        total = sum(counts)
+
+        def mean(col):
+            return sum(t[col] for t in terms) / total if total else None
+
+        row = {"step": step, "loss": mean(0), "kl": mean(1), "eps_mse": mean(2), "latent_mse": mean(3),
+               "kl_weight": kl_weight, "lr": lr, "grad_norm": float(self.grad) / steps, "sec_per_step": elapsed / steps,
+               "images_per_sec": images_per_step * steps / elapsed if elapsed > 0 else None,
+               "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+               "skipped_steps": skipped, "eval_gap": gap}
+        for i, (t, c) in enumerate(zip(terms, counts, strict=True)):
+            row.update({f"kl_{i}": t[1] / c if c else None, f"eps_mse_{i}": t[2] / c if c else None,
+                        f"latent_mse_{i}": t[3] / c if c else None})
+        self.__init__(len(counts), self.terms.device)
+        return row
 
 
 def load_scheduler_config(model_path: str, config: dict) -> dict:

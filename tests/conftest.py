@@ -1,0 +1,49 @@
+"""Shared fixtures: the script imported as a module, and the built-in tiny SD3 built once per session."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "run_onpolicy_distill_colab.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("run_onpolicy_distill_colab", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def distill():
+    return load_script()
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory, distill):
+    """An OUTPUT_ROOT whose cache already holds the tiny model (built through the script's own path)."""
+    root = tmp_path_factory.mktemp("tiny_root")
+    distill.resolve_model_path(distill.TINY_MODEL_ID, str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tiny_root, distill):
+    return distill.resolve_model_path(distill.TINY_MODEL_ID, str(tiny_root))
+
+
+def run_script(*args, env=None, timeout=300):
+    """Run the script as a user does: a fresh python process."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=REPO)
+
+
+def tiny_args(root, *extra):
+    return ["--preset", "tiny", f"--OUTPUT_ROOT={root}", f"--PROMPTS_JSONL={root}/prompts.jsonl", *extra]

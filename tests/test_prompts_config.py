@@ -1,0 +1,147 @@
+"""Prompts, the command line and config validation: what a user types and what they are told."""
+
+
+import pytest
+
+from conftest import run_script, tiny_args
+
+
+def test_prompt_generation_is_deterministic_and_duplicate_free(distill):
+    a = distill.generate_prompts(300, seed=3)
+    assert a == distill.generate_prompts(300, seed=3)
+    assert a != distill.generate_prompts(300, seed=4)
+    texts = [p["prompt"] for p in a]
+    assert len(set(texts)) == 300
+    assert [p["id"] for p in a] == list(range(300))
+    assert {p["category"] for p in a} == set(distill.PROMPT_CATEGORIES)
+    assert all(set(p) == {"id", "prompt", "category"} for p in a)
+
+
+def test_prompt_generation_refuses_more_than_it_can_make(distill):
+    with pytest.raises(distill.UserError, match="distinct prompts"):
+        distill.generate_prompts(10**9, seed=0)
+
+
+def test_written_prompts_read_back(distill, tmp_path):
+    prompts = distill.generate_prompts(20, seed=0)
+    distill.write_prompts_jsonl(tmp_path / "p.jsonl", prompts)
+    assert distill.read_prompts_jsonl(tmp_path / "p.jsonl") == prompts
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "a cat"}', '{"prompt": "a dog"'], r"p.jsonl:2: not valid JSON"),
+    (['{"prompt": "a cat"}', '', '{"text": "a dog"}'], r"p.jsonl:3: missing \"prompt\" string"),
+    (['{"prompt": "   "}'], r"p.jsonl:1: empty \"prompt\""),
+    (['{"prompt": 5}'], r"p.jsonl:1: missing \"prompt\" string"),
+    (['["a cat"]'], r"p.jsonl:1: expected an object"),
+])
+def test_reader_names_file_and_line(distill, tmp_path, lines, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(distill.UserError, match=message):
+        distill.read_prompts_jsonl(path)
+
+
+def test_reader_reports_every_bad_line_at_once(distill, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": ""}\n{"prompt": "ok"}\nnot json\n')
+    with pytest.raises(distill.UserError) as err:
+        distill.read_prompts_jsonl(path)
+    assert "p.jsonl:1:" in str(err.value) and "p.jsonl:3:" in str(err.value)
+
+
+def test_empty_and_missing_prompt_files(distill, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(distill.UserError, match="has no prompts"):
+        distill.read_prompts_jsonl(tmp_path / "empty.jsonl")
+    with pytest.raises(distill.UserError, match="GENERATE_PROMPTS=True"):
+        distill.read_prompts_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_heldout_split_takes_the_last_prompts(distill):
+    prompts = distill.generate_prompts(10, seed=0)
+    train, heldout = distill.split_heldout(prompts, 3)
+    assert train == prompts[:7] and heldout == prompts[7:]
+
+
+def test_prompt_order_covers_each_epoch_once(distill):
+    n, batch, accum, world = 10, 2, 1, 1
+    seen = [i for step in range(5) for i in distill.prompt_indices(step, 0, 0, world, batch, accum, n, seed=1)]
+    assert sorted(seen) == list(range(10))
+    # two processes share the stream without overlap
+    rank0 = distill.prompt_indices(0, 0, 0, 2, batch, accum, n, seed=1)
+    rank1 = distill.prompt_indices(0, 0, 1, 2, batch, accum, n, seed=1)
+    assert not set(rank0) & set(rank1)
+
+
+def test_command_line_parses_to_the_constants_types(distill):
+    c = distill.parse_args(["--MAX_STEPS=7", "--LEARNING_RATE=3e-5", "--USE_T5=true", "--RUN_NAME=x",
+                            "--SAMPLER_SHIFT=2.5"])
+    assert c["MAX_STEPS"] == 7 and c["LEARNING_RATE"] == 3e-5 and c["USE_T5"] is True and c["RUN_NAME"] == "x"
+    assert c["SAMPLER_SHIFT"] == 2.5
+    assert distill.parse_args(["--SAMPLER_SHIFT=none"])["SAMPLER_SHIFT"] is None
+
+
+def test_preset_then_overrides(distill):
+    c = distill.parse_args(["--preset", "tiny", "--MAX_STEPS=3"])
+    assert c["TEACHER_ID"] == distill.TINY_MODEL_ID and c["MAX_STEPS"] == 3
+
+
+def test_unknown_name_is_refused_with_close_names(distill, capsys):
+    assert distill.main(["--MAX_STEP=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown setting --MAX_STEP" in err and "--MAX_STEPS" in err
+
+
+def test_bad_values_are_refused(distill):
+    with pytest.raises(distill.UserError, match="expected a whole number"):
+        distill.parse_args(["--MAX_STEPS=ten"])
+    with pytest.raises(distill.UserError, match="expected true or false"):
+        distill.parse_args(["--USE_T5=maybe"])
+
+
+def test_validation_lists_every_problem_with_its_fix(distill):
+    c = distill.parse_args(["--BATCH_SIZE=0", "--GUIDANCE_SCALE=0.5", "--TRAINABLE=most", "--KL_WEIGHT=0",
+                            "--EPS_MSE_WEIGHT=0", "--LATENT_MSE_WEIGHT=0", "--IMAGE_SIZE=1000",
+                            "--SUPERVISED_STATES=9", "--MIXED_PRECISION=fp8"])
+    with pytest.raises(distill.UserError) as err:
+        distill.validate_config(c)
+    text = str(err.value)
+    for fragment in ("BATCH_SIZE=0", "GUIDANCE_SCALE=0.5", "TRAINABLE='most'", "all 0", "IMAGE_SIZE=1000",
+                     "SUPERVISED_STATES=9", "MIXED_PRECISION='fp8'"):
+        assert fragment in text
+    assert text.startswith("Config has 7 problem(s)")
+
+
+def test_defaults_are_valid(distill):
+    distill.validate_config(distill.default_config())
+    distill.validate_config(distill.parse_args(["--preset", "tiny"]))
+
+
+def test_missing_prompts_file_is_refused_by_the_script_before_loading_models(tmp_path):
+    result = run_script(*tiny_args(tmp_path, "--GENERATE_PROMPTS=false", f"--PROMPTS_JSONL={tmp_path}/none.jsonl"))
+    assert result.returncode == 2
+    assert "none.jsonl not found" in result.stderr and "GENERATE_PROMPTS=True" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "cache").exists()  # refused before any model was built or loaded
+
+
+def test_print_colab_setup(distill, capsys):
+    assert distill.main(["--PRINT_COLAB_SETUP=true"]) == 0
+    out = capsys.readouterr().out
+    for step in ("pip install", "userdata.get(\"HF_TOKEN\")", "licence", "drive.mount", "python run_onpolicy"):
+        assert step in out
+
+
+def test_prefetch_asks_only_for_needed_files(distill):
+    without_t5 = distill.prefetch_patterns(use_t5=False)
+    assert "transformer/*.safetensors" in without_t5 and "model_index.json" in without_t5
+    assert not any(p.startswith(("text_encoder_3", "tokenizer_3")) for p in without_t5)
+    assert not any(p.endswith((".bin", ".ckpt", ".pt")) for p in without_t5)
+    assert "text_encoder_3/*.safetensors" in distill.prefetch_patterns(use_t5=True)
+
+
+def test_import_runs_nothing(distill, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    distill2 = __import__("conftest").load_script()
+    assert list(tmp_path.iterdir()) == [] and distill2.MAX_STEPS == distill.MAX_STEPS
