@@ -1,0 +1,176 @@
+"""The models: the built-in tiny SD3, the teacher sampler against diffusers' pipeline, the rollout,
+and what training may and may not change."""
+
+import hashlib
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+
+def tiny_config(distill, root, *extra):
+    return distill.parse_args(["--preset", "tiny", f"--OUTPUT_ROOT={root}", *extra])
+
+
+def test_tiny_model_is_a_complete_diffusers_folder(tiny_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_path)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                 "tokenizer_3", "scheduler"):
+        assert getattr(pipe, name) is not None, name
+    assert list(pipe.transformer.config.dual_attention_layers) == [0] and pipe.transformer.config.qk_norm == "rms_norm"
+    ids = pipe.tokenizer_3("a photo of a cat").input_ids
+    assert pipe.tokenizer_3.unk_token_id not in ids  # the T5 vocabulary was learned from the generator's prompts
+
+
+def test_tiny_model_is_built_the_same_every_time(distill, tiny_path, tmp_path):
+    again = distill.resolve_model_path(distill.TINY_MODEL_ID, str(tmp_path))
+
+    def digest(folder):
+        from pathlib import Path
+
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(Path(folder).rglob("*.safetensors"))}
+
+    assert digest(again) == digest(tiny_path) and len(digest(again)) == 5
+
+
+def test_teacher_sampler_reproduces_the_diffusers_pipeline(distill, tiny_root, tiny_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    config = tiny_config(distill, tiny_root)
+    models, _ = distill.load_models(config, torch.device("cpu"))
+    prompts = ["a photo of a cat, neon lights", "a watercolor of a lighthouse"]
+    text = distill.encode_prompts_cached(prompts, tiny_path, config, torch.device("cpu"), models.teacher,
+                                         tiny_root / "cache")
+    noise = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(0))
+    steps, guidance = 12, 4.5
+    sigmas, timesteps = distill.sampler_sigmas(models.scheduler_config, steps, None, models.image_seq_len)
+    cond, uncond = text.batch([0, 1], "cpu", torch.float32), text.empty_batch(2, "cpu", torch.float32)
+    with torch.no_grad():
+        ours = distill.sample_latents(
+            lambda x, t: distill.teacher_velocity(models.teacher, x, t, cond, uncond, guidance, torch.float32),
+            noise, sigmas, timesteps)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_path)
+    reference = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=noise.clone(),
+                     height=32, width=32, output_type="latent", max_sequence_length=config["T5_MAX_LENGTH"]).images
+    assert ours.shape == reference.shape == (2, 4, 16, 16)
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
+    assert (ours - noise).abs().mean() > 0.1  # it did move
+
+
+def test_cached_embeddings_equal_the_pipelines_and_are_reused(distill, tiny_root, tiny_path, monkeypatch):
+    from diffusers import StableDiffusion3Pipeline
+
+    config = tiny_config(distill, tiny_root)
+    models, _ = distill.load_models(config, torch.device("cpu"))
+    text = distill.encode_prompts_cached(["a dog"], tiny_path, config, torch.device("cpu"), models.teacher,
+                                         tiny_root / "cache")
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_path)
+    embeds, neg, pooled, neg_pooled = pipe.encode_prompt("a dog", None, None, max_sequence_length=64)
+    assert torch.allclose(text.embeds[0], embeds[0], atol=1e-5) and torch.allclose(text.pooled[0], pooled[0], atol=1e-5)
+    assert torch.allclose(text.empty_embeds[0], neg[0], atol=1e-5)
+    assert torch.allclose(text.empty_pooled[0], neg_pooled[0], atol=1e-5)
+    assert text.embeds.shape[1] == 77 + 64
+    # a second call finds everything on disk and loads no text encoder
+    monkeypatch.setattr(StableDiffusion3Pipeline, "from_pretrained", lambda *a, **k: pytest.fail("encoders loaded"))
+    again = distill.encode_prompts_cached(["a dog"], tiny_path, config, torch.device("cpu"), models.teacher,
+                                          tiny_root / "cache")
+    assert torch.equal(again.embeds, text.embeds)
+
+
+def test_without_t5_the_t5_slot_is_zeros_as_in_the_pipeline(distill, tiny_root, tiny_path):
+    config = tiny_config(distill, tiny_root, "--USE_T5=false")
+    models, _ = distill.load_models(config, torch.device("cpu"))
+    text = distill.encode_prompts_cached(["a dog"], tiny_path, config, torch.device("cpu"), models.teacher,
+                                         tiny_root / "cache")
+    assert text.embeds.shape == (1, 77 + 64, 32)
+    assert torch.count_nonzero(text.embeds[0, 77:]) == 0 and torch.count_nonzero(text.embeds[0, :77]) > 0
+
+
+def rollout_setup(distill, root, tiny_path, *extra):
+    config = tiny_config(distill, root, *extra)
+    accelerator = Accelerator(cpu=True)
+    models, _ = distill.load_models(config, accelerator.device)
+    texts = [p["prompt"] for p in distill.generate_prompts(8, 0)]
+    text = distill.encode_prompts_cached(texts, tiny_path, config, accelerator.device, models.teacher, root / "cache")
+    sigmas, timesteps = distill.sampler_sigmas(models.scheduler_config, config["NUM_ROLLOUT_STEPS"], None,
+                                               models.image_seq_len)
+    return config, accelerator, models, text, sigmas, timesteps
+
+
+def test_every_loss_is_zero_when_the_student_is_the_teacher_and_guidance_is_1(distill, tiny_root, tiny_path):
+    config, accelerator, models, text, sigmas, timesteps = rollout_setup(
+        distill, tiny_root, tiny_path, "--GUIDANCE_SCALE=1", "--KL_WARMUP_STEPS=0")
+    terms, counts = distill.distill_step(models, accelerator, text, 0, config, sigmas, timesteps, 8)
+    assert counts.tolist() == [1, 1, 1, 1]
+    assert terms.abs().max().item() < 1e-10
+    # with guidance the student is off the teacher at every state (eps_hat carries no signal at sigma = 1)
+    config["GUIDANCE_SCALE"] = 3.0
+    terms, _ = distill.distill_step(models, accelerator, text, 0, config, sigmas, timesteps, 8)
+    assert (terms[:, 3] > 0).all() and (terms[1:, 2] > 0).all() and terms[0, 2] == 0
+
+
+@pytest.mark.parametrize("trainable", ["all", "lora", "blocks", "norms"])
+def test_training_changes_only_the_trainable_weights(distill, tiny_root, tiny_path, trainable):
+    config, accelerator, models, text, sigmas, timesteps = rollout_setup(
+        distill, tiny_root, tiny_path, f"--TRAINABLE={trainable}", "--TRAIN_BLOCKS=-1:", "--LORA_RANK=4")
+    teacher_before = {k: v.clone() for k, v in models.teacher.state_dict().items()}
+    trainable_ids = {id(p) for p in models.trainable}
+    named = dict(accelerator.unwrap_model(models.student).named_parameters())
+    trainable_before = {n: p.detach().clone() for n, p in named.items() if id(p) in trainable_ids}
+    frozen_before = {n: p.detach().clone() for n, p in named.items() if id(p) not in trainable_ids}
+    optimizer, lr_scheduler = distill.build_optimizer(models.trainable, config, accelerator.device, 1)
+    models.student, optimizer, lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
+    for step in range(3):
+        terms, counts = distill.distill_step(models, accelerator, text, step, config, sigmas, timesteps, 8)
+        _, finite = distill.apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config, "no")
+        assert finite
+    # no teacher parameter reaches the optimizer
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == trainable_ids
+    if models.shares_weights:  # the base weights are the teacher's: all frozen ones must be unchanged
+        assert trainable == "lora" and models.teacher is accelerator.unwrap_model(models.student)
+        assert all(".lora_" in n for n in trainable_before)
+    else:
+        assert all(torch.equal(v, models.teacher.state_dict()[k]) for k, v in teacher_before.items())
+    now = dict(accelerator.unwrap_model(models.student).named_parameters())
+    assert all(torch.equal(now[n], v) for n, v in frozen_before.items())
+    changed = [n for n, v in trainable_before.items() if not torch.equal(now[n], v)]
+    assert len(changed) >= len(trainable_before) // 2, f"only {len(changed)} of {len(trainable_before)} changed"
+
+
+def test_lora_teacher_is_the_base_model_with_adapters_off(distill, tiny_root, tiny_path):
+    config, accelerator, models, text, sigmas, timesteps = rollout_setup(
+        distill, tiny_root, tiny_path, "--TRAINABLE=lora", "--LORA_RANK=4")
+    base = distill.load_transformer(tiny_path, None, torch.float32, "")
+    with torch.no_grad():  # make the adapters matter
+        for n, p in models.student.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    x = torch.randn(2, *models.latent_shape)
+    cond, uncond = text.batch([0, 1], "cpu", torch.float32), text.empty_batch(2, "cpu", torch.float32)
+    with torch.no_grad(), models.teacher_context():
+        v_teacher = distill.teacher_velocity(models.teacher, x, 700.0, cond, uncond, 3.0, torch.float32)
+    with torch.no_grad():
+        v_base = distill.teacher_velocity(base, x, 700.0, cond, uncond, 3.0, torch.float32)
+        v_student = distill.predict_velocity(models.student, x, 700.0, cond[0], cond[1], torch.float32)
+    assert torch.allclose(v_teacher, v_base, atol=1e-6)
+    assert not torch.allclose(v_student, distill.predict_velocity(base, x, 700.0, cond[0], cond[1], torch.float32))
+
+
+def test_incompatible_teacher_and_student_are_refused(distill):
+    teacher = {"in_channels": 16, "out_channels": 16, "joint_attention_dim": 4096, "pooled_projection_dim": 2048,
+               "patch_size": 2, "pos_embed_max_size": 192}
+    with pytest.raises(distill.UserError, match="in_channels: teacher 16, student 4"):
+        distill.check_compatible(teacher, {**teacher, "in_channels": 4}, 1024, 8)
+    with pytest.raises(distill.UserError, match="at most 3072 pixels"):
+        distill.check_compatible(teacher, teacher, 4096, 8)
+    distill.check_compatible(teacher, teacher, 1024, 8)
+
+
+def test_a_folder_that_is_not_a_diffusers_model_is_explained(distill, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(distill.UserError, match="not a diffusers SD3 folder"):
+        distill.load_transformer(str(tmp_path), None, torch.float32, "")

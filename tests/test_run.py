@@ -1,0 +1,239 @@
+"""Whole runs of the script, as a user starts them: every output and its fields, learning, resume."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import SCRIPT, run_script, tiny_args
+
+TIMING = {"sec_per_step", "images_per_sec", "peak_mem_gb"}
+
+
+def read_run(root, name):
+    rows = [json.loads(line) for line in (root / "metrics" / name / "metrics.jsonl").read_text().splitlines()]
+    with open(root / "metrics" / name / "metrics.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    summary = json.loads((root / "runs" / name / "train_summary.json").read_text())
+    return rows, csv_rows, summary
+
+
+@pytest.mark.parametrize("trainable", ["all", "lora"])
+def test_tiny_run_writes_every_output(tmp_path, distill, trainable):
+    result = run_script(*tiny_args(tmp_path, f"--TRAINABLE={trainable}", "--RUN_NAME=r", "--MAX_STEPS=12",
+                                   "--CHECKPOINT_EVERY=5", "--EVAL_EVERY=6", "--LOG_EVERY=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows, csv_rows, summary = read_run(tmp_path, "r")
+    columns = distill.metric_columns(4)
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert all(list(r) == columns for r in rows) and list(csv_rows[0]) == columns
+    assert [int(r["step"]) for r in csv_rows] == [2, 4, 6, 8, 10, 12]
+    assert [r["eval_gap"] is not None for r in rows] == [False, False, True, False, False, True]
+    for r in rows:
+        for key in ("loss", "kl", "eps_mse", "latent_mse", "kl_weight", "lr", "grad_norm", "sec_per_step",
+                    "images_per_sec", "kl_0", "latent_mse_3"):
+            assert isinstance(r[key], float) and r[key] >= 0, key
+    assert summary["status"] == "finished" and summary["step"] == 12 and summary["skipped_steps"] == 0
+    assert summary["config"]["TRAINABLE"] == trainable and summary["shares_teacher_weights"] == (trainable == "lora")
+    assert summary["final_metrics"]["step"] == 12 and summary["eval_gap_before"] > 0
+    assert set(summary["timings"]) >= {"total_seconds", "model_load_seconds", "text_embedding_seconds"}
+    checkpoints = tmp_path / "checkpoints" / "r"
+    assert sorted(p.name for p in checkpoints.glob("*.pt")) == ["final.pt", "step_10.pt", "step_5.pt"]
+    final = torch.load(checkpoints / "final.pt", weights_only=True)
+    assert final["step"] == 12 and final["config"]["RUN_NAME"] == "r"
+    assert set(final) >= {"student", "optimizer", "lr_scheduler", "rng", "config"}
+    if trainable == "lora":
+        assert final["student"] and all(".lora_" in name for name in final["student"])
+    else:
+        assert len(final["student"]) == sum(1 for _ in final["student"]) and "proj_out.weight" in final["student"]
+    prompts = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    assert len(prompts) == 48 and set(prompts[0]) == {"id", "prompt", "category"}
+
+
+def test_loss_and_heldout_gap_fall(tmp_path):
+    result = run_script(*tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=60", "--KL_WARMUP_STEPS=0",
+                                   "--EVAL_EVERY=60", "--CHECKPOINT_EVERY=100"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows, _, summary = read_run(tmp_path, "r")
+    first, last = [r["loss"] for r in rows[:15]], [r["loss"] for r in rows[-15:]]
+    assert sum(last) < 0.7 * sum(first), (sum(first), sum(last))
+    assert summary["eval_gap_last"] < 0.7 * summary["eval_gap_before"]
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def start(args, env=None):
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+
+
+def wait_for_step(root, name, step, process, timeout=120):
+    path = root / "metrics" / name / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if line.endswith("}")]
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        time.sleep(0.005)
+    raise AssertionError("run did not reach the step in time")
+
+
+@pytest.mark.parametrize("trainable", ["all", "lora"])
+def test_killed_run_resumes_to_the_same_metrics_and_weights(tmp_path, trainable):
+    common = [f"--TRAINABLE={trainable}", "--MAX_STEPS=40", "--CHECKPOINT_EVERY=7", "--EVAL_EVERY=10",
+              "--CHECKPOINT_EVERY_MINUTES=0", "--LORA_RANK=4"]
+    straight = run_script(*tiny_args(tmp_path / "a", "--RUN_NAME=r", *common))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    root = tmp_path / "b"
+    process = start(tiny_args(root, "--RUN_NAME=r", *common))
+    wait_for_step(root, "r", 9, process)  # past the step-7 checkpoint, before the next
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_rows = (root / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()
+    assert 9 <= len(killed_rows) < 40
+    resumed = run_script(*tiny_args(root, "--RUN_NAME=r", *common))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed r from step_" in resumed.stdout
+
+    rows_a, csv_a, _ = read_run(tmp_path / "a", "r")
+    rows_b, csv_b, summary_b = read_run(root, "r")
+    assert [r["step"] for r in rows_b] == list(range(1, 41))  # each step once
+    assert strip_timing(rows_b) == strip_timing(rows_a)  # bit for bit
+    assert [r["loss"] for r in csv_b] == [r["loss"] for r in csv_a]
+    assert summary_b["status"] == "finished"
+    final_a = torch.load(tmp_path / "a" / "checkpoints" / "r" / "final.pt", weights_only=True)["student"]
+    final_b = torch.load(root / "checkpoints" / "r" / "final.pt", weights_only=True)["student"]
+    assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_empty_run_name_continues_the_unfinished_run_of_the_same_config(tmp_path):
+    args = tiny_args(tmp_path, "--MAX_STEPS=20", "--CHECKPOINT_EVERY=5", "--CHECKPOINT_EVERY_MINUTES=0")
+    process = start(args)
+    wait_for_step(tmp_path, next_run_name(tmp_path, process), 7, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (name,) = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+    result = run_script(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming unfinished run {name}" in result.stdout
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [name]
+    # a finished run is not resumed: the same command starts a new one
+    time.sleep(1.1)
+    again = run_script(*args)
+    assert again.returncode == 0 and len(list((tmp_path / "checkpoints").iterdir())) == 2
+
+
+def next_run_name(root, process, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        folder = root / "metrics"
+        if folder.exists() and list(folder.iterdir()):
+            return next(folder.iterdir()).name
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        time.sleep(0.01)
+    raise AssertionError("no run folder appeared")
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    args = tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=20", "--CHECKPOINT_EVERY=5", "--KEEP_LAST_CHECKPOINTS=2")
+    process = start(args)
+    wait_for_step(tmp_path, "r", 12, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    newest = tmp_path / "checkpoints" / "r" / "step_10.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    result = run_script(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step_10.pt is unreadable" in result.stdout and "resumed r from step_5.pt at step 5" in result.stdout
+    rows, _, _ = read_run(tmp_path, "r")
+    assert [r["step"] for r in rows] == list(range(1, 21))
+
+
+def test_checkpoint_rotation_keeps_the_newest(tmp_path):
+    result = run_script(*tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=26", "--CHECKPOINT_EVERY=5",
+                                   "--KEEP_LAST_CHECKPOINTS=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "checkpoints" / "r"
+    assert sorted(p.name for p in folder.iterdir()) == ["final.pt", "latest.json", "step_20.pt", "step_25.pt"]
+    assert json.loads((folder / "latest.json").read_text())["checkpoint"] == "final.pt"
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
+    result = run_script(*tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=30", "--LEARNING_RATE=1e30",
+                                   "--LR_WARMUP_STEPS=0", "--CHECKPOINT_EVERY=1", "--MAX_CONSECUTIVE_SKIPS=3",
+                                   "--MAX_GRAD_NORM=0"))
+    assert result.returncode == 2
+    assert "3 steps in a row had a non-finite loss or gradient" in result.stderr and "Traceback" not in result.stderr
+    summary = json.loads((tmp_path / "runs" / "r" / "train_summary.json").read_text())
+    assert summary["status"] == "failed" and summary["skipped_steps"] == 3
+    last = json.loads((tmp_path / "checkpoints" / "r" / "latest.json").read_text())
+    payload = torch.load(tmp_path / "checkpoints" / "r" / last["checkpoint"], weights_only=True)
+    assert payload["step"] == last["step"]
+
+
+def test_skipped_update_changes_nothing(distill, tiny_root):
+    from accelerate import Accelerator
+
+    config = distill.parse_args(["--preset", "tiny", f"--OUTPUT_ROOT={tiny_root}"])
+    accelerator = Accelerator(cpu=True)
+    models, _ = distill.load_models(config, accelerator.device)
+    optimizer, lr_scheduler = distill.build_optimizer(models.trainable, config, accelerator.device, 1)
+    models.student, optimizer, lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
+    before = [p.detach().clone() for p in models.trainable]
+    for p in models.trainable:
+        p.grad = torch.ones_like(p)
+    terms = torch.full((4, 4), float("nan"))
+    _, finite = distill.apply_update(models, accelerator, optimizer, lr_scheduler, terms, torch.ones(4), config, "no")
+    assert not finite and not optimizer.state_dict()["state"] and lr_scheduler.scheduler.last_epoch == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, models.trainable, strict=True))
+
+
+def test_interrupt_saves_and_marks_the_run(tmp_path):
+    args = tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=400", "--CHECKPOINT_EVERY=1000")
+    process = start(args)
+    wait_for_step(tmp_path, "r", 3, process)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err[-2000:]
+    summary = json.loads((tmp_path / "runs" / "r" / "train_summary.json").read_text())
+    assert summary["status"] == "interrupted" and "interrupted: saved" in out
+    saved = torch.load(tmp_path / "checkpoints" / "r" / f"step_{summary['step']}.pt", weights_only=True)
+    assert saved["step"] == summary["step"] >= 3
+
+
+def test_token_is_never_written(tmp_path):
+    token = "hf_NEVER_WRITE_THIS_0123456789"
+    result = run_script(*tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=3"), env={"HF_TOKEN": token})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert token not in result.stdout + result.stderr
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+
+
+def test_resume_never_refuses_to_overwrite(tmp_path):
+    args = tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=3")
+    assert run_script(*args).returncode == 0
+    result = run_script(*args, "--RESUME=never")
+    assert result.returncode == 2 and "RESUME='never' would overwrite" in result.stderr
+
+
+def test_changed_settings_do_not_resume_into_an_old_run(tmp_path):
+    args = tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=10", "--CHECKPOINT_EVERY=5")
+    process = start(args)
+    wait_for_step(tmp_path, "r", 6, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    result = run_script(*args, "--LEARNING_RATE=0.5")
+    assert result.returncode == 2 and "different settings" in result.stderr
