@@ -1,0 +1,400 @@
+#!/usr/bin/env python
+"""Step benchmark: the distillation script's own step at real SD3 scale, beside a straightforward loop.
+
+Builds SD3 transformers from the public configs (sd3-medium, sd3.5-medium, sd3.5-large) with random
+weights (nothing is downloaded), and measures in one process: the accelerator's bf16 matmul ceiling,
+the FLOPs of one forward pass (counted, and by the per-token formula), the script's step (median time,
+images/s, MFU, peak memory) and a straightforward loop doing the same work the plain way.
+
+    python scripts/bench_distill_step.py --suite h100          # on a CUDA GPU: the README's tables
+    python scripts/bench_distill_step.py --suite tiny          # on the CPU: keeps this file working
+
+Each case's result is appended to --out (JSON) as soon as it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def load_distill():
+    """The main script, imported as a module, so the benchmark times its real code."""
+    spec = importlib.util.spec_from_file_location("run_onpolicy_distill_colab", HERE / "run_onpolicy_distill_colab.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# The public transformer/config.json of each model (text length 77 CLIP + 256 T5 tokens, latent /8).
+SD3_CONFIGS = {
+    "sd3-medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                       attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                       caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192),
+    "sd3.5-medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                         qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
+    "sd3.5-large": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+                        attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                        caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+                        qk_norm="rms_norm"),
+    "tiny": dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                 num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64,
+                 pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,)),
+}
+SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+
+def matmul_ceiling_tflops(device, size=8192, repeats=10) -> float:
+    """Median bf16 matmul rate on random data: the denominator of MFU."""
+    import torch
+
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    times = []
+    for i in range(repeats + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    return 2 * size**3 / statistics.median(times) / 1e12
+
+
+def formula_forward_flops(cfg: dict, batch: int, image_tokens: int, text_tokens: int) -> float:
+    """Matmul FLOPs of one joint-attention transformer forward, by the per-token formula.
+
+    Per block, each stream of n tokens: q,k,v,out projections 4 d^2 and a 4x MLP 8 d^2, so 2 n 12 d^2;
+    joint attention over N = n_img + n_txt tokens: QK^T and AV, 2 * 2 N^2 d. The last block's text
+    stream only projects q,k,v (2 n 3 d^2). A dual-attention block (SD3.5-medium) adds self-attention
+    over the image tokens: 2 n 4 d^2 + 4 n^2 d. Embeddings and the adaLN modulation are negligible."""
+    d = cfg["attention_head_dim"] * cfg["num_attention_heads"]
+    n_img, n_txt, layers = image_tokens, text_tokens, cfg["num_layers"]
+    total = 0.0
+    for i in range(layers):
+        last = i == layers - 1
+        total += 2 * n_img * 12 * d * d
+        total += 2 * n_txt * (3 if last else 12) * d * d
+        total += 4 * (n_img + n_txt) ** 2 * d
+        if i in tuple(cfg.get("dual_attention_layers", ())):
+            total += 2 * n_img * 4 * d * d + 4 * n_img**2 * d
+    return batch * total
+
+
+def counted_flops(fn) -> float:
+    """FLOPs of fn() as torch.utils.flop_counter counts them (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def synchronize(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def build_transformer(name: str, dtype, device):
+    """Random weights of the real architecture, made directly on the device (seconds, not minutes)."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = SD3Transformer2DModel.from_config(SD3_CONFIGS[name])
+    return model.to(dtype)
+
+
+def random_text(distill, num_prompts: int, text_len: int, cfg: dict, device, dtype):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    embeds = torch.randn(num_prompts, text_len, cfg["joint_attention_dim"], generator=g).to(device, dtype)
+    pooled = torch.randn(num_prompts, cfg["pooled_projection_dim"], generator=g).to(device, dtype)
+    return distill.TextEmbeddings(embeds, pooled, embeds[:1] * 0, pooled[:1] * 0)
+
+
+def case_config(distill, case: dict, device) -> dict:
+    config = distill.default_config()
+    config.update(TEACHER_ID=case["teacher"], STUDENT_ID=case["student"], IMAGE_SIZE=case["image_size"],
+                  BATCH_SIZE=case["batch"], GRAD_ACCUM_STEPS=1, NUM_ROLLOUT_STEPS=case["steps"],
+                  SUPERVISED_STATES=case.get("supervised", 0), TRAINABLE=case["trainable"],
+                  GRADIENT_CHECKPOINTING=case.get("checkpointing", False), COMPILE=case.get("compile", True),
+                  ATTENTION_BACKEND=case.get("attention", "auto"), LR_WARMUP_STEPS=0, KL_WARMUP_STEPS=0,
+                  LEARNING_RATE=1e-6, MAX_STEPS=10**6, MIXED_PRECISION="bf16" if device.type == "cuda" else "no")
+    if device.type != "cuda":
+        config.update(TEACHER_DTYPE="float32", COMPILE=False)
+    return config
+
+
+def run_script_step(distill, case: dict, device, warmup: int, repeats: int, count_flops: bool) -> dict:
+    """The main script's own step (distill_step + apply_update), with its own model setup."""
+    import torch
+    from accelerate import Accelerator
+
+    config = case_config(distill, case, device)
+    accelerator = Accelerator(mixed_precision=config["MIXED_PRECISION"], cpu=device.type != "cuda")
+    teacher_dtype = distill.resolve_dtype(config["TEACHER_DTYPE"], device)
+    teacher = build_transformer(case["teacher"], teacher_dtype, device)
+    shares = config["TRAINABLE"] == "lora" and case["teacher"] == case["student"]
+    student_dtype = teacher_dtype if shares else torch.float32
+    student = teacher if shares else build_transformer(case["student"], student_dtype, device)
+    vae_factor = 8 if case["teacher"] != "tiny" else 2
+    models = distill.make_models(teacher, student, shares, teacher_dtype, student_dtype, config, vae_factor,
+                                 SCHEDULER_CONFIG, device)
+    optimizer, lr_scheduler = distill.build_optimizer(models.trainable, config, device, 1)
+    models.student, optimizer, lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
+    cfg = SD3_CONFIGS[case["teacher"]]
+    text = random_text(distill, 16, case["text_len"], cfg, device, teacher_dtype)
+    sigmas, timesteps = distill.sampler_sigmas(SCHEDULER_CONFIG, config["NUM_ROLLOUT_STEPS"], None, models.image_seq_len)
+    state = {"step": 0, "finite": 0}
+
+    def step():
+        terms, counts = distill.distill_step(models, accelerator, text, state["step"], config, sigmas, timesteps, 16)
+        _, finite = distill.apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config,
+                                         config["MIXED_PRECISION"])
+        state["step"] += 1
+        state["finite"] += finite
+
+    flops = None
+    if count_flops:  # counted in eager mode, before compilation
+        flops = counted_flops(step)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = timed(step, device, warmup, repeats)
+    result = {"step_seconds": statistics.median(times), "step_seconds_all": times, "step_flops": flops,
+              "finite_steps": state["finite"], "total_steps": state["step"],
+              "trainable_params": sum(p.numel() for p in models.trainable),
+              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    return result
+
+
+def reference_step_factory(distill, case: dict, device):
+    """A straightforward loop doing the same work the plain way: fp32 weights under autocast, the
+    teacher's conditional and unconditional passes separately, prompts re-encoded by CLIP-L and
+    CLIP-G every step, the student's states recomputed with gradients after a no-grad rollout, a host
+    sync for every loss, no compilation."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = SD3_CONFIGS[case["teacher"]]
+    teacher = build_transformer(case["teacher"], torch.float32, device).requires_grad_(False).eval()
+    student = build_transformer(case["student"], torch.float32, device)
+    if case["trainable"] == "lora":
+        config = case_config(distill, case, device)
+        distill.set_trainable(student, config)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    real = case["teacher"] != "tiny"
+    with torch.device(device):  # CLIP-L and CLIP-G of the real sizes (random weights)
+        clip_l = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=768 if real else 8, intermediate_size=3072 if real else 16,
+                                                            num_hidden_layers=12 if real else 2, num_attention_heads=12 if real else 2,
+                                                            projection_dim=768 if real else 32))
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280 if real else 16, intermediate_size=5120 if real else 32,
+                                                            num_hidden_layers=32 if real else 2, num_attention_heads=20 if real else 2,
+                                                            projection_dim=1280 if real else 32))
+    clip_l.eval(), clip_g.eval()
+    batch, K, guidance = case["batch"], case["steps"], 7.0
+    latent = case["image_size"] // (8 if real else 2)
+    t5_len = case["text_len"] - 77
+    sigmas, timesteps = distill.sampler_sigmas(SCHEDULER_CONFIG, K, None, (latent // 2) ** 2)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def encode(token_ids):
+        with torch.no_grad():
+            out_l = clip_l(token_ids, output_hidden_states=True)
+            out_g = clip_g(token_ids, output_hidden_states=True)
+            clip = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1)
+            clip = torch.nn.functional.pad(clip, (0, cfg["joint_attention_dim"] - clip.shape[-1]))
+            t5 = torch.zeros(token_ids.shape[0], t5_len, cfg["joint_attention_dim"], device=device)
+            return torch.cat([clip, t5], dim=1), torch.cat([out_l.text_embeds, out_g.text_embeds], dim=-1)
+
+    def step():
+        ids = torch.randint(0, 1000 if real else 40, (batch, 77), device=device)
+        cond, pooled = encode(ids)
+        uncond, uncond_pooled = encode(torch.zeros_like(ids))
+        x = torch.randn(batch, cfg["in_channels"], latent, latent, device=device)
+        states = []
+        with torch.no_grad(), autocast:
+            for i in range(K):
+                states.append(x)
+                v = distill.predict_velocity(student, x, timesteps[i], cond, pooled, torch.float32)
+                x = distill.euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
+        for i, x in enumerate(states):
+            with torch.no_grad(), autocast:
+                v_cond = distill.predict_velocity(teacher, x, timesteps[i], cond, pooled, torch.float32)
+                v_uncond = distill.predict_velocity(teacher, x, timesteps[i], uncond, uncond_pooled, torch.float32)
+                v_teacher = distill.guided_velocity(v_uncond, v_cond, guidance)
+            with autocast:
+                v_student = distill.predict_velocity(student, x, timesteps[i], cond, pooled, torch.float32)
+            s, n = float(sigmas[i]), float(sigmas[i + 1])
+            loss = (distill.transition_kl(x, s, n, 0.7, v_student, v_teacher) + distill.epsilon_mse(x, s, v_student, v_teacher)
+                    + distill.latent_mse(x, s, v_student, v_teacher)) / K
+            loss.backward()
+            loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def cleanup():
+        nonlocal teacher, student, optimizer, clip_l, clip_g
+        del teacher, student, optimizer, clip_l, clip_g
+        distill.free_accelerator_memory()
+
+    return step, cleanup
+
+
+def run_case(distill, case: dict, device, ceiling: float, args) -> dict:
+    import torch
+
+    cfg = SD3_CONFIGS[case["teacher"]]
+    latent = case["image_size"] // (8 if case["teacher"] != "tiny" else 2)
+    image_tokens = (latent // cfg["patch_size"]) ** 2
+    result = {"case": case, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "matmul_ceiling_tflops": ceiling}
+    # One forward at the rollout's batch: counted and by formula.
+    if case.get("forward", True):
+        model = build_transformer(case["teacher"], torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+        dtype = model.dtype
+        x = torch.randn(case["batch"], cfg["in_channels"], latent, latent, device=device, dtype=dtype)
+        enc = torch.randn(case["batch"], case["text_len"], cfg["joint_attention_dim"], device=device, dtype=dtype)
+        pooled = torch.randn(case["batch"], cfg["pooled_projection_dim"], device=device, dtype=dtype)
+        t = torch.full((case["batch"],), 500.0, device=device, dtype=dtype)
+
+        def forward():
+            with torch.no_grad():
+                model(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=t, return_dict=False)
+
+        result["forward_flops_counted"] = counted_flops(forward)
+        result["forward_flops_formula"] = formula_forward_flops(cfg, case["batch"], image_tokens, case["text_len"])
+        result["forward_seconds_eager"] = statistics.median(timed(forward, device, 2, args.repeats))
+        del model
+        distill.free_accelerator_memory()
+    script = run_script_step(distill, case, device, args.warmup, args.repeats, count_flops=case.get("count_flops", True))
+    distill.free_accelerator_memory()  # the step's models are gone with run_script_step's frame
+    result["script"] = script
+    images = case["batch"]
+    result["script"]["images_per_second"] = images / script["step_seconds"]
+    if script["step_flops"] and ceiling == ceiling:
+        result["script"]["mfu"] = script["step_flops"] / script["step_seconds"] / (ceiling * 1e12)
+    if case.get("reference", False):
+        step, cleanup = reference_step_factory(distill, case, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = timed(step, device, 1, max(2, args.repeats // 2))
+        result["reference"] = {"step_seconds": statistics.median(times), "images_per_second": images / statistics.median(times),
+                               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+        result["speedup_vs_reference"] = result["reference"]["step_seconds"] / script["step_seconds"]
+        cleanup()
+    return result
+
+
+def suite(name: str) -> list[dict]:
+    base = dict(image_size=1024, text_len=333, steps=4)
+    if name == "tiny":
+        return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, batch=2, trainable="all",
+                     reference=True, compile=False)]
+    if name == "h100":
+        return [
+            dict(base, teacher="sd3-medium", student="sd3-medium", batch=2, trainable="all", reference=True),
+            dict(base, teacher="sd3-medium", student="sd3-medium", batch=2, trainable="all", compile=False,
+                 forward=False, count_flops=False),
+            dict(base, teacher="sd3-medium", student="sd3-medium", batch=2, trainable="lora", forward=False),
+            dict(base, teacher="sd3-medium", student="sd3-medium", batch=1, trainable="lora", checkpointing=True,
+                 forward=False, count_flops=False),
+            dict(base, teacher="sd3-medium", student="sd3-medium", batch=1, trainable="all", forward=False,
+                 count_flops=False),
+            dict(base, teacher="sd3.5-medium", student="sd3.5-medium", batch=1, trainable="lora", count_flops=False),
+            dict(base, teacher="sd3.5-large", student="sd3.5-medium", batch=1, trainable="lora", checkpointing=True,
+                 count_flops=False),
+        ]
+    raise SystemExit(f"unknown suite {name}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="tiny", help="tiny (CPU) or h100 (the README's cases)")
+    parser.add_argument("--only", type=int, nargs="*", help="run only these case indices of the suite")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--out", default="bench_results.json")
+    args = parser.parse_args()
+    import torch
+
+    distill = load_distill()
+    distill.quiet_libraries()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ceiling = matmul_ceiling_tflops(device)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
+          f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s", flush=True)
+    results = []
+    for index, case in enumerate(suite(args.suite)):
+        if args.only and index not in args.only:
+            continue
+        try:
+            result = run_case(distill, case, device, ceiling, args)
+        except torch.cuda.OutOfMemoryError as err:
+            result = {"case": case, "error": f"out of memory: {str(err)[:200]}"}
+            distill.free_accelerator_memory()
+        results.append(result)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(summary_line(result), flush=True)
+    print("\n" + table(results))
+
+
+def summary_line(r: dict) -> str:
+    c = r["case"]
+    name = f"{c['teacher']}->{c['student']} {c['trainable']} b{c['batch']} K{c['steps']}" + (
+        " ckpt" if c.get("checkpointing") else "") + ("" if c.get("compile", True) else " eager")
+    if "error" in r:
+        return f"{name}: {r['error']}"
+    s = r["script"]
+    parts = [name, f"step {s['step_seconds'] * 1e3:.0f} ms", f"{s['images_per_second']:.2f} img/s"]
+    if s.get("mfu") is not None:
+        parts.append(f"MFU {s['mfu'] * 100:.1f}%")
+    if s.get("peak_mem_gib") is not None:
+        parts.append(f"peak {s['peak_mem_gib']:.1f} GiB")
+    if "reference" in r:
+        parts.append(f"reference {r['reference']['step_seconds'] * 1e3:.0f} ms ({r['speedup_vs_reference']:.2f}x)")
+    if "forward_flops_counted" in r:
+        parts.append(f"fwd {r['forward_flops_counted'] / 1e12:.2f} TFLOP (formula {r['forward_flops_formula'] / 1e12:.2f}), "
+                     f"{r['forward_seconds_eager'] * 1e3:.0f} ms eager")
+    return " | ".join(parts)
+
+
+def table(results: list[dict]) -> str:
+    return "\n".join(summary_line(r) for r in results)
+
+
+if __name__ == "__main__":
+    main()
