@@ -337,6 +337,9 @@ def suite(name: str) -> list[dict]:
             dict(base, teacher="sd3.5-medium", student="sd3.5-medium", batch=1, trainable="lora", count_flops=False),
             dict(base, teacher="sd3.5-large", student="sd3.5-medium", batch=1, trainable="lora", checkpointing=True,
                  count_flops=False),
+            dict(base, teacher="sd3-medium", student="sd3-medium", batch=2, trainable="all", attention="cudnn",
+                 forward=False),
+            dict(base, teacher="sd3-medium", student="sd3-medium", batch=4, trainable="lora", forward=False),
         ]
     raise SystemExit(f"unknown suite {name}")
 
