@@ -239,6 +239,12 @@ def validate_config(c: dict) -> None:
          f"RESUME={c['RESUME']!r} is neither auto, never nor an existing checkpoint file.")
     need(bool(str(c["OUTPUT_ROOT"]).strip()), "OUTPUT_ROOT is empty; give a folder such as outputs_colab.")
     need(all(ch.isalnum() or ch in "-_." for ch in c["RUN_NAME"]), f"RUN_NAME={c['RUN_NAME']!r}: use letters, digits, '-', '_' and '.'.")
+    if c["MIXED_PRECISION"] in ("fp16", "bf16") or any(c[n] in ("float16", "bfloat16") for n in (
+            "TEACHER_DTYPE", "STUDENT_DTYPE", "TEXT_ENCODER_DTYPE")):
+        import torch
+
+        need(torch.cuda.is_available(), "half precision was asked for (MIXED_PRECISION or a *_DTYPE) but no CUDA GPU "
+             "is visible. In Colab: Runtime > Change runtime type > a GPU; on a CPU use 'no'/'float32' or 'auto'.")
     if problems:
         raise UserError("Config has %d problem(s):\n  - " % len(problems) + "\n  - ".join(problems))
 
@@ -288,22 +294,40 @@ def resolve_mixed_precision(name: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, local_first: bool | None = None) -> None:
     """write(tmp_path) into a temporary file beside `path`, fsync it, then rename it into place.
 
     A rename within one folder is atomic, so a reader (or a resumed run) sees the old file or the
-    new one, never half of one, even when the runtime dies mid-write."""
+    new one, never half of one, even when the runtime dies mid-write. When `path` is on another
+    filesystem than the local temp folder (a mounted Google Drive), the file is written locally
+    first and then copied beside its destination, so a slow or cut-off mount never holds a file
+    half-written by torch.save. A full disk leaves the previous file in place and says so."""
+    import errno
+    import shutil
+    import tempfile
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if local_first is None:
+        local_first = os.stat(path.parent).st_dev != os.stat(tempfile.gettempdir()).st_dev
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    staged = Path(tempfile.gettempdir()) / f"stage-{os.getpid()}-{path.name}" if local_first else tmp
     try:
-        write(tmp)
+        write(staged)
+        if local_first:
+            shutil.copyfile(staged, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"Disk full while writing {path}; the previous version of it is intact. Free space, lower "
+                            f"KEEP_LAST_CHECKPOINTS, or point OUTPUT_ROOT at a larger disk (e.g. Google Drive).") from err
+        raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in {tmp, staged}:
+            if leftover.exists():
+                leftover.unlink()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -609,24 +633,31 @@ def resolve_model_path(model_id: str, output_root: str) -> str:
 
 
 def explain_load_error(model_id: str, err: Exception) -> UserError:
-    """Turn a Hub or folder loading failure into the one-paragraph fix."""
-    name = type(err).__name__
+    """Turn a Hub or folder loading failure into the one-paragraph fix. diffusers wraps the Hub's
+    errors in OSError, so the original is found along the exception's cause chain."""
+    causes, cause = [], err
+    while cause is not None and len(causes) < 10:
+        causes.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
     text = str(err)
     if Path(model_id).exists():
         return UserError(f"{model_id} is a local folder but not a diffusers SD3 folder (it needs model_index.json "
-                         f"and transformer/, vae/, text_encoder*/ and tokenizer*/ subfolders): {name}: {text[:300]}")
-    if name == "GatedRepoError" or "gated" in text.lower() or "401" in text or "403" in text:
+                         f"and transformer/, vae/, text_encoder*/ and tokenizer*/ subfolders): {text[:300]}")
+    if "GatedRepoError" in causes:
         if not os.environ.get("HF_TOKEN"):
             return UserError(f"{model_id} is gated and no Hugging Face token is set. Create a token at "
                              f"https://huggingface.co/settings/tokens and set HF_TOKEN (in Colab: from Secrets, "
                              f"see PRINT_COLAB_SETUP), then run again.")
         return UserError(f"{model_id} is gated and your token's account has not accepted its licence. Open "
                          f"https://huggingface.co/{model_id} while logged in, accept the licence, then run again.")
-    if name in ("RepositoryNotFoundError", "RevisionNotFoundError") or "404" in text:
-        return UserError(f"{model_id} was not found on the Hugging Face Hub (or that revision does not exist). "
-                         f"Check the spelling, e.g. stabilityai/stable-diffusion-3.5-medium, or give a local folder.")
-    return UserError(f"Could not load {model_id}: {name}: {text[:400]}. If you are offline, set PREFETCH_MODELS "
-                     f"while online or point TEACHER_ID/STUDENT_ID at a local diffusers folder.")
+    if "RevisionNotFoundError" in causes:
+        return UserError(f"Revision not found for {model_id}: check TEACHER_REVISION/STUDENT_REVISION against "
+                         f"https://huggingface.co/{model_id}/tree/main, or use 'main'.")
+    if "RepositoryNotFoundError" in causes:
+        return UserError(f"{model_id} was not found on the Hugging Face Hub. Check the spelling, e.g. "
+                         f"stabilityai/stable-diffusion-3.5-medium, or give a local diffusers folder.")
+    return UserError(f"Could not load {model_id}: {type(err).__name__}: {text[:400]}. If you are offline, run once "
+                     f"online with PREFETCH_MODELS=True, or point TEACHER_ID/STUDENT_ID at a local diffusers folder.")
 
 
 def load_transformer(model_path: str, revision: str, dtype, cache_dir: str):
@@ -1592,6 +1623,20 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if type(err).__name__ != "OutOfMemoryError":
+            raise
+        print(f"error: {out_of_memory_advice(config)}", file=sys.stderr)
+        return 2
+
+
+def out_of_memory_advice(config: dict) -> str:
+    """What lowers memory, most effective first, with this run's current values."""
+    return (f"The GPU ran out of memory (the last checkpoint is intact). To fit: BATCH_SIZE={config['BATCH_SIZE']} -> 1 "
+            f"(raise GRAD_ACCUM_STEPS instead); GRADIENT_CHECKPOINTING={config['GRADIENT_CHECKPOINTING']} -> True; "
+            f"TRAINABLE={config['TRAINABLE']!r} -> 'lora' (with STUDENT_ID = TEACHER_ID the two share one copy of the "
+            f"weights); IMAGE_SIZE={config['IMAGE_SIZE']} -> 512; USE_T5={config['USE_T5']} -> False; a smaller "
+            f"teacher; SUPERVISED_STATES -> 1 or 2. The README's memory table lists what fits each Colab GPU.")
 
 
 if __name__ == "__main__":
