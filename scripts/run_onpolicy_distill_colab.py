@@ -78,6 +78,8 @@ KEEP_LAST_CHECKPOINTS = 3  # newest step_*.pt kept (final.pt is always kept)
 RESUME = "auto"  # "auto" (continue the newest valid checkpoint of this run) | "never" | a checkpoint path
 EVAL_EVERY = 250  # optimizer steps between held-out evaluations (teacher-student gap); 0 = only start and end
 MAX_CONSECUTIVE_SKIPS = 5  # stop the run after this many non-finite steps in a row
+SAVE_SAMPLE_GRIDS = True  # at each evaluation, a PNG of teacher vs student samples on the held-out prompts
+REPORT_TO = ""  # also log to trackers through accelerate: "tensorboard", "wandb", "all"; "" = files only
 
 # --- Distill setup ------------------------------------------------------------------------------
 NUM_ROLLOUT_STEPS = 4  # K: steps of the student's own sampler, from noise to image
@@ -108,6 +110,8 @@ COLAB_MODEL_CACHE = ""  # Hugging Face cache folder (e.g. on Drive); "" = the de
 # --- Output -------------------------------------------------------------------------------------
 OUTPUT_ROOT = "outputs_colab"  # everything the run writes goes under here (may be a mounted Drive folder)
 RUN_NAME = ""  # "" = reuse the newest unfinished run of this config (RESUME="auto"), else a timestamped name
+EXPORT_DIFFUSERS = True  # at the end, export/<run>/: a StableDiffusion3Pipeline folder, or LoRA weights in LoRA mode
+PUSH_TO_HUB = ""  # Hub repo id (e.g. "you/sd3-4step") to upload the export to; "" = don't
 
 PRESETS = {
     # The built-in tiny random SD3: every component made in code, the whole job on a laptop CPU.
@@ -345,7 +349,8 @@ def config_fingerprint(config: dict) -> str:
     """What makes two runs the same run: every setting except where outputs go and how often."""
     volatile = {"RUN_NAME", "RESUME", "OUTPUT_ROOT", "LOG_EVERY", "CHECKPOINT_EVERY", "CHECKPOINT_EVERY_MINUTES",
                 "KEEP_LAST_CHECKPOINTS", "EVAL_EVERY", "PRINT_COLAB_SETUP", "INSTALL_DEPS", "PREFETCH_MODELS",
-                "COLAB_MODEL_CACHE", "MAX_CONSECUTIVE_SKIPS"}
+                "COLAB_MODEL_CACHE", "MAX_CONSECUTIVE_SKIPS", "SAVE_SAMPLE_GRIDS", "REPORT_TO", "EXPORT_DIFFUSERS",
+                "PUSH_TO_HUB"}
     kept = {k: v for k, v in sorted(config.items()) if k not in volatile}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -1115,16 +1120,99 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device):
     return generator
 
 
-def evaluate_gap(models: Models, accelerator, heldout_cond, sigmas, timesteps, teacher_samples, noise):
-    """Held-out teacher-student gap: mean latent MSE between the teacher's full guided sample and the
-    student's K-step sample from the same noise, per prompt."""
+def student_samples(models: Models, accelerator, cond, sigmas, timesteps, noise):
+    """The student's own K-step deterministic sample (conditional only: guidance is distilled into it)."""
     import torch
 
     student = accelerator.unwrap_model(models.student)
     with torch.no_grad(), accelerator.autocast():
-        samples = sample_latents(lambda x, t: predict_velocity(student, x, t, heldout_cond[0], heldout_cond[1],
-                                                               models.student_dtype), noise, sigmas, timesteps)
-    return (samples - teacher_samples).square().flatten(1).mean(1)
+        return sample_latents(lambda x, t: predict_velocity(student, x, t, cond[0], cond[1], models.student_dtype),
+                              noise, sigmas, timesteps)
+
+
+class HeldoutEval:
+    """The held-out teacher-student gap: latent MSE between the teacher's full guided sample and the
+    student's K-step sample from the same fixed noise, per prompt. The teacher's samples (and their
+    images) are made once; each evaluation appends to eval.jsonl and, with a VAE, saves a PNG grid."""
+
+    def __init__(self, models: Models, accelerator, text: TextEmbeddings, heldout: list[dict], first_index: int,
+                 config: dict, sigmas, timesteps, paths: "RunPaths", vae=None):
+        import torch
+
+        device = accelerator.device
+        indices = list(range(first_index, first_index + len(heldout)))
+        self.models, self.accelerator, self.sigmas, self.timesteps = models, accelerator, sigmas, timesteps
+        self.prompts, self.paths, self.vae, self.teacher_images = [p["prompt"] for p in heldout], paths, vae, None
+        self.cond = text.batch(indices, device, models.teacher_dtype)
+        self.noise = torch.randn((len(indices), *models.latent_shape),
+                                 generator=torch.Generator().manual_seed(config["SEED"] + 12345)).to(device)
+        self.teacher = teacher_reference_samples(models, self.cond, text.empty_batch(len(indices), device,
+                                                 models.teacher_dtype), config, self.noise)
+        self.num_steps = config["NUM_ROLLOUT_STEPS"]
+
+    def __call__(self, step: int) -> float:
+        samples = student_samples(self.models, self.accelerator, self.cond, self.sigmas, self.timesteps, self.noise)
+        per_prompt = (samples - self.teacher).square().flatten(1).mean(1).tolist()
+        gap = sum(per_prompt) / len(per_prompt)
+        if self.accelerator.is_main_process:
+            row = {"step": step, "eval_gap": gap, "per_prompt": per_prompt, "prompts": self.prompts}
+            append_line(self.paths.metrics / "eval.jsonl", json.dumps(row))
+            if self.vae is not None:
+                if self.teacher_images is None:
+                    self.teacher_images = decode_latents(self.vae, self.teacher)
+                grid = sample_grid(self.teacher_images, decode_latents(self.vae, samples), self.prompts, per_prompt,
+                                   self.num_steps)
+                atomic_write(self.paths.samples / f"step_{step}.png", lambda tmp: grid.save(tmp, format="PNG"))
+        return gap
+
+
+def load_vae(model_path: str, config: dict, dtype, device):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", revision=config["TEACHER_REVISION"],
+                                        torch_dtype=dtype, cache_dir=config["COLAB_MODEL_CACHE"] or None)
+    return vae.requires_grad_(False).eval().to(device)
+
+
+def decode_latents(vae, latents) -> list:
+    """Latents to PIL images exactly as StableDiffusion3Pipeline decodes them, one at a time (memory)."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+    images = []
+    for latent in latents:
+        z = latent[None].to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        with torch.no_grad():
+            images += processor.postprocess(vae.decode(z, return_dict=False)[0].float(), output_type="pil")
+    return images
+
+
+def sample_grid(teacher_images: list, student_images: list, prompts: list[str], gaps: list[float], num_steps: int):
+    """One row per held-out prompt: teacher | student, the prompt and its gap underneath."""
+    from PIL import Image, ImageDraw
+
+    side = max(teacher_images[0].width, 160)  # small (tiny-model) images are enlarged to be seen
+    caption, header = 30, 18
+    grid = Image.new("RGB", (2 * side, header + len(prompts) * (side + caption)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 3), "teacher (guided, full sampler)", fill="black")
+    draw.text((side + 4, 3), f"student ({num_steps} steps)", fill="black")
+    for row, (t, s, prompt, gap) in enumerate(zip(teacher_images, student_images, prompts, gaps, strict=True)):
+        top = header + row * (side + caption)
+        grid.paste(t.resize((side, side), Image.NEAREST), (0, top))
+        grid.paste(s.resize((side, side), Image.NEAREST), (side, top))
+        text = prompt if len(prompt) <= 2 * side // 6 else prompt[: 2 * side // 6 - 1] + "…"
+        draw.text((4, top + side + 2), text, fill="black")
+        draw.text((4, top + side + 15), f"gap {gap:.4g}", fill="black")
+    return grid
+
+
+def append_line(path: Path, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def teacher_reference_samples(models: Models, heldout_cond, uncond, config: dict, noise):
@@ -1152,21 +1240,18 @@ def metric_columns(num_steps: int) -> list[str]:
 
 
 class MetricsWriter:
-    """metrics.jsonl and metrics.csv, a row per logged step, flushed as written. On resume, rows past
-    the restored step are dropped first, so each step appears once."""
+    """metrics.jsonl and metrics.csv, a row per logged step, flushed as written (eval.jsonl beside
+    them is written by HeldoutEval). On resume, rows past the restored step are dropped first from
+    all three, so each step appears once; the CSV header stays that of the run."""
 
     def __init__(self, folder: Path, columns: list[str], resume_step: int | None):
         self.jsonl, self.csv, self.columns = folder / "metrics.jsonl", folder / "metrics.csv", columns
         folder.mkdir(parents=True, exist_ok=True)
-        rows = []
-        if resume_step is not None and self.jsonl.is_file():
-            for line in self.jsonl.read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill
-                    row = json.loads(line)
-                    if row.get("step", math.inf) <= resume_step:
-                        rows.append(row)
+        rows = rows_through(self.jsonl, resume_step)
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(self.csv, ",".join(columns) + "\n" + "".join(self._csv_line(r) for r in rows))
+        evals = rows_through(folder / "eval.jsonl", resume_step)
+        atomic_write_text(folder / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in evals))
 
     def _csv_line(self, row: dict) -> str:
         import io
@@ -1176,11 +1261,99 @@ class MetricsWriter:
         return out.getvalue()
 
     def write(self, row: dict) -> None:
-        for path, text in ((self.jsonl, json.dumps(row) + "\n"), (self.csv, self._csv_line(row))):
-            with open(path, "a") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+        append_line(self.jsonl, json.dumps(row))
+        append_line(self.csv, self._csv_line(row).rstrip("\n"))
+
+
+def rows_through(path: Path, last_step: int | None) -> list[dict]:
+    """The rows of a JSONL file up to and including `last_step` (none for a fresh run); a line cut by a kill is dropped."""
+    rows = []
+    if last_step is not None and path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                if row.get("step", math.inf) <= last_step:
+                    rows.append(row)
+    return rows
+
+
+def plot_curves(metrics_jsonl: Path, path: Path) -> None:
+    """Loss terms and the held-out gap over steps, as a PNG (matplotlib where installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed, so no {path.name}; the numbers are in {metrics_jsonl}.")
+        return
+    rows = rows_through(metrics_jsonl, math.inf)
+    if not rows:
+        return
+    fig, (losses, gap) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("loss", "kl", "eps_mse", "latent_mse"):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            losses.plot(*zip(*points, strict=True), label=key)
+    losses.set(xlabel="step", yscale="log", title="training loss terms")
+    losses.legend()
+    points = [(r["step"], r["eval_gap"]) for r in rows if r.get("eval_gap") is not None]
+    if points:
+        gap.plot(*zip(*points, strict=True), marker="o")
+    gap.set(xlabel="step", title="held-out teacher-student gap (latent MSE)")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def export_student(models: Models, accelerator, config: dict, teacher_path: str, paths: "RunPaths", gap_before,
+                   gap_last) -> None:
+    """The student in the form diffusers users load: LoRA weights for pipe.load_lora_weights in LoRA
+    mode, else a whole StableDiffusion3Pipeline folder (without T5 when it was trained without it);
+    a model card beside it; optionally pushed to the Hub."""
+    import shutil
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    student = accelerator.unwrap_model(models.student)
+    staging = paths.export.with_name(f".tmp-{paths.export.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    if config["TRAINABLE"] == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        StableDiffusion3Pipeline.save_lora_weights(staging, transformer_lora_layers=get_peft_model_state_dict(student))
+        usage = (f"pipe = StableDiffusion3Pipeline.from_pretrained({config['STUDENT_ID']!r})\n"
+                 f"pipe.load_lora_weights({str(paths.export)!r})\n")
+    else:
+        extra = {} if config["USE_T5"] else {"text_encoder_3": None, "tokenizer_3": None}
+        pipe = StableDiffusion3Pipeline.from_pretrained(teacher_path, transformer=student, revision=config["TEACHER_REVISION"],
+                                                        cache_dir=config["COLAB_MODEL_CACHE"] or None, **extra)
+        if config["SAMPLER_SHIFT"] is not None:
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=config["SAMPLER_SHIFT"])
+        pipe.save_pretrained(staging)
+        usage = f"pipe = StableDiffusion3Pipeline.from_pretrained({str(paths.export)!r})\n"
+    card = f"""# {paths.name}: a {config['NUM_ROLLOUT_STEPS']}-step SD3 student
+
+On-policy distilled from `{config['TEACHER_ID']}` into `{config['STUDENT_ID']}` ({config['TRAINABLE']}) by
+run_onpolicy_distill_colab.py: {config['MAX_STEPS']} steps, teacher guidance {config['GUIDANCE_SCALE']}, losses
+KL x {config['KL_WEIGHT']} + epsilon MSE x {config['EPS_MSE_WEIGHT']} + latent MSE x {config['LATENT_MSE_WEIGHT']}.
+Held-out teacher-student gap (latent MSE): {gap_before} before, {gap_last} after.
+
+```python
+from diffusers import StableDiffusion3Pipeline
+{usage}image = pipe("a photo of a cat", num_inference_steps={config['NUM_ROLLOUT_STEPS']}, guidance_scale=1.0).images[0]
+```
+Guidance is distilled into the student: sample with guidance_scale=1.0.
+"""
+    (staging / "README.md").write_text(card)
+    shutil.rmtree(paths.export, ignore_errors=True)
+    os.replace(staging, paths.export)
+    if config["PUSH_TO_HUB"]:
+        from huggingface_hub import create_repo, upload_folder
+
+        create_repo(config["PUSH_TO_HUB"], exist_ok=True)
+        upload_folder(repo_id=config["PUSH_TO_HUB"], folder_path=str(paths.export))
+        print(f"pushed {paths.export} to https://huggingface.co/{config['PUSH_TO_HUB']}")
 
 
 def rng_state() -> dict:
@@ -1303,6 +1476,14 @@ class RunPaths:
     def run(self):
         return self.root / "runs" / self.name
 
+    @property
+    def samples(self):
+        return self.root / "samples" / self.name
+
+    @property
+    def export(self):
+        return self.root / "export" / self.name
+
 
 def choose_run_name(config: dict) -> str:
     if config["RUN_NAME"]:
@@ -1319,11 +1500,18 @@ def train(config: dict) -> dict:
     """The run: resume point, prompts, models, text embeddings, the loop, every output; returns the summary."""
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
     from tqdm.auto import tqdm
 
     started = time.time()
     output_root = Path(config["OUTPUT_ROOT"])
-    paths = RunPaths(output_root, choose_run_name(config))
+    mixed_precision = resolve_mixed_precision(config["MIXED_PRECISION"])
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=config["REPORT_TO"] or None,
+                              project_dir=str(output_root / "trackers"))
+    device = accelerator.device
+    run_name = [choose_run_name(config) if accelerator.is_main_process else None]
+    broadcast_object_list(run_name)  # every process writes under, and resumes, the main process's run
+    paths = RunPaths(output_root, run_name[0])
     config = {**config, "RUN_NAME": paths.name}
     checkpoints = CheckpointDir(paths.checkpoints, config["KEEP_LAST_CHECKPOINTS"])
     for folder in (paths.metrics, paths.checkpoints, paths.run):
@@ -1336,9 +1524,6 @@ def train(config: dict) -> dict:
         summary_path = paths.run / "train_summary.json"
         return json.loads(summary_path.read_text()) if summary_path.exists() else {}
 
-    mixed_precision = resolve_mixed_precision(config["MIXED_PRECISION"])
-    accelerator = Accelerator(mixed_precision=mixed_precision)
-    device = accelerator.device
     torch.manual_seed(config["SEED"])
 
     # Prompts.
@@ -1350,7 +1535,8 @@ def train(config: dict) -> dict:
 
     # Models.
     t0 = time.time()
-    models, teacher_path = load_models(config, device)
+    with accelerator.main_process_first():  # the first process builds or downloads, the others read
+        models, teacher_path = load_models(config, device)
     load_seconds = time.time() - t0
 
     # Text embeddings: encoded once, cached on disk, encoders gone before training.
@@ -1367,15 +1553,11 @@ def train(config: dict) -> dict:
                                        models.image_seq_len)
 
     # Held-out evaluation: fixed noise, teacher references computed once.
-    heldout = list(range(len(train_prompts), len(all_texts)))
-    heldout_cond = text.batch(heldout, device, models.teacher_dtype)
-    eval_noise = torch.randn((len(heldout), *models.latent_shape),
-                             generator=torch.Generator().manual_seed(config["SEED"] + 12345)).to(device)
-    teacher_samples = teacher_reference_samples(models, heldout_cond, text.empty_batch(len(heldout), device,
-                                                models.teacher_dtype), config, eval_noise)
-
-    def eval_gap():
-        return float(evaluate_gap(models, accelerator, heldout_cond, sigmas, timesteps, teacher_samples, eval_noise).mean())
+    vae = None
+    if config["SAVE_SAMPLE_GRIDS"] and accelerator.is_main_process:
+        vae = load_vae(teacher_path, config, models.teacher_dtype, device)
+    eval_gap = HeldoutEval(models, accelerator, text, heldout_prompts, len(train_prompts), config, sigmas, timesteps,
+                           paths, vae)
 
     # Restore, last: weights, optimizer, schedule, then RNG states (after everything that draws randomness).
     start_step, skipped_total = 0, 0
@@ -1383,13 +1565,17 @@ def train(config: dict) -> dict:
         start_step, skipped_total, gap_before = restore_checkpoint(resume, models, optimizer, lr_scheduler, accelerator)
         print(f"resumed {paths.name} from {resume[0].name} at step {start_step}")
     else:
-        gap_before = eval_gap()
+        gap_before = None  # measured below, once the metrics files are open
 
     metrics = None
     if accelerator.is_main_process:
         metrics = MetricsWriter(paths.metrics, metric_columns(config["NUM_ROLLOUT_STEPS"]),
                                 start_step if resume else None)
         atomic_write_text(paths.run / "config.json", json.dumps(config, indent=2))
+    if config["REPORT_TO"]:
+        accelerator.init_trackers(paths.name, config={k: v for k, v in config.items() if v is not None})
+    if not resume:
+        gap_before = eval_gap(0)
 
     def checkpoint(name, at_step, status):
         if accelerator.is_main_process:
@@ -1429,13 +1615,15 @@ def train(config: dict) -> dict:
 
             evaluate_now = step == config["MAX_STEPS"] or (config["EVAL_EVERY"] and step % config["EVAL_EVERY"] == 0)
             if evaluate_now:
-                gap_now = eval_gap()
+                gap_now = eval_gap(step)
             if step % config["LOG_EVERY"] == 0 or step == config["MAX_STEPS"] or evaluate_now:
-                row = window.row(step, kl_weight_at(step - 1, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
+                row = window.row(accelerator, step, kl_weight_at(step - 1, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
                                  lr_scheduler.get_last_lr()[0], images_per_step, skipped_total,
                                  gap_now if evaluate_now else None)
                 if metrics:
                     metrics.write(row)
+                if config["REPORT_TO"]:
+                    accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
                 last_row = row
                 bar.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "nan",
                                 s_it=f"{row['sec_per_step']:.2f}")
@@ -1445,6 +1633,8 @@ def train(config: dict) -> dict:
                 checkpoint(f"step_{step}.pt", step, "running")
                 last_checkpoint_time = time.time()
         checkpoint("final.pt", step, "finished")
+        if config["EXPORT_DIFFUSERS"] and accelerator.is_main_process:
+            export_student(models, accelerator, config, teacher_path, paths, gap_before, gap_now)
         status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -1455,7 +1645,10 @@ def train(config: dict) -> dict:
         raise
     finally:
         bar.close()
+        if config["REPORT_TO"]:
+            accelerator.end_training()
         if accelerator.is_main_process:
+            plot_curves(paths.metrics / "metrics.jsonl", paths.run / "curves.png")
             summary = {
                 "status": status, "run_name": paths.name, "step": step, "max_steps": config["MAX_STEPS"],
                 "skipped_steps": skipped_total, "eval_gap_before": gap_before, "eval_gap_last": gap_now,
@@ -1468,7 +1661,9 @@ def train(config: dict) -> dict:
                 "paths": {"metrics_jsonl": str(paths.metrics / "metrics.jsonl"),
                           "metrics_csv": str(paths.metrics / "metrics.csv"),
                           "checkpoints": str(paths.checkpoints), "final": str(paths.checkpoints / "final.pt"),
-                          "prompts": str(prompts_path)},
+                          "prompts": str(prompts_path), "eval_jsonl": str(paths.metrics / "eval.jsonl"),
+                          "samples": str(paths.samples), "curves": str(paths.run / "curves.png"),
+                          "export": str(paths.export) if config["EXPORT_DIFFUSERS"] else None},
                 "config": config,
             }
             atomic_write_text(paths.run / "train_summary.json", json.dumps(summary, indent=2))
@@ -1560,19 +1755,19 @@ class LogWindow:
         self.grad += grad_norm.detach().float()
         self.steps += 1
 
-    def row(self, step, kl_weight, lr, images_per_step, skipped, gap) -> dict:
-        """Means over the window, read from the device once; then the window starts again."""
+    def row(self, accelerator, step, kl_weight, lr, images_per_step, skipped, gap) -> dict:
+        """Means over the window and all processes, read from the device once; then the window starts again."""
         import torch
 
         elapsed, steps = time.time() - self.start, max(self.steps, 1)
-        terms, counts = self.terms.tolist(), self.counts.tolist()
+        terms, counts = accelerator.reduce(self.terms, "sum").tolist(), accelerator.reduce(self.counts, "sum").tolist()
         total = sum(counts)
 
         def mean(col):
             return sum(t[col] for t in terms) / total if total else None
 
         row = {"step": step, "loss": mean(0), "kl": mean(1), "eps_mse": mean(2), "latent_mse": mean(3),
-               "kl_weight": kl_weight, "lr": lr, "grad_norm": float(self.grad) / steps, "sec_per_step": elapsed / steps,
+               "kl_weight": kl_weight, "lr": lr, "grad_norm": float(accelerator.reduce(self.grad, "mean")) / steps, "sec_per_step": elapsed / steps,
                "images_per_sec": images_per_step * steps / elapsed if elapsed > 0 else None,
                "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                "skipped_steps": skipped, "eval_gap": gap}

@@ -1,0 +1,106 @@
+"""A Colab user's day: sample grids and the eval log, the exported student in diffusers, several processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SCRIPT, run_script, tiny_args
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    """One full and one LoRA tiny run, shared by the export tests."""
+    roots = {}
+    for trainable in ("all", "lora"):
+        root = tmp_path_factory.mktemp(trainable)
+        result = run_script(*tiny_args(root, "--RUN_NAME=r", f"--TRAINABLE={trainable}", "--MAX_STEPS=12",
+                                       "--EVAL_EVERY=5", "--LORA_RANK=4", "--SAMPLER_SHIFT=2.0"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        roots[trainable] = root
+    return roots
+
+
+def test_eval_grids_and_gap_rows_at_the_evaluation_steps(finished_runs):
+    root = finished_runs["all"]
+    rows = [json.loads(line) for line in (root / "metrics" / "r" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 5, 10, 12]
+    assert all(len(r["per_prompt"]) == 4 == len(r["prompts"]) for r in rows)
+    assert all(r["eval_gap"] == pytest.approx(sum(r["per_prompt"]) / 4) for r in rows)
+    metrics = [json.loads(line) for line in (root / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert {m["step"]: m["eval_gap"] for m in metrics if m["eval_gap"] is not None} == {
+        r["step"]: r["eval_gap"] for r in rows if r["step"]}
+    grids = sorted(p.name for p in (root / "samples" / "r").iterdir())
+    assert grids == ["step_0.png", "step_10.png", "step_12.png", "step_5.png"]
+    with Image.open(root / "samples" / "r" / "step_12.png") as grid:
+        assert grid.width == 2 * 160 and grid.height == 18 + 4 * (160 + 30)
+    summary = json.loads((root / "runs" / "r" / "train_summary.json").read_text())
+    assert summary["eval_gap_before"] == rows[0]["eval_gap"] and summary["eval_gap_last"] == rows[-1]["eval_gap"]
+
+
+def test_exported_student_loads_and_samples_in_diffusers(finished_runs):
+    from diffusers import StableDiffusion3Pipeline
+
+    root = finished_runs["all"]
+    export = root / "export" / "r"
+    pipe = StableDiffusion3Pipeline.from_pretrained(export)
+    final = torch.load(root / "checkpoints" / "r" / "final.pt", weights_only=True)["student"]
+    weights = dict(pipe.transformer.named_parameters())
+    assert all(torch.equal(weights[name], value) for name, value in final.items())
+    assert pipe.scheduler.config.shift == 2.0
+    image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=1.0, height=32, width=32,
+                 generator=torch.Generator().manual_seed(0), max_sequence_length=64).images[0]
+    assert image.size == (32, 32)
+    card = (export / "README.md").read_text()
+    assert "4-step SD3 student" in card and "num_inference_steps=4" in card and "before" in card
+
+
+def test_exported_lora_loads_onto_the_base_model(finished_runs, tiny_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    root = finished_runs["lora"]
+    export = root / "export" / "r"
+    assert (export / "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_path)
+
+    def sample():
+        return pipe("a photo of a cat", num_inference_steps=4, guidance_scale=1.0, height=32, width=32,
+                    generator=torch.Generator().manual_seed(0), max_sequence_length=64, output_type="latent").images
+
+    base = sample()
+    pipe.load_lora_weights(export)
+    with_lora = sample()
+    assert with_lora.shape == (1, 4, 16, 16) and not torch.allclose(base, with_lora)
+    loaded = {n: p for n, p in pipe.transformer.named_parameters() if "lora" in n}
+    final = torch.load(root / "checkpoints" / "r" / "final.pt", weights_only=True)["student"]
+    assert len(loaded) == len(final)
+    assert sorted(torch.sort(p.flatten())[0].sum().item() for p in loaded.values()) == pytest.approx(
+        sorted(torch.sort(p.flatten())[0].sum().item() for p in final.values()))
+
+
+def test_two_processes_write_one_set_of_outputs(tmp_path):
+    # On GPUs: accelerate launch --num_processes 2 ...; on CPUs accelerate needs torch's launcher (its --cpu means one process).
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT),
+               *tiny_args(tmp_path, "--MAX_STEPS=6", "--CHECKPOINT_EVERY=3")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (name,) = [p.name for p in (tmp_path / "metrics").iterdir()]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [name]
+    rows = [json.loads(line) for line in (tmp_path / "metrics" / name / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    summary = json.loads((tmp_path / "runs" / name / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["step"] == 6
+    assert rows[0]["images_per_sec"] > 0 and summary["final_metrics"]["step"] == 6
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / name).glob("*.pt")) == ["final.pt", "step_3.pt"]
+
+
+def test_dep_install_installs_nothing_when_all_is_present(distill, capsys):
+    assert distill.dep_install() == []
+    assert "already installed" in capsys.readouterr().out
+
+
