@@ -88,6 +88,7 @@ SUPERVISED_STATES = 0  # rollout states the teacher supervises: 0 = all K, M = a
 GUIDANCE_SCALE = 7.0  # teacher classifier-free guidance (SD3: 7.0, SD3.5: 3.5-4.5); the student learns it
 SAMPLER_ETA = 0.7  # eta, noise level of the stochastic flow sampler that defines the KL (Flow-GRPO uses 0.7)
 STOCHASTIC_ROLLOUT = True  # sample rollout transitions with that noise (True) or follow the ODE (False)
+ON_POLICY_FRACTION = 1.0  # 1 = states from the student's own rollout; 0 = from the teacher's (off-policy); between: per step
 KL_WEIGHT = 1.0  # weight of the transition KL after warmup
 EPS_MSE_WEIGHT = 1.0  # weight of the epsilon MSE
 LATENT_MSE_WEIGHT = 1.0  # weight of the latent (x0) MSE
@@ -127,8 +128,9 @@ PRESETS = {
 TINY_MODEL_ID = "tiny-random-sd3"
 CONFIG_NAMES = [n for n in list(globals()) if n.isupper() and n not in ("PRESETS", "TINY_MODEL_ID")]
 
+
 # =================================================================================================
-# Setup helpers: command line, validation, devices, atomic files.
+# Setup helpers: command line, validation, devices, atomic files, Colab setup.
 # =================================================================================================
 
 
@@ -213,6 +215,7 @@ def validate_config(c: dict) -> None:
     for name in ("ADAM_WEIGHT_DECAY", "MAX_GRAD_NORM", "LR_WARMUP_STEPS", "KL_WARMUP_STEPS", "EVAL_EVERY",
                  "CHECKPOINT_EVERY_MINUTES", "SUPERVISED_STATES", "HELDOUT_PROMPTS", "SAMPLER_ETA"):
         need(isinstance(c[name], (int, float)) and c[name] >= 0, f"{name}={c[name]!r} must be >= 0.")
+    need(0 <= c["ON_POLICY_FRACTION"] <= 1, f"ON_POLICY_FRACTION={c['ON_POLICY_FRACTION']} must be in [0, 1].")
     for name in ("ADAM_BETA1", "ADAM_BETA2"):
         need(0 <= c[name] < 1, f"{name}={c[name]!r} must be in [0, 1).")
     weights = [c["KL_WEIGHT"], c["EPS_MSE_WEIGHT"], c["LATENT_MSE_WEIGHT"]]
@@ -355,7 +358,29 @@ def config_fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# --- Colab setup ---------------------------------------------------------------------------------
+def quiet_libraries() -> None:
+    """Keep the console to what this script says: no per-file progress bars or deprecation chatter."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def out_of_memory_advice(config: dict) -> str:
+    """What lowers memory, most effective first, with this run's current values."""
+    return (f"The GPU ran out of memory (the last checkpoint is intact). To fit: BATCH_SIZE={config['BATCH_SIZE']} -> 1 "
+            f"(raise GRAD_ACCUM_STEPS instead); GRADIENT_CHECKPOINTING={config['GRADIENT_CHECKPOINTING']} -> True; "
+            f"TRAINABLE={config['TRAINABLE']!r} -> 'lora' (with STUDENT_ID = TEACHER_ID the two share one copy of the "
+            f"weights); IMAGE_SIZE={config['IMAGE_SIZE']} -> 512; USE_T5={config['USE_T5']} -> False; a smaller "
+            f"teacher; SUPERVISED_STATES -> 1 or 2. The README's memory table lists what fits each Colab GPU.")
+
 
 REQUIREMENTS = {  # the ranges of requirements.txt, for dep_install()
     "torch": ">=2.4", "diffusers": ">=0.32", "transformers": ">=4.45", "accelerate": ">=0.34",
@@ -425,6 +450,7 @@ def prefetch_model(model_id: str, revision: str, use_t5: bool, cache_dir: str) -
 # Prompts: a deterministic generator (categories x templates x attributes) and a checked reader.
 # =================================================================================================
 
+
 PROMPT_CATEGORIES = {
     "animal": ["a cat", "a dog", "a fox", "an owl", "a horse", "a red panda", "a whale", "a tiger"],
     "landscape": ["a mountain lake", "a desert canyon", "a snowy forest", "a rocky coast", "a rice terrace", "a volcano"],
@@ -434,12 +460,16 @@ PROMPT_CATEGORIES = {
     "architecture": ["a lighthouse", "a gothic cathedral", "a wooden cabin", "a glass skyscraper", "a stone bridge"],
     "person": ["an astronaut", "a chef", "a knight in armor", "a street musician", "a painter"],
 }
+
+
 PROMPT_TEMPLATES = [
     "{style} of {subject}, {light}",
     "{subject} in {setting}, {style}",
     "{style}: {subject} at {setting}, {light}",
     "close-up {style} of {subject}, {light}",
 ]
+
+
 PROMPT_ATTRIBUTES = {
     "style": ["a photo", "an oil painting", "a watercolor", "a pencil sketch", "a 3d render", "a pixel art image"],
     "light": ["golden hour light", "soft morning light", "neon lights", "dramatic shadows", "overcast sky"],
@@ -520,6 +550,15 @@ def split_heldout(prompts: list[dict], heldout: int) -> tuple[list[dict], list[d
     return prompts[: len(prompts) - heldout], prompts[len(prompts) - heldout:]
 
 
+def prepare_prompts(run: Run) -> tuple[list[dict], list[dict]]:
+    """Write the generated prompts (main process), read them back through the checked reader, split."""
+    config, accelerator = run.config, run.accelerator
+    if config["GENERATE_PROMPTS"] and accelerator.is_main_process:
+        write_prompts_jsonl(Path(config["PROMPTS_JSONL"]), generate_prompts(config["NUM_PROMPTS"], config["PROMPT_SEED"]))
+    accelerator.wait_for_everyone()
+    return split_heldout(read_prompts_jsonl(Path(config["PROMPTS_JSONL"])), config["HELDOUT_PROMPTS"])
+
+
 def prompt_indices(step: int, micro: int, rank: int, world: int, batch: int, accum: int, n: int, seed: int) -> list[int]:
     """Which training prompts one rollout uses: a fresh permutation each epoch, the stream cut into
     batches, batches dealt to (step, micro-batch, process). A pure function of the step, so a resumed
@@ -546,7 +585,7 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 # =================================================================================================
-# Models: the built-in tiny SD3, loading teacher/student, compatibility, trainable parts, text cache.
+# Models: the built-in tiny SD3, teacher and student, what trains, the cached text embeddings.
 # =================================================================================================
 
 
@@ -734,6 +773,100 @@ def adapters_disabled(model):
 
 
 @dataclasses.dataclass
+class Models:
+    """Everything the step needs; `teacher` is the student itself when the two share LoRA base weights."""
+
+    student: object  # after accelerator.prepare: may be wrapped for data parallelism
+    teacher: object
+    shares_weights: bool
+    teacher_dtype: object
+    student_dtype: object
+    latent_shape: tuple  # (C, H, W) of one latent
+    trainable: list  # the student's trainable parameters (fp32)
+    scheduler_config: dict  # the teacher's FlowMatchEulerDiscreteScheduler config
+    patch_size: int
+
+    def teacher_context(self):
+        return adapters_disabled(self.teacher) if self.shares_weights else contextlib.nullcontext()
+
+    @property
+    def image_seq_len(self) -> int:
+        return (self.latent_shape[1] // self.patch_size) * (self.latent_shape[2] // self.patch_size)
+
+
+def load_models(config: dict, device) -> tuple[Models, str]:
+    """Teacher and student SD3 transformers through diffusers' from_pretrained, checked for
+    compatibility, the teacher frozen, the student's trainable part chosen; returns the models and the
+    teacher's folder (where the text encoders, VAE and scheduler come from)."""
+    from diffusers import AutoencoderKL
+
+    teacher_path = resolve_model_path(config["TEACHER_ID"], config["OUTPUT_ROOT"])
+    student_path = resolve_model_path(config["STUDENT_ID"], config["OUTPUT_ROOT"])
+    if config["PREFETCH_MODELS"]:
+        teacher_path = prefetch_model(teacher_path, config["TEACHER_REVISION"], config["USE_T5"], config["COLAB_MODEL_CACHE"])
+        student_path = prefetch_model(student_path, config["STUDENT_REVISION"], False, config["COLAB_MODEL_CACHE"])
+    teacher_dtype = resolve_dtype(config["TEACHER_DTYPE"], device)
+    # One copy of the transformer when the student is LoRA on the teacher's own weights.
+    shares_weights = config["TRAINABLE"] == "lora" and (config["TEACHER_ID"], config["TEACHER_REVISION"]) == (
+        config["STUDENT_ID"], config["STUDENT_REVISION"])
+    teacher = load_transformer(teacher_path, config["TEACHER_REVISION"], teacher_dtype, config["COLAB_MODEL_CACHE"])
+    if shares_weights:
+        student, student_dtype = teacher, teacher_dtype
+    else:
+        student_dtype = resolve_dtype(config["STUDENT_DTYPE"], device)
+        student = load_transformer(student_path, config["STUDENT_REVISION"], student_dtype, config["COLAB_MODEL_CACHE"])
+    vae_config = AutoencoderKL.load_config(teacher_path, subfolder="vae", revision=config["TEACHER_REVISION"],
+                                           cache_dir=config["COLAB_MODEL_CACHE"] or None)
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    models = make_models(teacher, student, shares_weights, teacher_dtype, student_dtype, config, vae_factor,
+                         load_scheduler_config(teacher_path, config), device)
+    return models, teacher_path
+
+
+def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_dtype, config: dict, vae_factor: int,
+                scheduler_config: dict, device) -> Models:
+    """Check compatibility, freeze the teacher, choose what of the student trains, place both on the device."""
+    check_compatible(teacher.config, student.config, config["IMAGE_SIZE"], vae_factor)
+    teacher.requires_grad_(False)
+    teacher.eval().to(device)
+    trainable = set_trainable(student, config)
+    student.to(device).train()
+    if config["GRADIENT_CHECKPOINTING"]:
+        student.enable_gradient_checkpointing()
+    if config["COMPILE"] and device.type == "cuda":
+        # Regional compilation: the blocks share one code object, so it compiles once, not per block;
+        # rollout, teacher and evaluation batches and the adapter switch each add a variant.
+        import torch._dynamo
+
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+        for model in {id(teacher): teacher, id(student): student}.values():
+            for block in model.transformer_blocks:
+                block.compile()
+    set_attention_backend(config["ATTENTION_BACKEND"])
+    latent_size = config["IMAGE_SIZE"] // vae_factor
+    return Models(student, teacher, shares_weights, teacher_dtype, student_dtype,
+                  (teacher.config.in_channels, latent_size, latent_size), trainable, scheduler_config,
+                  teacher.config.patch_size)
+
+
+def load_scheduler_config(model_path: str, config: dict) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return dict(FlowMatchEulerDiscreteScheduler.load_config(model_path, subfolder="scheduler",
+                                                            revision=config["TEACHER_REVISION"],
+                                                            cache_dir=config["COLAB_MODEL_CACHE"] or None))
+
+
+def load_run_models(run: Run) -> tuple[Models, str]:
+    t0 = time.time()
+    with run.accelerator.main_process_first():  # the first process builds or downloads, the others read
+        models, teacher_path = load_models(run.config, run.accelerator.device)
+    run.timings["model_load_seconds"] = time.time() - t0
+    return models, teacher_path
+
+
+@dataclasses.dataclass
 class TextEmbeddings:
     """Cached encoder outputs for every prompt: (N, L, D) token embeddings and (N, P) pooled ones."""
 
@@ -813,6 +946,15 @@ def warn_truncation(pipe, texts: list[str], config: dict) -> None:
         long = [t for t in texts if len(tokenizer(t).input_ids) > limit]
         if long:
             print(f"warning: {len(long)} prompt(s) exceed {name}'s {limit} tokens and are truncated, e.g. {long[0][:80]!r}")
+
+
+def cache_text_embeddings(run: Run, prompts: list[dict], models: Models, teacher_path: str) -> TextEmbeddings:
+    t0 = time.time()
+    with run.accelerator.main_process_first():
+        text = encode_prompts_cached([p["prompt"] for p in prompts], teacher_path, run.config, run.accelerator.device,
+                                     models.teacher, Path(run.config["OUTPUT_ROOT"]) / "cache")
+    run.timings["text_embedding_seconds"] = time.time() - t0
+    return text
 
 
 def free_accelerator_memory() -> None:
@@ -950,66 +1092,43 @@ def sample_latents(velocity_fn, noise, sigmas, timesteps):
     return x
 
 
-@dataclasses.dataclass
-class Models:
-    """Everything the step needs; `teacher` is the student itself when the two share LoRA base weights."""
+def step_generator(seed: int, step: int, micro: int, rank: int, device):
+    """Noise for one rollout depends only on (seed, step, micro-batch, process): resumes are exact."""
+    import torch
 
-    student: object  # after accelerator.prepare: may be wrapped for data parallelism
-    teacher: object
-    shares_weights: bool
-    teacher_dtype: object
-    student_dtype: object
-    latent_shape: tuple  # (C, H, W) of one latent
-    trainable: list  # the student's trainable parameters (fp32)
-    scheduler_config: dict  # the teacher's FlowMatchEulerDiscreteScheduler config
-    patch_size: int
-
-    def teacher_context(self):
-        return adapters_disabled(self.teacher) if self.shares_weights else contextlib.nullcontext()
-
-    @property
-    def image_seq_len(self) -> int:
-        return (self.latent_shape[1] // self.patch_size) * (self.latent_shape[2] // self.patch_size)
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step) * 1_009 + micro * 101 + rank)
+    return generator
 
 
-def load_models(config: dict, device) -> tuple[Models, str]:
-    """Teacher and student SD3 transformers through diffusers' from_pretrained, checked for
-    compatibility, the teacher frozen, the student's trainable part chosen; returns the models and the
-    teacher's folder (where the text encoders, VAE and scheduler come from)."""
-    from diffusers import AutoencoderKL
-
-    teacher_path = resolve_model_path(config["TEACHER_ID"], config["OUTPUT_ROOT"])
-    student_path = resolve_model_path(config["STUDENT_ID"], config["OUTPUT_ROOT"])
-    if config["PREFETCH_MODELS"]:
-        teacher_path = prefetch_model(teacher_path, config["TEACHER_REVISION"], config["USE_T5"], config["COLAB_MODEL_CACHE"])
-        student_path = prefetch_model(student_path, config["STUDENT_REVISION"], False, config["COLAB_MODEL_CACHE"])
-    teacher_dtype = resolve_dtype(config["TEACHER_DTYPE"], device)
-    # One copy of the transformer when the student is LoRA on the teacher's own weights.
-    shares_weights = config["TRAINABLE"] == "lora" and (config["TEACHER_ID"], config["TEACHER_REVISION"]) == (
-        config["STUDENT_ID"], config["STUDENT_REVISION"])
-    teacher = load_transformer(teacher_path, config["TEACHER_REVISION"], teacher_dtype, config["COLAB_MODEL_CACHE"])
-    if shares_weights:
-        student, student_dtype = teacher, teacher_dtype
-    else:
-        student_dtype = resolve_dtype(config["STUDENT_DTYPE"], device)
-        student = load_transformer(student_path, config["STUDENT_REVISION"], student_dtype, config["COLAB_MODEL_CACHE"])
-    vae_config = AutoencoderKL.load_config(teacher_path, subfolder="vae", revision=config["TEACHER_REVISION"],
-                                           cache_dir=config["COLAB_MODEL_CACHE"] or None)
-    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    models = make_models(teacher, student, shares_weights, teacher_dtype, student_dtype, config, vae_factor,
-                         load_scheduler_config(teacher_path, config), device)
-    return models, teacher_path
+def choose_supervised(num_steps: int, num_supervised: int, rng: random.Random) -> set[int]:
+    """All K states, or a random M of them (0 = all)."""
+    if num_supervised == 0 or num_supervised >= num_steps:
+        return set(range(num_steps))
+    return set(rng.sample(range(num_steps), num_supervised))
 
 
-def distill_rollout(models: Models, accelerator, cond, uncond, sigmas, timesteps, supervised: set[int], config: dict,
-                    kl_weight: float, generator, loss_scale: float):
-    """One on-policy rollout with its losses; gradients are accumulated into the student.
+def choose_student_leads(num_steps: int, on_policy_fraction: float, rng: random.Random) -> set[int]:
+    """The rollout steps at which the student's own velocity moves the state: all of them on-policy
+    (1.0), none off-policy (0.0: the states are the teacher's trajectory), else each with that probability."""
+    if on_policy_fraction >= 1:
+        return set(range(num_steps))
+    return {i for i in range(num_steps) if rng.random() < on_policy_fraction}
+
+
+def distill_rollout(models: Models, accelerator, cond, uncond, sigmas, timesteps, supervised: set[int],
+                    student_leads: set[int], config: dict, kl_weight: float, generator, loss_scale: float,
+                    sync_gradients: bool):
+    """One rollout with its losses; gradients are accumulated into the student.
 
     From noise the student integrates its own K-step sampler. At a supervised state x_i (one the
     student actually visits) the teacher predicts with guidance, the student predicts with gradients,
     the losses are taken and backpropagated at once (no backpropagation through the rollout), and the
-    same student prediction, detached, moves the rollout on. Returns per-step loss terms (fp32,
-    detached) as a (K, 4) tensor: total, kl, eps_mse, latent_mse (zeros where not supervised)."""
+    same student prediction, detached, moves the rollout on. At steps not in `student_leads` the
+    teacher's velocity moves it instead (ON_POLICY_FRACTION < 1: off-policy or DAgger-style mixes).
+    Gradients are synchronised across processes only at the last backward when `sync_gradients`.
+    Returns per-step loss terms (fp32, detached) as a (K, 4) tensor: total, kl, eps_mse, latent_mse
+    (zeros where not supervised)."""
     import torch
 
     batch = cond[0].shape[0]
@@ -1017,58 +1136,36 @@ def distill_rollout(models: Models, accelerator, cond, uncond, sigmas, timesteps
     x = torch.randn((batch, *models.latent_shape), generator=generator, device=device)
     terms = torch.zeros(len(timesteps), 4, device=device)
     plain_student = accelerator.unwrap_model(models.student)
-    eta = config["SAMPLER_ETA"]
+    eta, last_supervised = config["SAMPLER_ETA"], max(supervised)
     for i in range(len(timesteps)):
         sigma, sigma_next, t = float(sigmas[i]), float(sigmas[i + 1]), timesteps[i]
-        if i in supervised:
+        v_teacher = None
+        if i in supervised or i not in student_leads:
             with torch.no_grad(), models.teacher_context():
                 v_teacher = teacher_velocity(models.teacher, x, t, cond, uncond, config["GUIDANCE_SCALE"],
                                              models.teacher_dtype)
-            with accelerator.autocast():
-                v_student = predict_velocity(models.student, x, t, cond[0], cond[1], models.student_dtype)
-            kl = transition_kl(x, sigma, sigma_next, max(eta, 1e-6), v_student, v_teacher)
-            eps = epsilon_mse(x, sigma, v_student, v_teacher)
-            lat = latent_mse(x, sigma, v_student, v_teacher)
-            total = kl_weight * kl + config["EPS_MSE_WEIGHT"] * eps + config["LATENT_MSE_WEIGHT"] * lat
-            accelerator.backward(total * loss_scale)
+        if i in supervised:
+            sync = sync_gradients and i == last_supervised
+            with contextlib.nullcontext() if sync else accelerator.no_sync(models.student):
+                with accelerator.autocast():
+                    v_student = predict_velocity(models.student, x, t, cond[0], cond[1], models.student_dtype)
+                kl = transition_kl(x, sigma, sigma_next, eta, v_student, v_teacher) if eta > 0 else v_student.new_zeros(())
+                eps = epsilon_mse(x, sigma, v_student, v_teacher)
+                lat = latent_mse(x, sigma, v_student, v_teacher)
+                total = kl_weight * kl + config["EPS_MSE_WEIGHT"] * eps + config["LATENT_MSE_WEIGHT"] * lat
+                accelerator.backward(total * loss_scale)
             terms[i] = torch.stack([total, kl, eps, lat]).detach()
-            v_next = v_student.detach()
-        else:
+            v_student = v_student.detach()
+        elif i in student_leads:
             with torch.no_grad(), accelerator.autocast():
-                v_next = predict_velocity(plain_student, x, t, cond[0], cond[1], models.student_dtype)
+                v_student = predict_velocity(plain_student, x, t, cond[0], cond[1], models.student_dtype)
+        v_next = v_student if i in student_leads else v_teacher
         if config["STOCHASTIC_ROLLOUT"] and eta > 0:
             noise = torch.randn(x.shape, generator=generator, device=device)
             x = sde_step(x, v_next, sigma, sigma_next, eta, noise)
         else:
             x = euler_step(x, v_next, sigma, sigma_next)
     return terms
-
-
-def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_dtype, config: dict, vae_factor: int,
-                scheduler_config: dict, device) -> Models:
-    """Check compatibility, freeze the teacher, choose what of the student trains, place both on the device."""
-    check_compatible(teacher.config, student.config, config["IMAGE_SIZE"], vae_factor)
-    teacher.requires_grad_(False)
-    teacher.eval().to(device)
-    trainable = set_trainable(student, config)
-    student.to(device).train()
-    if config["GRADIENT_CHECKPOINTING"]:
-        student.enable_gradient_checkpointing()
-    if config["COMPILE"] and device.type == "cuda":
-        # Regional compilation: the blocks share one code object, so it compiles once, not per block;
-        # rollout, teacher and evaluation batches and the adapter switch each add a variant.
-        import torch._dynamo
-
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-        for model in {id(teacher): teacher, id(student): student}.values():
-            for block in model.transformer_blocks:
-                block.compile()
-    set_attention_backend(config["ATTENTION_BACKEND"])
-    latent_size = config["IMAGE_SIZE"] // vae_factor
-    return Models(student, teacher, shares_weights, teacher_dtype, student_dtype,
-                  (teacher.config.in_channels, latent_size, latent_size), trainable, scheduler_config,
-                  teacher.config.patch_size)
 
 
 def distill_step(models: Models, accelerator, text: "TextEmbeddings", step: int, config: dict, sigmas, timesteps,
@@ -1088,36 +1185,222 @@ def distill_step(models: Models, accelerator, text: "TextEmbeddings", step: int,
         cond = text.batch(idx, accelerator.device, models.teacher_dtype)
         uncond = text.empty_batch(batch, accelerator.device, models.teacher_dtype)
         generator = step_generator(config["SEED"], step, micro, accelerator.process_index, accelerator.device)
-        supervised = choose_supervised(K, config["SUPERVISED_STATES"],
-                                       random.Random(config["SEED"] * 7919 + step * 31 + micro))
-        sync = accelerator.no_sync(models.student) if micro < accum - 1 else contextlib.nullcontext()
-        with sync:
-            terms += distill_rollout(models, accelerator, cond, uncond, sigmas, timesteps, supervised, config,
-                                     kl_weight, generator, 1.0 / (len(supervised) * accum))
+        rng = random.Random(config["SEED"] * 7919 + step * 31 + micro)
+        supervised = choose_supervised(K, config["SUPERVISED_STATES"], rng)
+        student_leads = choose_student_leads(K, config["ON_POLICY_FRACTION"], rng)
+        terms += distill_rollout(models, accelerator, cond, uncond, sigmas, timesteps, supervised, student_leads,
+                                 config, kl_weight, generator, 1.0 / (len(supervised) * accum), micro == accum - 1)
         for i in supervised:
             counts[i] += 1
     return terms, counts
 
 
-def choose_supervised(num_steps: int, num_supervised: int, rng: random.Random) -> set[int]:
-    """All K states, or a random M of them (0 = all)."""
-    if num_supervised == 0 or num_supervised >= num_steps:
-        return set(range(num_steps))
-    return set(rng.sample(range(num_steps), num_supervised))
-
-
 # =================================================================================================
-# Training loop.
+# Training loop: the guarded optimizer step, the loop itself, the held-out evaluation.
 # =================================================================================================
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int, device):
-    """Noise for one rollout depends only on (seed, step, micro-batch, process): resumes are exact."""
+def build_optimizer(params: list, config: dict, device, num_processes: int):
+    """AdamW (fused on CUDA) and diffusers' learning-rate schedule. accelerate steps a prepared
+    schedule once per process, hence the factor."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=config["LEARNING_RATE"], betas=(config["ADAM_BETA1"], config["ADAM_BETA2"]),
+                                  weight_decay=config["ADAM_WEIGHT_DECAY"], eps=config["ADAM_EPS"],
+                                  **({"fused": True} if device.type == "cuda" else {}))
+    lr_scheduler = get_scheduler(config["LR_SCHEDULER"], optimizer, num_warmup_steps=config["LR_WARMUP_STEPS"] * num_processes,
+                                 num_training_steps=config["MAX_STEPS"] * num_processes)
+    return optimizer, lr_scheduler
+
+
+def apply_update(models: Models, accelerator, optimizer, lr_scheduler, terms, counts, config: dict, mixed_precision: str):
+    """Clip, then step, unless the loss or the gradient is not finite: then the weights and the
+    optimizer state stay exactly as they were. (Under fp16 the gradient scaler handles overflowing
+    gradients itself, by skipping and lowering its scale.) One host sync per step, for that check."""
     import torch
 
-    generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step) * 1_009 + micro * 101 + rank)
-    return generator
+    loss = terms[:, 0].sum() / counts.sum()
+    grad_norm = accelerator.clip_grad_norm_(models.trainable, config["MAX_GRAD_NORM"] or float("inf"))
+    finite = bool(torch.isfinite(loss) and (mixed_precision == "fp16" or torch.isfinite(grad_norm)))
+    if finite:
+        optimizer.step()
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
+
+
+class LogWindow:
+    """Loss terms, supervision counts and gradient norms summed on the device since the last metrics row."""
+
+    def __init__(self, num_steps: int, device):
+        import torch
+
+        self.terms = torch.zeros(num_steps, 4, device=device)
+        self.counts = torch.zeros(num_steps, device=device)
+        self.grad = torch.zeros((), device=device)
+        self.steps, self.start = 0, time.time()
+
+    def add(self, terms, counts, grad_norm):
+        self.terms += terms
+        self.counts += counts
+        self.grad += grad_norm.detach().float()
+        self.steps += 1
+
+    def row(self, accelerator, step, kl_weight, lr, images_per_step, skipped, gap) -> dict:
+        """Means over the window and all processes, read from the device once; then the window starts again."""
+        import torch
+
+        elapsed, steps = time.time() - self.start, max(self.steps, 1)
+        terms, counts = accelerator.reduce(self.terms, "sum").tolist(), accelerator.reduce(self.counts, "sum").tolist()
+        total = sum(counts)
+
+        def mean(col):
+            return sum(t[col] for t in terms) / total if total else None
+
+        row = {"step": step, "loss": mean(0), "kl": mean(1), "eps_mse": mean(2), "latent_mse": mean(3),
+               "kl_weight": kl_weight, "lr": lr, "grad_norm": float(accelerator.reduce(self.grad, "mean")) / steps, "sec_per_step": elapsed / steps,
+               "images_per_sec": images_per_step * steps / elapsed if elapsed > 0 else None,
+               "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+               "skipped_steps": skipped, "eval_gap": gap}
+        for i, (t, c) in enumerate(zip(terms, counts, strict=True)):
+            row.update({f"kl_{i}": t[1] / c if c else None, f"eps_mse_{i}": t[2] / c if c else None,
+                        f"latent_mse_{i}": t[3] / c if c else None})
+        self.__init__(len(counts), self.terms.device)
+        return row
+
+
+@dataclasses.dataclass
+class TrainResult:
+    status: str = "running"  # finished | interrupted | failed
+    step: int = 0
+    skipped_steps: int = 0
+    gap_before: float | None = None
+    gap_last: float | None = None
+    last_row: dict = dataclasses.field(default_factory=dict)
+
+
+def train(run: Run, models: Models, text: TextEmbeddings, train_prompts: list[dict], heldout_prompts: list[dict],
+          teacher_path: str) -> TrainResult:
+    """The distillation loop: one optimizer step per iteration, metrics rows, held-out evaluations,
+    checkpoints by steps and by minutes; a summary is written however it ends."""
+    import torch
+    from tqdm.auto import tqdm
+
+    config, accelerator, paths, device = run.config, run.accelerator, run.paths, run.accelerator.device
+    optimizer, lr_scheduler = build_optimizer(models.trainable, config, device, accelerator.num_processes)
+    models.student, optimizer, lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
+    sigmas, timesteps = sampler_sigmas(models.scheduler_config, config["NUM_ROLLOUT_STEPS"], config["SAMPLER_SHIFT"],
+                                       models.image_seq_len)
+    vae = None
+    if config["SAVE_SAMPLE_GRIDS"] and accelerator.is_main_process:
+        vae = load_vae(teacher_path, config, models.teacher_dtype, device)
+    eval_gap = HeldoutEval(models, accelerator, text, heldout_prompts, len(train_prompts), config, sigmas, timesteps,
+                           paths, vae)
+
+    # Restore, last: weights, optimizer, schedule, then RNG states (after everything that draws randomness).
+    result = TrainResult()
+    if run.resume:
+        result.step, result.skipped_steps, result.gap_before = restore_checkpoint(
+            run.resume, models, optimizer, lr_scheduler, accelerator)
+        print(f"resumed {paths.name} from {run.resume[0].name} at step {result.step}")
+    metrics = None
+    if accelerator.is_main_process:
+        metrics = MetricsWriter(paths.metrics, metric_columns(config["NUM_ROLLOUT_STEPS"]),
+                                result.step if run.resume else None)
+        atomic_write_text(paths.run / "config.json", json.dumps(config, indent=2))
+    if config["REPORT_TO"]:
+        accelerator.init_trackers(paths.name, config={k: v for k, v in config.items() if v is not None})
+    if not run.resume:
+        result.gap_before = eval_gap(0)
+    result.gap_last = result.gap_before
+
+    def checkpoint(name, status):
+        if accelerator.is_main_process:
+            extra = {"skipped_steps": result.skipped_steps, "gap_before": result.gap_before}
+            run.checkpoints.save(name, result.step, status, config_fingerprint(config),
+                                 lambda path: save_checkpoint(path, models.student, optimizer, lr_scheduler, accelerator,
+                                                              result.step, config, extra))
+        accelerator.wait_for_everyone()
+
+    K, max_steps = config["NUM_ROLLOUT_STEPS"], config["MAX_STEPS"]
+    images_per_step = config["BATCH_SIZE"] * config["GRAD_ACCUM_STEPS"] * accelerator.num_processes
+    window, last_checkpoint_time, consecutive_skips = LogWindow(K, device), time.time(), 0
+    bar = tqdm(total=max_steps, initial=result.step, disable=not accelerator.is_local_main_process, desc="distill",
+               dynamic_ncols=True)
+    run.timings["train_started"] = time.time()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        while result.step < max_steps:
+            terms, counts = distill_step(models, accelerator, text, result.step, config, sigmas, timesteps,
+                                         len(train_prompts))
+            grad_norm, finite = apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config,
+                                             run.mixed_precision)
+            if finite:
+                consecutive_skips = 0
+                window.add(terms, counts, grad_norm)
+            else:
+                result.skipped_steps += 1
+                consecutive_skips += 1
+                if consecutive_skips >= config["MAX_CONSECUTIVE_SKIPS"]:
+                    raise UserError(f"{consecutive_skips} steps in a row had a non-finite loss or gradient (last at "
+                                    f"step {result.step}); stopped. The last good checkpoint is intact. Lower "
+                                    f"LEARNING_RATE, use MIXED_PRECISION='bf16' or 'no', or lower GUIDANCE_SCALE.")
+            result.step += 1
+            step = result.step
+            bar.update(1)
+
+            evaluate_now = step == max_steps or (config["EVAL_EVERY"] and step % config["EVAL_EVERY"] == 0)
+            if evaluate_now:
+                result.gap_last = eval_gap(step)
+            if step % config["LOG_EVERY"] == 0 or step == max_steps or evaluate_now:
+                row = window.row(accelerator, step, kl_weight_at(step - 1, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
+                                 lr_scheduler.get_last_lr()[0], images_per_step, result.skipped_steps,
+                                 result.gap_last if evaluate_now else None)
+                if metrics:
+                    metrics.write(row)
+                if config["REPORT_TO"]:
+                    accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
+                result.last_row = row
+                bar.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "nan",
+                                s_it=f"{row['sec_per_step']:.2f}")
+            minutes = (time.time() - last_checkpoint_time) / 60
+            if step < max_steps and (step % config["CHECKPOINT_EVERY"] == 0 or (
+                    config["CHECKPOINT_EVERY_MINUTES"] and minutes >= config["CHECKPOINT_EVERY_MINUTES"])):
+                checkpoint(f"step_{step}.pt", "running")
+                last_checkpoint_time = time.time()
+        checkpoint("final.pt", "finished")
+        result.status = "finished"
+    except KeyboardInterrupt:
+        result.status = "interrupted"
+        checkpoint(f"step_{result.step}.pt", "interrupted")
+        print(f"\ninterrupted: saved {paths.checkpoints / f'step_{result.step}.pt'}; run again to continue.")
+    except BaseException:
+        result.status = "failed"
+        raise
+    finally:
+        bar.close()
+        if config["REPORT_TO"]:
+            accelerator.end_training()
+        write_summary(run, result, models)
+    return result
+
+
+def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelerator):
+    """Weights, optimizer, schedule, scaler, then the RNG states; returns (step, skipped steps, gap before)."""
+    path, payload = resume
+    student = accelerator.unwrap_model(models.student)
+    missing = set(trainable_state(student)) - set(payload["student"])
+    if missing:
+        raise UserError(f"Checkpoint {path} lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}).")
+    student.load_state_dict(payload["student"], strict=False)
+    optimizer.load_state_dict(payload["optimizer"])
+    lr_scheduler.load_state_dict(payload["lr_scheduler"])
+    if payload["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(payload["scaler"])
+    set_rng_state(payload["rng"])
+    return payload["step"], payload.get("skipped_steps", 0), payload.get("gap_before")
 
 
 def student_samples(models: Models, accelerator, cond, sigmas, timesteps, noise):
@@ -1127,6 +1410,17 @@ def student_samples(models: Models, accelerator, cond, sigmas, timesteps, noise)
     student = accelerator.unwrap_model(models.student)
     with torch.no_grad(), accelerator.autocast():
         return sample_latents(lambda x, t: predict_velocity(student, x, t, cond[0], cond[1], models.student_dtype),
+                              noise, sigmas, timesteps)
+
+
+def teacher_reference_samples(models: Models, heldout_cond, uncond, config: dict, noise):
+    """The teacher's own sampler (TEACHER_EVAL_STEPS steps, guidance) on the held-out prompts: computed once."""
+    import torch
+
+    sigmas, timesteps = sampler_sigmas(models.scheduler_config, config["TEACHER_EVAL_STEPS"], None, models.image_seq_len)
+    with torch.no_grad(), models.teacher_context():
+        return sample_latents(lambda x, t: teacher_velocity(models.teacher, x, t, heldout_cond, uncond,
+                                                            config["GUIDANCE_SCALE"], models.teacher_dtype),
                               noise, sigmas, timesteps)
 
 
@@ -1166,68 +1460,8 @@ class HeldoutEval:
         return gap
 
 
-def load_vae(model_path: str, config: dict, dtype, device):
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", revision=config["TEACHER_REVISION"],
-                                        torch_dtype=dtype, cache_dir=config["COLAB_MODEL_CACHE"] or None)
-    return vae.requires_grad_(False).eval().to(device)
-
-
-def decode_latents(vae, latents) -> list:
-    """Latents to PIL images exactly as StableDiffusion3Pipeline decodes them, one at a time (memory)."""
-    import torch
-    from diffusers.image_processor import VaeImageProcessor
-
-    processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
-    images = []
-    for latent in latents:
-        z = latent[None].to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        with torch.no_grad():
-            images += processor.postprocess(vae.decode(z, return_dict=False)[0].float(), output_type="pil")
-    return images
-
-
-def sample_grid(teacher_images: list, student_images: list, prompts: list[str], gaps: list[float], num_steps: int):
-    """One row per held-out prompt: teacher | student, the prompt and its gap underneath."""
-    from PIL import Image, ImageDraw
-
-    side = max(teacher_images[0].width, 160)  # small (tiny-model) images are enlarged to be seen
-    caption, header = 30, 18
-    grid = Image.new("RGB", (2 * side, header + len(prompts) * (side + caption)), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((4, 3), "teacher (guided, full sampler)", fill="black")
-    draw.text((side + 4, 3), f"student ({num_steps} steps)", fill="black")
-    for row, (t, s, prompt, gap) in enumerate(zip(teacher_images, student_images, prompts, gaps, strict=True)):
-        top = header + row * (side + caption)
-        grid.paste(t.resize((side, side), Image.NEAREST), (0, top))
-        grid.paste(s.resize((side, side), Image.NEAREST), (side, top))
-        text = prompt if len(prompt) <= 2 * side // 6 else prompt[: 2 * side // 6 - 1] + "…"
-        draw.text((4, top + side + 2), text, fill="black")
-        draw.text((4, top + side + 15), f"gap {gap:.4g}", fill="black")
-    return grid
-
-
-def append_line(path: Path, line: str) -> None:
-    with open(path, "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def teacher_reference_samples(models: Models, heldout_cond, uncond, config: dict, noise):
-    """The teacher's own sampler (TEACHER_EVAL_STEPS steps, guidance) on the held-out prompts: computed once."""
-    import torch
-
-    sigmas, timesteps = sampler_sigmas(models.scheduler_config, config["TEACHER_EVAL_STEPS"], None, models.image_seq_len)
-    with torch.no_grad(), models.teacher_context():
-        return sample_latents(lambda x, t: teacher_velocity(models.teacher, x, t, heldout_cond, uncond,
-                                                            config["GUIDANCE_SCALE"], models.teacher_dtype),
-                              noise, sigmas, timesteps)
-
-
 # =================================================================================================
-# Writers: metrics (JSONL + CSV), checkpoints, summary.
+# Writers: metrics, sample grids and curves, checkpoints, the summary, the exported student.
 # =================================================================================================
 
 
@@ -1277,6 +1511,55 @@ def rows_through(path: Path, last_step: int | None) -> list[dict]:
     return rows
 
 
+def append_line(path: Path, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_vae(model_path: str, config: dict, dtype, device):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", revision=config["TEACHER_REVISION"],
+                                        torch_dtype=dtype, cache_dir=config["COLAB_MODEL_CACHE"] or None)
+    return vae.requires_grad_(False).eval().to(device)
+
+
+def decode_latents(vae, latents) -> list:
+    """Latents to PIL images exactly as StableDiffusion3Pipeline decodes them, one at a time (memory)."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+    images = []
+    for latent in latents:
+        z = latent[None].to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        with torch.no_grad():
+            images += processor.postprocess(vae.decode(z, return_dict=False)[0].float(), output_type="pil")
+    return images
+
+
+def sample_grid(teacher_images: list, student_images: list, prompts: list[str], gaps: list[float], num_steps: int):
+    """One row per held-out prompt: teacher | student, the prompt and its gap underneath."""
+    from PIL import Image, ImageDraw
+
+    side = max(teacher_images[0].width, 160)  # small (tiny-model) images are enlarged to be seen
+    caption, header = 30, 18
+    grid = Image.new("RGB", (2 * side, header + len(prompts) * (side + caption)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 3), "teacher (guided, full sampler)", fill="black")
+    draw.text((side + 4, 3), f"student ({num_steps} steps)", fill="black")
+    for row, (t, s, prompt, gap) in enumerate(zip(teacher_images, student_images, prompts, gaps, strict=True)):
+        top = header + row * (side + caption)
+        grid.paste(t.resize((side, side), Image.NEAREST), (0, top))
+        grid.paste(s.resize((side, side), Image.NEAREST), (side, top))
+        text = prompt if len(prompt) <= 2 * side // 6 else prompt[: 2 * side // 6 - 1] + "…"
+        draw.text((4, top + side + 2), text, fill="black")
+        draw.text((4, top + side + 15), f"gap {gap:.4g}", fill="black")
+    return grid
+
+
 def plot_curves(metrics_jsonl: Path, path: Path) -> None:
     """Loss terms and the held-out gap over steps, as a PNG (matplotlib where installed)."""
     try:
@@ -1304,56 +1587,6 @@ def plot_curves(metrics_jsonl: Path, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-
-
-def export_student(models: Models, accelerator, config: dict, teacher_path: str, paths: "RunPaths", gap_before,
-                   gap_last) -> None:
-    """The student in the form diffusers users load: LoRA weights for pipe.load_lora_weights in LoRA
-    mode, else a whole StableDiffusion3Pipeline folder (without T5 when it was trained without it);
-    a model card beside it; optionally pushed to the Hub."""
-    import shutil
-
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    student = accelerator.unwrap_model(models.student)
-    staging = paths.export.with_name(f".tmp-{paths.export.name}")
-    shutil.rmtree(staging, ignore_errors=True)
-    if config["TRAINABLE"] == "lora":
-        from peft.utils import get_peft_model_state_dict
-
-        StableDiffusion3Pipeline.save_lora_weights(staging, transformer_lora_layers=get_peft_model_state_dict(student))
-        usage = (f"pipe = StableDiffusion3Pipeline.from_pretrained({config['STUDENT_ID']!r})\n"
-                 f"pipe.load_lora_weights({str(paths.export)!r})\n")
-    else:
-        extra = {} if config["USE_T5"] else {"text_encoder_3": None, "tokenizer_3": None}
-        pipe = StableDiffusion3Pipeline.from_pretrained(teacher_path, transformer=student, revision=config["TEACHER_REVISION"],
-                                                        cache_dir=config["COLAB_MODEL_CACHE"] or None, **extra)
-        if config["SAMPLER_SHIFT"] is not None:
-            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=config["SAMPLER_SHIFT"])
-        pipe.save_pretrained(staging)
-        usage = f"pipe = StableDiffusion3Pipeline.from_pretrained({str(paths.export)!r})\n"
-    card = f"""# {paths.name}: a {config['NUM_ROLLOUT_STEPS']}-step SD3 student
-
-On-policy distilled from `{config['TEACHER_ID']}` into `{config['STUDENT_ID']}` ({config['TRAINABLE']}) by
-run_onpolicy_distill_colab.py: {config['MAX_STEPS']} steps, teacher guidance {config['GUIDANCE_SCALE']}, losses
-KL x {config['KL_WEIGHT']} + epsilon MSE x {config['EPS_MSE_WEIGHT']} + latent MSE x {config['LATENT_MSE_WEIGHT']}.
-Held-out teacher-student gap (latent MSE): {gap_before} before, {gap_last} after.
-
-```python
-from diffusers import StableDiffusion3Pipeline
-{usage}image = pipe("a photo of a cat", num_inference_steps={config['NUM_ROLLOUT_STEPS']}, guidance_scale=1.0).images[0]
-```
-Guidance is distilled into the student: sample with guidance_scale=1.0.
-"""
-    (staging / "README.md").write_text(card)
-    shutil.rmtree(paths.export, ignore_errors=True)
-    os.replace(staging, paths.export)
-    if config["PUSH_TO_HUB"]:
-        from huggingface_hub import create_repo, upload_folder
-
-        create_repo(config["PUSH_TO_HUB"], exist_ok=True)
-        upload_folder(repo_id=config["PUSH_TO_HUB"], folder_path=str(paths.export))
-        print(f"pushed {paths.export} to https://huggingface.co/{config['PUSH_TO_HUB']}")
 
 
 def rng_state() -> dict:
@@ -1454,6 +1687,104 @@ def find_resumable_run(output_root: Path, fingerprint: str) -> str | None:
     return best[1] if best else None
 
 
+def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointDir"):
+    """(path, payload) of the checkpoint to continue from, or None for a fresh run."""
+    resume = None
+    if config["RESUME"] == "auto":
+        resume = checkpoints.newest_valid()
+    elif config["RESUME"] != "never":
+        try:
+            resume = (Path(config["RESUME"]), load_checkpoint(Path(config["RESUME"])))
+        except Exception as err:
+            raise UserError(f"RESUME={config['RESUME']!r} cannot be read ({type(err).__name__}: {str(err)[:200]}); "
+                            f"give another checkpoint or RESUME='auto'.") from err
+    elif checkpoints.step_files() or (paths.checkpoints / "final.pt").exists():
+        raise UserError(f"Run {paths.name} already has checkpoints in {paths.checkpoints} and RESUME='never' would "
+                        f"overwrite them. Set RESUME='auto' to continue it, or a new RUN_NAME.")
+    if resume and resume[1]["fingerprint"] != config_fingerprint(config):
+        raise UserError(f"Checkpoint {resume[0]} was written with different settings; resuming would mix two runs. "
+                        f"Use a new RUN_NAME, or restore the settings of that run (its config is in the checkpoint).")
+    return resume
+
+
+def write_summary(run: Run, result: TrainResult, models: Models) -> dict:
+    """runs/<run>/train_summary.json (and the curves plot), from the main process."""
+    if not run.accelerator.is_main_process:
+        return {}
+    config, paths, now = run.config, run.paths, time.time()
+    plot_curves(paths.metrics / "metrics.jsonl", paths.run / "curves.png")
+    summary = {
+        "status": result.status, "run_name": paths.name, "step": result.step, "max_steps": config["MAX_STEPS"],
+        "skipped_steps": result.skipped_steps, "eval_gap_before": result.gap_before, "eval_gap_last": result.gap_last,
+        "final_metrics": result.last_row,
+        "timings": {"total_seconds": now - run.timings["started"],
+                    "model_load_seconds": run.timings.get("model_load_seconds"),
+                    "text_embedding_seconds": run.timings.get("text_embedding_seconds"),
+                    "train_seconds": now - run.timings.get("train_started", now)},
+        "device": str(run.accelerator.device), "mixed_precision": run.mixed_precision,
+        "num_processes": run.accelerator.num_processes,
+        "trainable_parameters": sum(p.numel() for p in models.trainable), "shares_teacher_weights": models.shares_weights,
+        "paths": {"metrics_jsonl": str(paths.metrics / "metrics.jsonl"), "metrics_csv": str(paths.metrics / "metrics.csv"),
+                  "eval_jsonl": str(paths.metrics / "eval.jsonl"), "checkpoints": str(paths.checkpoints),
+                  "final": str(paths.checkpoints / "final.pt"), "prompts": config["PROMPTS_JSONL"],
+                  "samples": str(paths.samples), "curves": str(paths.run / "curves.png"),
+                  "export": str(paths.export) if config["EXPORT_DIFFUSERS"] else None},
+        "config": config,
+    }
+    atomic_write_text(paths.run / "train_summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def export_student(models: Models, accelerator, config: dict, teacher_path: str, paths: "RunPaths", gap_before,
+                   gap_last) -> None:
+    """The student in the form diffusers users load: LoRA weights for pipe.load_lora_weights in LoRA
+    mode, else a whole StableDiffusion3Pipeline folder (without T5 when it was trained without it);
+    a model card beside it; optionally pushed to the Hub."""
+    import shutil
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    student = accelerator.unwrap_model(models.student)
+    staging = paths.export.with_name(f".tmp-{paths.export.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    if config["TRAINABLE"] == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        StableDiffusion3Pipeline.save_lora_weights(staging, transformer_lora_layers=get_peft_model_state_dict(student))
+        usage = (f"pipe = StableDiffusion3Pipeline.from_pretrained({config['STUDENT_ID']!r})\n"
+                 f"pipe.load_lora_weights({str(paths.export)!r})\n")
+    else:
+        extra = {} if config["USE_T5"] else {"text_encoder_3": None, "tokenizer_3": None}
+        pipe = StableDiffusion3Pipeline.from_pretrained(teacher_path, transformer=student, revision=config["TEACHER_REVISION"],
+                                                        cache_dir=config["COLAB_MODEL_CACHE"] or None, **extra)
+        if config["SAMPLER_SHIFT"] is not None:
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=config["SAMPLER_SHIFT"])
+        pipe.save_pretrained(staging)
+        usage = f"pipe = StableDiffusion3Pipeline.from_pretrained({str(paths.export)!r})\n"
+    card = f"""# {paths.name}: a {config['NUM_ROLLOUT_STEPS']}-step SD3 student
+
+On-policy distilled from `{config['TEACHER_ID']}` into `{config['STUDENT_ID']}` ({config['TRAINABLE']}) by
+run_onpolicy_distill_colab.py: {config['MAX_STEPS']} steps, teacher guidance {config['GUIDANCE_SCALE']}, losses
+KL x {config['KL_WEIGHT']} + epsilon MSE x {config['EPS_MSE_WEIGHT']} + latent MSE x {config['LATENT_MSE_WEIGHT']}.
+Held-out teacher-student gap (latent MSE): {gap_before} before, {gap_last} after.
+
+```python
+from diffusers import StableDiffusion3Pipeline
+{usage}image = pipe("a photo of a cat", num_inference_steps={config['NUM_ROLLOUT_STEPS']}, guidance_scale=1.0).images[0]
+```
+Guidance is distilled into the student: sample with guidance_scale=1.0.
+"""
+    (staging / "README.md").write_text(card)
+    shutil.rmtree(paths.export, ignore_errors=True)
+    os.replace(staging, paths.export)
+    if config["PUSH_TO_HUB"]:
+        from huggingface_hub import create_repo, upload_folder
+
+        create_repo(config["PUSH_TO_HUB"], exist_ok=True)
+        upload_folder(repo_id=config["PUSH_TO_HUB"], folder_path=str(paths.export))
+        print(f"pushed {paths.export} to https://huggingface.co/{config['PUSH_TO_HUB']}")
+
+
 # =================================================================================================
 # main(): the story of a run.
 # =================================================================================================
@@ -1496,312 +1827,50 @@ def choose_run_name(config: dict) -> str:
     return time.strftime("run-%Y%m%d-%H%M%S")
 
 
-def train(config: dict) -> dict:
-    """The run: resume point, prompts, models, text embeddings, the loop, every output; returns the summary."""
+@dataclasses.dataclass
+class Run:
+    """What every stage of a run shares: its config, accelerate, where its files go, where it resumes from."""
+
+    config: dict
+    accelerator: object
+    mixed_precision: str
+    paths: RunPaths
+    checkpoints: CheckpointDir
+    resume: tuple | None  # (path, payload) of the checkpoint to continue, or None
+    timings: dict
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.resume) and self.resume[1]["step"] >= self.config["MAX_STEPS"]
+
+
+def start_run(config: dict) -> Run:
+    """accelerate, the run's name (the same in every process), and its resume point: decided before any
+    model is loaded, so a wrong setting costs nothing."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
-    from tqdm.auto import tqdm
 
     started = time.time()
-    output_root = Path(config["OUTPUT_ROOT"])
     mixed_precision = resolve_mixed_precision(config["MIXED_PRECISION"])
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with=config["REPORT_TO"] or None,
-                              project_dir=str(output_root / "trackers"))
-    device = accelerator.device
+                              project_dir=str(Path(config["OUTPUT_ROOT"]) / "trackers"))
     run_name = [choose_run_name(config) if accelerator.is_main_process else None]
     broadcast_object_list(run_name)  # every process writes under, and resumes, the main process's run
-    paths = RunPaths(output_root, run_name[0])
+    paths = RunPaths(Path(config["OUTPUT_ROOT"]), run_name[0])
     config = {**config, "RUN_NAME": paths.name}
     checkpoints = CheckpointDir(paths.checkpoints, config["KEEP_LAST_CHECKPOINTS"])
-    for folder in (paths.metrics, paths.checkpoints, paths.run):
-        remove_stale_temporaries(folder)
-
-    # Resume point, decided before any model is loaded, so a wrong setting costs nothing.
-    resume = find_resume_point(config, paths, checkpoints)
-    if resume and resume[1]["step"] >= config["MAX_STEPS"]:
-        print(f"run {paths.name} already finished at step {resume[1]['step']}; set a new RUN_NAME to train again.")
-        summary_path = paths.run / "train_summary.json"
-        return json.loads(summary_path.read_text()) if summary_path.exists() else {}
-
-    torch.manual_seed(config["SEED"])
-
-    # Prompts.
-    prompts_path = Path(config["PROMPTS_JSONL"])
-    if config["GENERATE_PROMPTS"] and accelerator.is_main_process:
-        write_prompts_jsonl(prompts_path, generate_prompts(config["NUM_PROMPTS"], config["PROMPT_SEED"]))
-    accelerator.wait_for_everyone()
-    train_prompts, heldout_prompts = split_heldout(read_prompts_jsonl(prompts_path), config["HELDOUT_PROMPTS"])
-
-    # Models.
-    t0 = time.time()
-    with accelerator.main_process_first():  # the first process builds or downloads, the others read
-        models, teacher_path = load_models(config, device)
-    load_seconds = time.time() - t0
-
-    # Text embeddings: encoded once, cached on disk, encoders gone before training.
-    t0 = time.time()
-    all_texts = [p["prompt"] for p in train_prompts + heldout_prompts]
-    with accelerator.main_process_first():
-        text = encode_prompts_cached(all_texts, teacher_path, config, device, models.teacher, output_root / "cache")
-    embed_seconds = time.time() - t0
-
-    # Optimizer, schedule, accelerate.
-    optimizer, lr_scheduler = build_optimizer(models.trainable, config, device, accelerator.num_processes)
-    models.student, optimizer, lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
-    sigmas, timesteps = sampler_sigmas(models.scheduler_config, config["NUM_ROLLOUT_STEPS"], config["SAMPLER_SHIFT"],
-                                       models.image_seq_len)
-
-    # Held-out evaluation: fixed noise, teacher references computed once.
-    vae = None
-    if config["SAVE_SAMPLE_GRIDS"] and accelerator.is_main_process:
-        vae = load_vae(teacher_path, config, models.teacher_dtype, device)
-    eval_gap = HeldoutEval(models, accelerator, text, heldout_prompts, len(train_prompts), config, sigmas, timesteps,
-                           paths, vae)
-
-    # Restore, last: weights, optimizer, schedule, then RNG states (after everything that draws randomness).
-    start_step, skipped_total = 0, 0
-    if resume:
-        start_step, skipped_total, gap_before = restore_checkpoint(resume, models, optimizer, lr_scheduler, accelerator)
-        print(f"resumed {paths.name} from {resume[0].name} at step {start_step}")
-    else:
-        gap_before = None  # measured below, once the metrics files are open
-
-    metrics = None
     if accelerator.is_main_process:
-        metrics = MetricsWriter(paths.metrics, metric_columns(config["NUM_ROLLOUT_STEPS"]),
-                                start_step if resume else None)
-        atomic_write_text(paths.run / "config.json", json.dumps(config, indent=2))
-    if config["REPORT_TO"]:
-        accelerator.init_trackers(paths.name, config={k: v for k, v in config.items() if v is not None})
-    if not resume:
-        gap_before = eval_gap(0)
-
-    def checkpoint(name, at_step, status):
-        if accelerator.is_main_process:
-            extra = {"skipped_steps": skipped_total, "gap_before": gap_before}
-            checkpoints.save(name, at_step, status, config_fingerprint(config),
-                             lambda path: save_checkpoint(path, models.student, optimizer, lr_scheduler, accelerator,
-                                                          at_step, config, extra))
-        accelerator.wait_for_everyone()
-
-    # The loop: one optimizer step per iteration; scalars leave the device only at log steps.
-    K, images_per_step = config["NUM_ROLLOUT_STEPS"], config["BATCH_SIZE"] * config["GRAD_ACCUM_STEPS"] * accelerator.num_processes
-    window = LogWindow(K, device)
-    last_row, last_checkpoint_time, consecutive_skips = {}, time.time(), 0
-    gap_now, step, status, summary = gap_before, start_step, "running", {}
-    bar = tqdm(total=config["MAX_STEPS"], initial=start_step, disable=not accelerator.is_local_main_process,
-               desc="distill", dynamic_ncols=True)
-    train_started = time.time()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        while step < config["MAX_STEPS"]:
-            terms, counts = distill_step(models, accelerator, text, step, config, sigmas, timesteps, len(train_prompts))
-            grad_norm, finite = apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config,
-                                             mixed_precision)
-            if finite:
-                consecutive_skips = 0
-                window.add(terms, counts, grad_norm)
-            else:
-                skipped_total += 1
-                consecutive_skips += 1
-                if consecutive_skips >= config["MAX_CONSECUTIVE_SKIPS"]:
-                    raise UserError(f"{consecutive_skips} steps in a row had a non-finite loss or gradient (last at "
-                                    f"step {step}); stopped. The last good checkpoint is intact. Lower LEARNING_RATE, "
-                                    f"use MIXED_PRECISION='bf16' or 'no', or lower GUIDANCE_SCALE.")
-            step += 1
-            bar.update(1)
-
-            evaluate_now = step == config["MAX_STEPS"] or (config["EVAL_EVERY"] and step % config["EVAL_EVERY"] == 0)
-            if evaluate_now:
-                gap_now = eval_gap(step)
-            if step % config["LOG_EVERY"] == 0 or step == config["MAX_STEPS"] or evaluate_now:
-                row = window.row(accelerator, step, kl_weight_at(step - 1, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
-                                 lr_scheduler.get_last_lr()[0], images_per_step, skipped_total,
-                                 gap_now if evaluate_now else None)
-                if metrics:
-                    metrics.write(row)
-                if config["REPORT_TO"]:
-                    accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
-                last_row = row
-                bar.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "nan",
-                                s_it=f"{row['sec_per_step']:.2f}")
-            minutes = (time.time() - last_checkpoint_time) / 60
-            if step < config["MAX_STEPS"] and (step % config["CHECKPOINT_EVERY"] == 0 or (
-                    config["CHECKPOINT_EVERY_MINUTES"] and minutes >= config["CHECKPOINT_EVERY_MINUTES"])):
-                checkpoint(f"step_{step}.pt", step, "running")
-                last_checkpoint_time = time.time()
-        checkpoint("final.pt", step, "finished")
-        if config["EXPORT_DIFFUSERS"] and accelerator.is_main_process:
-            export_student(models, accelerator, config, teacher_path, paths, gap_before, gap_now)
-        status = "finished"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        checkpoint(f"step_{step}.pt", step, "interrupted")
-        print(f"\ninterrupted: saved {paths.checkpoints / f'step_{step}.pt'}; run again to continue.")
-    except BaseException:
-        status = "failed"
-        raise
-    finally:
-        bar.close()
-        if config["REPORT_TO"]:
-            accelerator.end_training()
-        if accelerator.is_main_process:
-            plot_curves(paths.metrics / "metrics.jsonl", paths.run / "curves.png")
-            summary = {
-                "status": status, "run_name": paths.name, "step": step, "max_steps": config["MAX_STEPS"],
-                "skipped_steps": skipped_total, "eval_gap_before": gap_before, "eval_gap_last": gap_now,
-                "final_metrics": last_row,
-                "timings": {"total_seconds": time.time() - started, "model_load_seconds": load_seconds,
-                            "text_embedding_seconds": embed_seconds, "train_seconds": time.time() - train_started},
-                "device": str(device), "mixed_precision": mixed_precision, "num_processes": accelerator.num_processes,
-                "trainable_parameters": sum(p.numel() for p in models.trainable),
-                "shares_teacher_weights": models.shares_weights,
-                "paths": {"metrics_jsonl": str(paths.metrics / "metrics.jsonl"),
-                          "metrics_csv": str(paths.metrics / "metrics.csv"),
-                          "checkpoints": str(paths.checkpoints), "final": str(paths.checkpoints / "final.pt"),
-                          "prompts": str(prompts_path), "eval_jsonl": str(paths.metrics / "eval.jsonl"),
-                          "samples": str(paths.samples), "curves": str(paths.run / "curves.png"),
-                          "export": str(paths.export) if config["EXPORT_DIFFUSERS"] else None},
-                "config": config,
-            }
-            atomic_write_text(paths.run / "train_summary.json", json.dumps(summary, indent=2))
-    if status == "interrupted":
-        sys.exit(130)
-    return summary
-
-
-def build_optimizer(params: list, config: dict, device, num_processes: int):
-    """AdamW (fused on CUDA) and diffusers' learning-rate schedule. accelerate steps a prepared
-    schedule once per process, hence the factor."""
-    import torch
-    from diffusers.optimization import get_scheduler
-
-    optimizer = torch.optim.AdamW(params, lr=config["LEARNING_RATE"], betas=(config["ADAM_BETA1"], config["ADAM_BETA2"]),
-                                  weight_decay=config["ADAM_WEIGHT_DECAY"], eps=config["ADAM_EPS"],
-                                  **({"fused": True} if device.type == "cuda" else {}))
-    lr_scheduler = get_scheduler(config["LR_SCHEDULER"], optimizer, num_warmup_steps=config["LR_WARMUP_STEPS"] * num_processes,
-                                 num_training_steps=config["MAX_STEPS"] * num_processes)
-    return optimizer, lr_scheduler
-
-
-def apply_update(models: Models, accelerator, optimizer, lr_scheduler, terms, counts, config: dict, mixed_precision: str):
-    """Clip, then step, unless the loss or the gradient is not finite: then the weights and the
-    optimizer state stay exactly as they were. (Under fp16 the gradient scaler handles overflowing
-    gradients itself, by skipping and lowering its scale.) One host sync per step, for that check."""
-    import torch
-
-    loss = terms[:, 0].sum() / counts.sum()
-    grad_norm = accelerator.clip_grad_norm_(models.trainable, config["MAX_GRAD_NORM"] or float("inf"))
-    finite = bool(torch.isfinite(loss) and (mixed_precision == "fp16" or torch.isfinite(grad_norm)))
-    if finite:
-        optimizer.step()
-        lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, finite
-
-
-def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointDir"):
-    """(path, payload) of the checkpoint to continue from, or None for a fresh run."""
-    resume = None
-    if config["RESUME"] == "auto":
-        resume = checkpoints.newest_valid()
-    elif config["RESUME"] != "never":
-        try:
-            resume = (Path(config["RESUME"]), load_checkpoint(Path(config["RESUME"])))
-        except Exception as err:
-            raise UserError(f"RESUME={config['RESUME']!r} cannot be read ({type(err).__name__}: {str(err)[:200]}); "
-                            f"give another checkpoint or RESUME='auto'.") from err
-    elif checkpoints.step_files() or (paths.checkpoints / "final.pt").exists():
-        raise UserError(f"Run {paths.name} already has checkpoints in {paths.checkpoints} and RESUME='never' would "
-                        f"overwrite them. Set RESUME='auto' to continue it, or a new RUN_NAME.")
-    if resume and resume[1]["fingerprint"] != config_fingerprint(config):
-        raise UserError(f"Checkpoint {resume[0]} was written with different settings; resuming would mix two runs. "
-                        f"Use a new RUN_NAME, or restore the settings of that run (its config is in the checkpoint).")
-    return resume
-
-
-def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelerator):
-    """Weights, optimizer, schedule, scaler, then the RNG states; returns (step, skipped steps, gap before)."""
-    path, payload = resume
-    student = accelerator.unwrap_model(models.student)
-    missing = set(trainable_state(student)) - set(payload["student"])
-    if missing:
-        raise UserError(f"Checkpoint {path} lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}).")
-    student.load_state_dict(payload["student"], strict=False)
-    optimizer.load_state_dict(payload["optimizer"])
-    lr_scheduler.load_state_dict(payload["lr_scheduler"])
-    if payload["scaler"] is not None and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(payload["scaler"])
-    set_rng_state(payload["rng"])
-    return payload["step"], payload.get("skipped_steps", 0), payload.get("gap_before")
-
-
-class LogWindow:
-    """Loss terms, supervision counts and gradient norms summed on the device since the last metrics row."""
-
-    def __init__(self, num_steps: int, device):
-        import torch
-
-        self.terms = torch.zeros(num_steps, 4, device=device)
-        self.counts = torch.zeros(num_steps, device=device)
-        self.grad = torch.zeros((), device=device)
-        self.steps, self.start = 0, time.time()
-
-    def add(self, terms, counts, grad_norm):
-        self.terms += terms
-        self.counts += counts
-        self.grad += grad_norm.detach().float()
-        self.steps += 1
-
-    def row(self, accelerator, step, kl_weight, lr, images_per_step, skipped, gap) -> dict:
-        """Means over the window and all processes, read from the device once; then the window starts again."""
-        import torch
-
-        elapsed, steps = time.time() - self.start, max(self.steps, 1)
-        terms, counts = accelerator.reduce(self.terms, "sum").tolist(), accelerator.reduce(self.counts, "sum").tolist()
-        total = sum(counts)
-
-        def mean(col):
-            return sum(t[col] for t in terms) / total if total else None
-
-        row = {"step": step, "loss": mean(0), "kl": mean(1), "eps_mse": mean(2), "latent_mse": mean(3),
-               "kl_weight": kl_weight, "lr": lr, "grad_norm": float(accelerator.reduce(self.grad, "mean")) / steps, "sec_per_step": elapsed / steps,
-               "images_per_sec": images_per_step * steps / elapsed if elapsed > 0 else None,
-               "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-               "skipped_steps": skipped, "eval_gap": gap}
-        for i, (t, c) in enumerate(zip(terms, counts, strict=True)):
-            row.update({f"kl_{i}": t[1] / c if c else None, f"eps_mse_{i}": t[2] / c if c else None,
-                        f"latent_mse_{i}": t[3] / c if c else None})
-        self.__init__(len(counts), self.terms.device)
-        return row
-
-
-def load_scheduler_config(model_path: str, config: dict) -> dict:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return dict(FlowMatchEulerDiscreteScheduler.load_config(model_path, subfolder="scheduler",
-                                                            revision=config["TEACHER_REVISION"],
-                                                            cache_dir=config["COLAB_MODEL_CACHE"] or None))
-
-
-def quiet_libraries() -> None:
-    """Keep the console to what this script says: no per-file progress bars or deprecation chatter."""
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+        for folder in (paths.metrics, paths.checkpoints, paths.run):
+            remove_stale_temporaries(folder)
+    resume = find_resume_point(config, paths, checkpoints)
+    torch.manual_seed(config["SEED"])
+    return Run(config, accelerator, mixed_precision, paths, checkpoints, resume, {"started": started})
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The story of a run: settings, prompts, models, text embeddings, training, the exported student."""
+    config = None
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
         if config["PRINT_COLAB_SETUP"]:
@@ -1811,9 +1880,24 @@ def main(argv: list[str] | None = None) -> int:
         if config["INSTALL_DEPS"]:
             dep_install()
         quiet_libraries()
-        summary = train(config)
-        if summary:
-            print(json.dumps({k: summary[k] for k in ("status", "run_name", "step", "eval_gap_before", "eval_gap_last")}))
+
+        run = start_run(config)
+        if run.finished:
+            print(f"run {run.paths.name} already finished at step {run.resume[1]['step']}; set a new RUN_NAME to "
+                  f"train again.")
+            return 0
+        train_prompts, heldout_prompts = prepare_prompts(run)
+        models, teacher_path = load_run_models(run)
+        text = cache_text_embeddings(run, train_prompts + heldout_prompts, models, teacher_path)
+        result = train(run, models, text, train_prompts, heldout_prompts, teacher_path)
+        if result.status == "interrupted":
+            return 130
+        if run.config["EXPORT_DIFFUSERS"] and run.accelerator.is_main_process:
+            export_student(models, run.accelerator, run.config, teacher_path, run.paths, result.gap_before,
+                           result.gap_last)
+        if run.accelerator.is_main_process:
+            print(json.dumps({"status": result.status, "run_name": run.paths.name, "step": result.step,
+                              "eval_gap_before": result.gap_before, "eval_gap_last": result.gap_last}))
         return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -1823,15 +1907,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {out_of_memory_advice(config)}", file=sys.stderr)
         return 2
-
-
-def out_of_memory_advice(config: dict) -> str:
-    """What lowers memory, most effective first, with this run's current values."""
-    return (f"The GPU ran out of memory (the last checkpoint is intact). To fit: BATCH_SIZE={config['BATCH_SIZE']} -> 1 "
-            f"(raise GRAD_ACCUM_STEPS instead); GRADIENT_CHECKPOINTING={config['GRADIENT_CHECKPOINTING']} -> True; "
-            f"TRAINABLE={config['TRAINABLE']!r} -> 'lora' (with STUDENT_ID = TEACHER_ID the two share one copy of the "
-            f"weights); IMAGE_SIZE={config['IMAGE_SIZE']} -> 512; USE_T5={config['USE_T5']} -> False; a smaller "
-            f"teacher; SUPERVISED_STATES -> 1 or 2. The README's memory table lists what fits each Colab GPU.")
 
 
 if __name__ == "__main__":

@@ -174,3 +174,39 @@ def test_a_folder_that_is_not_a_diffusers_model_is_explained(distill, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(distill.UserError, match="not a diffusers SD3 folder"):
         distill.load_transformer(str(tmp_path), None, torch.float32, "")
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.0])
+def test_rollout_supervises_the_states_of_the_policy_it_follows(distill, tiny_root, tiny_path, fraction):
+    """On-policy: the losses are taken at the states of the student's own trajectory; off-policy
+    (ON_POLICY_FRACTION=0): at the teacher's. Checked by re-running each trajectory by hand."""
+    config, accelerator, models, text, sigmas, timesteps = rollout_setup(
+        distill, tiny_root, tiny_path, f"--ON_POLICY_FRACTION={fraction}", "--STOCHASTIC_ROLLOUT=false",
+        "--KL_WARMUP_STEPS=0")
+    torch.manual_seed(0)
+    with torch.no_grad():  # a student that differs from the teacher
+        for p in models.student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    terms, _ = distill.distill_step(models, accelerator, text, 3, config, sigmas, timesteps, 8)
+    idx = distill.prompt_indices(3, 0, 0, 1, config["BATCH_SIZE"], 1, 8, config["SEED"])
+    cond, uncond = text.batch(idx, "cpu", torch.float32), text.empty_batch(len(idx), "cpu", torch.float32)
+    x = torch.randn((len(idx), *models.latent_shape), generator=distill.step_generator(config["SEED"], 3, 0, 0, "cpu"))
+    for i in range(4):
+        s, n = float(sigmas[i]), float(sigmas[i + 1])
+        with torch.no_grad():
+            v_t = distill.teacher_velocity(models.teacher, x, timesteps[i], cond, uncond, config["GUIDANCE_SCALE"],
+                                           torch.float32)
+            v_s = distill.predict_velocity(models.student, x, timesteps[i], cond[0], cond[1], torch.float32)
+        expected = [distill.transition_kl(x, s, n, config["SAMPLER_ETA"], v_s, v_t), distill.epsilon_mse(x, s, v_s, v_t),
+                    distill.latent_mse(x, s, v_s, v_t)]
+        assert torch.allclose(terms[i, 1:], torch.stack(expected), rtol=1e-4, atol=1e-9), i
+        x = distill.euler_step(x, v_s if fraction == 1.0 else v_t, s, n)
+
+
+def test_student_leads_by_fraction(distill):
+    import random
+
+    assert distill.choose_student_leads(4, 1.0, random.Random(0)) == {0, 1, 2, 3}
+    assert distill.choose_student_leads(4, 0.0, random.Random(0)) == set()
+    draws = [len(distill.choose_student_leads(10, 0.3, random.Random(s))) for s in range(200)]
+    assert 2.5 < sum(draws) / len(draws) < 3.5
