@@ -149,7 +149,7 @@ def case_config(distill, case: dict, device) -> dict:
     config.update(TEACHER_ID=case["teacher"], STUDENT_ID=case["student"], IMAGE_SIZE=case["image_size"],
                   BATCH_SIZE=case["batch"], GRAD_ACCUM_STEPS=1, NUM_ROLLOUT_STEPS=case["steps"],
                   SUPERVISED_STATES=case.get("supervised", 0), TRAINABLE=case["trainable"],
-                  GRADIENT_CHECKPOINTING=case.get("checkpointing", False), COMPILE=case.get("compile", True),
+                  GRADIENT_CHECKPOINTING=case.get("checkpointing", False), COMPILE=case.get("compile", False),
                   ATTENTION_BACKEND=case.get("attention", "auto"), LR_WARMUP_STEPS=0, KL_WARMUP_STEPS=0,
                   LEARNING_RATE=1e-6, MAX_STEPS=10**6, MIXED_PRECISION="bf16" if device.type == "cuda" else "no")
     if device.type != "cuda":
@@ -325,21 +325,19 @@ def suite(name: str) -> list[dict]:
         return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, batch=2, trainable="all",
                      reference=True, compile=False)]
     if name == "h100":
+        medium = dict(base, teacher="sd3-medium", student="sd3-medium", forward=False, count_flops=False)
         return [
             dict(base, teacher="sd3-medium", student="sd3-medium", batch=2, trainable="all", reference=True),
-            dict(base, teacher="sd3-medium", student="sd3-medium", batch=2, trainable="all", compile=False,
-                 forward=False, count_flops=False),
-            dict(base, teacher="sd3-medium", student="sd3-medium", batch=2, trainable="lora", forward=False),
-            dict(base, teacher="sd3-medium", student="sd3-medium", batch=1, trainable="lora", checkpointing=True,
-                 forward=False, count_flops=False),
-            dict(base, teacher="sd3-medium", student="sd3-medium", batch=1, trainable="all", forward=False,
-                 count_flops=False),
+            dict(medium, batch=2, trainable="all", compile=True),
+            dict(medium, batch=2, trainable="all", attention="cudnn"),
+            dict(medium, batch=2, trainable="lora", count_flops=True),
+            dict(medium, batch=4, trainable="lora", count_flops=True),
+            dict(medium, batch=1, trainable="lora", checkpointing=True),
+            dict(medium, batch=1, trainable="all"),
+            dict(medium, batch=1, trainable="all", checkpointing=True),
             dict(base, teacher="sd3.5-medium", student="sd3.5-medium", batch=1, trainable="lora", count_flops=False),
             dict(base, teacher="sd3.5-large", student="sd3.5-medium", batch=1, trainable="lora", checkpointing=True,
                  count_flops=False),
-            dict(base, teacher="sd3-medium", student="sd3-medium", batch=2, trainable="all", attention="cudnn",
-                 forward=False),
-            dict(base, teacher="sd3-medium", student="sd3-medium", batch=4, trainable="lora", forward=False),
         ]
     raise SystemExit(f"unknown suite {name}")
 
@@ -378,7 +376,8 @@ def main():
 def summary_line(r: dict) -> str:
     c = r["case"]
     name = f"{c['teacher']}->{c['student']} {c['trainable']} b{c['batch']} K{c['steps']}" + (
-        " ckpt" if c.get("checkpointing") else "") + ("" if c.get("compile", True) else " eager")
+        " ckpt" if c.get("checkpointing") else "") + (" compiled" if c.get("compile") else "") + (
+        f" {c['attention']}" if c.get("attention") else "")
     if "error" in r:
         return f"{name}: {r['error']}"
     s = r["script"]
