@@ -31,6 +31,12 @@ HERE = Path(__file__).resolve().parent
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
           "white": (245, 245, 245), "black": (20, 20, 20)}
 SHAPES = ("circle", "square", "triangle")
+# Settings of the main script for the distillation runs (more --NAME=VALUE on this command line are added)
+DISTILL_ARGS = ["--LEARNING_RATE=5e-5", "--LR_SCHEDULER=cosine", "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10",
+                "--GUIDANCE_SCALE=3.0", "--BATCH_SIZE=8"]
+REAL_SIZE_ARGS = ["--IMAGE_SIZE=512", "--MAX_STEPS=60", "--BATCH_SIZE=2", "--GRAD_ACCUM_STEPS=1", "--EVAL_EVERY=20",
+                  "--HELDOUT_PROMPTS=4", "--NUM_PROMPTS=64", "--COMPILE=false", "--CHECKPOINT_EVERY=1000",
+                  "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10"]
 
 
 def load_distill():
@@ -151,15 +157,77 @@ def distill_run(root: Path, teacher: Path, prompts_path: Path, name: str, fracti
     return [json.loads(line) for line in lines]
 
 
+def real_size_folder(distill, arch: str, path: Path, root: Path, num_layers: int | None = None) -> None:
+    """A random-weights SD3 pipeline folder of a real architecture (the benchmark's public configs):
+    the transformer at full size, CLIP-L and CLIP-G of the real widths (2 layers each: their weights
+    are random anyway), the SD3 VAE's shape, no T5, the tiny model's tokenizers and scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    spec = importlib.util.spec_from_file_location("bench_distill_step", HERE / "bench_distill_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = distill.resolve_model_path(distill.TINY_MODEL_ID, str(root))
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+
+    def clip(hidden, heads):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
+            num_attention_heads=heads, projection_dim=hidden, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                        layers_per_block=2, latent_channels=16, norm_num_groups=32, scaling_factor=1.5305,
+                        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    config = dict(bench.SD3_CONFIGS[arch], **({"num_layers": num_layers} if num_layers else {}))
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**config).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler"),
+        vae=vae, text_encoder=clip(768, 12), tokenizer=tokenizer, text_encoder_2=clip(1280, 20), tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(path)
+
+
+def real_size_run(args, main_script_args: list[str]) -> dict:
+    """The gap falls at real scale too: a short run of the main script on a random real-size model."""
+    distill = load_distill()
+    distill.quiet_libraries()
+    root = Path(args.out)
+    folder = root / f"random-{args.real_size}"
+    if not (folder / "model_index.json").is_file():
+        real_size_folder(distill, args.real_size, folder, root, args.real_size_layers)
+    command = [sys.executable, str(HERE / "run_onpolicy_distill_colab.py"), f"--OUTPUT_ROOT={root}",
+               f"--PROMPTS_JSONL={root}/prompts.jsonl", f"--TEACHER_ID={folder}", f"--STUDENT_ID={folder}",
+               "--USE_T5=false", f"--RUN_NAME=real-{args.real_size}", "--RESUME=never", *main_script_args]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-3000:])
+    rows = [json.loads(line) for line in (root / "metrics" / f"real-{args.real_size}" / "eval.jsonl").read_text().splitlines()]
+    summary = {"architecture": args.real_size, "command": " ".join(command[1:]),
+               "gap": [(r["step"], r["eval_gap"]) for r in rows]}
+    (root / f"real_size_{args.real_size}.json").write_text(json.dumps(summary, indent=2))
+    print(f"{args.real_size}: held-out gap " + " ".join(f"{s}:{g:.4g}" for s, g in summary["gap"]))
+    return summary
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs_colab/experiment")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=80, help="student updates per run")
+    parser.add_argument("--steps", type=int, default=300, help="student updates per run")
     parser.add_argument("--teacher-steps", type=int, default=1500)
-    parser.add_argument("--distill-args", nargs="*", default=["--LEARNING_RATE=3e-4", "--KL_WARMUP_STEPS=10",
-                                                              "--GUIDANCE_SCALE=3.0", "--BATCH_SIZE=4"])
-    args = parser.parse_args(argv)
+    parser.add_argument("--rollout-steps", type=int, default=8, help="K, the student's sampler steps")
+    parser.add_argument("--real-size", help="instead: a short run on a random model of this architecture "
+                                             "(sd3-medium, sd3.5-medium, sd3.5-large), for a GPU")
+    parser.add_argument("--real-size-layers", type=int, help=argparse.SUPPRESS)  # small smoke tests on a CPU
+    args, passthrough = parser.parse_known_args(argv)  # the rest goes to the main script as --NAME=VALUE
+    if args.real_size:
+        return real_size_run(args, REAL_SIZE_ARGS + passthrough)
 
     distill = load_distill()
     distill.quiet_libraries()
@@ -177,7 +245,7 @@ def main(argv=None):
     for regime, fraction in (("on_policy", 1.0), ("off_policy", 0.0)):
         for seed in args.seeds:
             rows = distill_run(root, teacher, prompts_path, f"{regime}-seed{seed}", fraction, seed, args.steps,
-                               args.distill_args)
+                               [f"--NUM_ROLLOUT_STEPS={args.rollout_steps}", *DISTILL_ARGS, *passthrough])
             curves[f"{regime}/seed{seed}"] = [(r["step"], r["eval_gap"]) for r in rows]
             print(f"{regime} seed {seed}: gap " + " ".join(f"{s}:{g:.4g}" for s, g in curves[f'{regime}/seed{seed}']),
                   flush=True)
@@ -188,7 +256,8 @@ def main(argv=None):
     before = [curves[f"on_policy/seed{s}"][0][1] for s in args.seeds]  # step 0: no training
     summary = {
         "command": "python scripts/experiment_onpolicy_vs_offpolicy.py " + " ".join(argv or sys.argv[1:]),
-        "seeds": args.seeds, "student_updates": args.steps, "teacher_calls_per_update_equal": True,
+        "seeds": args.seeds, "student_updates": args.steps, "rollout_steps": args.rollout_steps,
+        "teacher_calls_per_update_equal": True,
         "gap_no_training": statistics.mean(before), "gap_on_policy": statistics.mean(final("on_policy")),
         "gap_off_policy": statistics.mean(final("off_policy")),
         "per_seed": {"no_training": before, "on_policy": final("on_policy"), "off_policy": final("off_policy")},
@@ -197,12 +266,12 @@ def main(argv=None):
     summary["reduction_on_policy"] = summary["gap_no_training"] / summary["gap_on_policy"]
     summary["reduction_off_policy"] = summary["gap_no_training"] / summary["gap_off_policy"]
     (root / "results.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nheld-out gap (latent MSE), mean over seeds {args.seeds} after {args.steps} updates:")
+    print(f"\nheld-out gap (latent MSE), K={args.rollout_steps}, mean over seeds {args.seeds} after {args.steps} updates:")
     print(f"  no training  {summary['gap_no_training']:.5f}")
     print(f"  off-policy   {summary['gap_off_policy']:.5f}  ({summary['reduction_off_policy']:.1f}x lower)")
     print(f"  on-policy    {summary['gap_on_policy']:.5f}  ({summary['reduction_on_policy']:.1f}x lower)")
     plot(curves, root / "gap_curves.png")
-    pictures(distill, root, teacher, prompts, args.seeds[0])
+    pictures(root, teacher, prompts, args.seeds[0], args.rollout_steps)
     return summary
 
 
@@ -226,25 +295,26 @@ def plot(curves: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def pictures(distill, root: Path, teacher: Path, prompts: list[dict], seed: int) -> None:
-    """Held-out prompts: the teacher's guided sample, and each student's 4-step sample, same noise."""
+def pictures(root: Path, teacher: Path, prompts: list[dict], seed: int, steps: int) -> None:
+    """Held-out prompts: the teacher's guided sample, and each student's K-step sample, same noise."""
     import torch
     from diffusers import StableDiffusion3Pipeline
     from PIL import Image, ImageDraw
 
     heldout = [p["prompt"] for p in prompts[-6:]]
     columns = [("teacher, 28 steps, guided", StableDiffusion3Pipeline.from_pretrained(teacher), 28, 3.0),
-               ("student before, 4 steps", StableDiffusion3Pipeline.from_pretrained(teacher), 4, 1.0)]
+               ("before", StableDiffusion3Pipeline.from_pretrained(teacher), steps, 1.0)]
     for regime in ("off_policy", "on_policy"):
-        columns.append((f"{regime} student, 4 steps",
-                        StableDiffusion3Pipeline.from_pretrained(root / "export" / f"{regime}-seed{seed}"), 4, 1.0))
+        columns.append((regime, StableDiffusion3Pipeline.from_pretrained(root / "export" / f"{regime}-seed{seed}"),
+                        steps, 1.0))
     cell = 64
     sheet = Image.new("RGB", (len(columns) * cell + 200, len(heldout) * cell + 30), "white")
     draw = ImageDraw.Draw(sheet)
-    for c, (title, pipe, steps, guidance) in enumerate(columns):
+    for c, (title, pipe, num_steps, guidance) in enumerate(columns):
+        pipe.set_progress_bar_config(disable=True)
         draw.text((c * cell + 2, 2), title.split(",")[0][:10], fill="black")
         noise = torch.randn(len(heldout), 4, 16, 16, generator=torch.Generator().manual_seed(7))
-        latents = pipe(heldout, num_inference_steps=steps, guidance_scale=guidance, latents=noise, height=32, width=32,
+        latents = pipe(heldout, num_inference_steps=num_steps, guidance_scale=guidance, latents=noise, height=32, width=32,
                        output_type="latent", max_sequence_length=32).images
         for r, latent in enumerate(latents):
             sheet.paste(to_picture(latent), (c * cell, 30 + r * cell))
