@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import shutil
@@ -28,6 +27,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_distill_step import SD3_CONFIGS, load_distill  # noqa: E402  (the main script, imported as a module)
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
           "white": (245, 245, 245), "black": (20, 20, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -37,14 +38,6 @@ DISTILL_ARGS = ["--LEARNING_RATE=5e-5", "--LR_SCHEDULER=cosine", "--LR_WARMUP_ST
 REAL_SIZE_ARGS = ["--IMAGE_SIZE=512", "--MAX_STEPS=60", "--BATCH_SIZE=2", "--GRAD_ACCUM_STEPS=1", "--EVAL_EVERY=20",
                   "--HELDOUT_PROMPTS=4", "--NUM_PROMPTS=64", "--COMPILE=false", "--CHECKPOINT_EVERY=1000",
                   "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10"]
-
-
-def load_distill():
-    spec = importlib.util.spec_from_file_location("run_onpolicy_distill_colab", HERE / "run_onpolicy_distill_colab.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def shape_prompts() -> list[dict]:
@@ -165,9 +158,6 @@ def real_size_folder(distill, arch: str, path: Path, root: Path, num_layers: int
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-    spec = importlib.util.spec_from_file_location("bench_distill_step", HERE / "bench_distill_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     base = distill.resolve_model_path(distill.TINY_MODEL_ID, str(root))
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,7 +173,7 @@ def real_size_folder(distill, arch: str, path: Path, root: Path, num_layers: int
                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
                         layers_per_block=2, latent_channels=16, norm_num_groups=32, scaling_factor=1.5305,
                         shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
-    config = dict(bench.SD3_CONFIGS[arch], **({"num_layers": num_layers} if num_layers else {}))
+    config = dict(SD3_CONFIGS[arch], **({"num_layers": num_layers} if num_layers else {}))
     with torch.device(device):
         transformer = SD3Transformer2DModel(**config).to(torch.bfloat16 if device == "cuda" else torch.float32)
     pipe = StableDiffusion3Pipeline(
