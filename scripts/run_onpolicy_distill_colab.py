@@ -438,12 +438,27 @@ def prefetch_patterns(use_t5: bool) -> list[str]:
     return patterns
 
 
-def prefetch_model(model_id: str, revision: str, use_t5: bool, cache_dir: str) -> str:
-    """Download once (huggingface_hub skips files already cached); return the local folder."""
-    from huggingface_hub import snapshot_download
+def download_size(files: list[tuple[str, int]], patterns: list[str]) -> int:
+    """Bytes of the repository files (name, size) that the patterns select."""
+    import fnmatch
 
-    return snapshot_download(model_id, revision=revision, cache_dir=cache_dir or None,
-                             allow_patterns=prefetch_patterns(use_t5))
+    return sum(size or 0 for name, size in files if any(fnmatch.fnmatch(name, p) for p in patterns))
+
+
+def prefetch_model(model_id: str, revision: str, use_t5: bool, cache_dir: str) -> str:
+    """Say how much will be downloaded, then download once (huggingface_hub skips files already
+    cached); return the local folder."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    patterns = prefetch_patterns(use_t5)
+    if not Path(model_id).exists():
+        try:
+            info = HfApi().model_info(model_id, revision=revision, files_metadata=True)
+            size = download_size([(f.rfilename, f.size) for f in info.siblings], patterns)
+            print(f"prefetching {model_id}: {size / 2**30:.1f} GiB (less what is already cached)")
+        except Exception as err:
+            raise explain_load_error(model_id, err) from err
+    return snapshot_download(model_id, revision=revision, cache_dir=cache_dir or None, allow_patterns=patterns)
 
 
 # =================================================================================================
@@ -605,7 +620,7 @@ def build_tiny_sd3(path: Path) -> None:
 
     with tempfile.TemporaryDirectory() as scratch, torch.random.fork_rng(devices=[]):
         scratch = Path(scratch)
-        # CLIP tokenizers: a byte-pair vocabulary of single characters (and word-final ones), no merges needed.
+        # CLIP tokenizers: a byte-pair vocabulary of single characters, word-final ones and a few merges.
         chars = "abcdefghijklmnopqrstuvwxyz0123456789,.:-'!?"
         vocab = {}
         for c in chars:
@@ -1649,8 +1664,12 @@ class CheckpointDir:
         return sorted(files, key=lambda p: int(p.stem[5:]))
 
     def save(self, name: str, step: int, status: str, fingerprint: str, save_fn) -> Path:
+        """Write, verify (its archive reads back), point latest.json at it, then drop the oldest."""
+        import torch
+
         path = self.folder / name
         save_fn(path)
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # reads the index, not the tensors
         atomic_write_text(self.pointer, json.dumps({"checkpoint": name, "step": step, "status": status,
                                                     "fingerprint": fingerprint, "time": time.time()}))
         if name.startswith("step_"):

@@ -145,3 +145,11 @@ def test_import_runs_nothing(distill, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     distill2 = __import__("conftest").load_script()
     assert list(tmp_path.iterdir()) == [] and distill2.MAX_STEPS == distill.MAX_STEPS
+
+
+def test_download_size_counts_only_the_selected_files(distill):
+    files = [("model_index.json", 500), ("transformer/diffusion_pytorch_model.safetensors", 4_000),
+             ("text_encoder_3/model.safetensors", 9_000), ("sd3_medium.safetensors", 10_000),
+             ("transformer/diffusion_pytorch_model.bin", 4_000), ("vae/config.json", None)]
+    assert distill.download_size(files, distill.prefetch_patterns(use_t5=False)) == 4_500
+    assert distill.download_size(files, distill.prefetch_patterns(use_t5=True)) == 13_500
