@@ -1248,8 +1248,13 @@ class LogWindow:
     """Loss terms, supervision counts and gradient norms summed on the device since the last metrics row."""
 
     def __init__(self, num_steps: int, device):
+        self.num_steps, self.device = num_steps, device
+        self.reset()
+
+    def reset(self):
         import torch
 
+        num_steps, device = self.num_steps, self.device
         self.terms = torch.zeros(num_steps, 4, device=device)
         self.counts = torch.zeros(num_steps, device=device)
         self.grad = torch.zeros((), device=device)
@@ -1280,7 +1285,7 @@ class LogWindow:
         for i, (t, c) in enumerate(zip(terms, counts, strict=True)):
             row.update({f"kl_{i}": t[1] / c if c else None, f"eps_mse_{i}": t[2] / c if c else None,
                         f"latent_mse_{i}": t[3] / c if c else None})
-        self.__init__(len(counts), self.terms.device)
+        self.reset()
         return row
 
 
@@ -1642,11 +1647,12 @@ def save_checkpoint(path: Path, student, optimizer, lr_scheduler, accelerator, s
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_checkpoint(path: Path) -> dict:
-    """weights_only=True: a checkpoint holds only tensors and plain values, so loading one runs no code."""
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """weights_only=True: a checkpoint holds only tensors and plain values, so loading one runs no code.
+    mmap=True leaves the tensors on disk (enough to verify a freshly written file)."""
     import torch
 
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     if payload.get("format") != "onpolicy-distill-v1":
         raise ValueError("not a checkpoint of this script")
     return payload
@@ -1665,11 +1671,9 @@ class CheckpointDir:
 
     def save(self, name: str, step: int, status: str, fingerprint: str, save_fn) -> Path:
         """Write, verify (its archive reads back), point latest.json at it, then drop the oldest."""
-        import torch
-
         path = self.folder / name
         save_fn(path)
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # reads the index, not the tensors
+        load_checkpoint(path, mmap=True)  # reads the archive's index and values, not the tensors
         atomic_write_text(self.pointer, json.dumps({"checkpoint": name, "step": step, "status": status,
                                                     "fingerprint": fingerprint, "time": time.time()}))
         if name.startswith("step_"):
