@@ -267,14 +267,13 @@ ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 
 
 def set_attention_backend(name: str) -> None:
-    """Allow only the named scaled-dot-product attention kernel (global switches, so compiled code sees them too)."""
+    """Allow only the named scaled-dot-product attention kernel, or all of them for "auto" (global
+    switches, so compiled code sees them too)."""
     import torch
 
-    if name == "auto":
-        return
     for backend in ATTENTION_BACKENDS[1:]:
         enable = getattr(torch.backends.cuda, f"enable_{'mem_efficient' if backend == 'efficient' else backend}_sdp")
-        enable(backend == name)
+        enable(name in ("auto", backend))
 
 
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -1401,8 +1400,6 @@ def train(run: Run, models: Models, text: TextEmbeddings, train_prompts: list[di
         raise
     finally:
         bar.close()
-        if config["REPORT_TO"]:
-            accelerator.end_training()
         write_summary(run, result, models)
     return result
 
@@ -1888,6 +1885,8 @@ def start_run(config: dict) -> Run:
             remove_stale_temporaries(folder)
     resume = find_resume_point(config, paths, checkpoints)
     torch.manual_seed(config["SEED"])
+    # fp32 matmuls outside autocast (loss math, fp32 runs) on the tensor cores, as diffusers' --allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return Run(config, accelerator, mixed_precision, paths, checkpoints, resume, {"started": started})
 
 
@@ -1913,11 +1912,13 @@ def main(argv: list[str] | None = None) -> int:
         models, teacher_path = load_run_models(run)
         text = cache_text_embeddings(run, train_prompts + heldout_prompts, models, teacher_path)
         result = train(run, models, text, train_prompts, heldout_prompts, teacher_path)
-        if result.status == "interrupted":
-            return 130
-        if run.config["EXPORT_DIFFUSERS"] and run.accelerator.is_main_process:
+        interrupted = result.status == "interrupted"
+        if run.config["EXPORT_DIFFUSERS"] and run.accelerator.is_main_process and not interrupted:
             export_student(models, run.accelerator, run.config, teacher_path, run.paths, result.gap_before,
                            result.gap_last)
+        run.accelerator.end_training()  # trackers closed; with several GPUs, the process group too
+        if interrupted:
+            return 130
         if run.accelerator.is_main_process:
             print(json.dumps({"status": result.status, "run_name": run.paths.name, "step": result.step,
                               "eval_gap_before": result.gap_before, "eval_gap_last": result.gap_last}))
