@@ -77,6 +77,7 @@ CHECKPOINT_EVERY_MINUTES = 10.0  # also checkpoint after this much wall time (a 
 KEEP_LAST_CHECKPOINTS = 3  # newest step_*.pt kept (final.pt is always kept)
 RESUME = "auto"  # "auto" (continue the newest valid checkpoint of this run) | "never" | a checkpoint path
 EVAL_EVERY = 250  # optimizer steps between held-out evaluations (teacher-student gap); 0 = only start and end
+EVAL_NOISES = 1  # fixed noises per held-out prompt in each evaluation: more = a steadier gap, evaluations that many times longer
 MAX_CONSECUTIVE_SKIPS = 5  # stop the run after this many non-finite steps in a row
 SAVE_SAMPLE_GRIDS = True  # at each evaluation, a PNG of teacher vs student samples on the held-out prompts
 REPORT_TO = ""  # also log to trackers through accelerate: "tensorboard", "wandb", "all"; "" = files only
@@ -208,7 +209,7 @@ def validate_config(c: dict) -> None:
 
     for name in ("BATCH_SIZE", "GRAD_ACCUM_STEPS", "MAX_STEPS", "LOG_EVERY", "CHECKPOINT_EVERY",
                  "NUM_ROLLOUT_STEPS", "TEACHER_EVAL_STEPS", "NUM_PROMPTS", "LORA_RANK", "T5_MAX_LENGTH",
-                 "KEEP_LAST_CHECKPOINTS", "MAX_CONSECUTIVE_SKIPS"):
+                 "KEEP_LAST_CHECKPOINTS", "MAX_CONSECUTIVE_SKIPS", "EVAL_NOISES"):
         need(isinstance(c[name], int) and c[name] >= 1, f"{name}={c[name]!r} must be a whole number >= 1.")
     for name in ("LEARNING_RATE", "ADAM_EPS", "IMAGE_SIZE", "LORA_ALPHA"):
         need(isinstance(c[name], (int, float)) and c[name] > 0, f"{name}={c[name]!r} must be > 0.")
@@ -1443,8 +1444,10 @@ def teacher_reference_samples(models: Models, heldout_cond, uncond, config: dict
 
 class HeldoutEval:
     """The held-out teacher-student gap: latent MSE between the teacher's full guided sample and the
-    student's K-step sample from the same fixed noise, per prompt. The teacher's samples (and their
-    images) are made once; each evaluation appends to eval.jsonl and, with a VAE, saves a PNG grid."""
+    student's K-step sample from the same fixed noise, averaged over EVAL_NOISES noises per prompt
+    (sampled one prompt batch at a time, so memory does not grow with it). The teacher's samples (and
+    their images) are made once; each evaluation appends to eval.jsonl and, with a VAE, saves a PNG
+    grid of the first noise."""
 
     def __init__(self, models: Models, accelerator, text: TextEmbeddings, heldout: list[dict], first_index: int,
                  config: dict, sigmas, timesteps, paths: "RunPaths", vae=None):
@@ -1455,24 +1458,31 @@ class HeldoutEval:
         self.models, self.accelerator, self.sigmas, self.timesteps = models, accelerator, sigmas, timesteps
         self.prompts, self.paths, self.vae, self.teacher_images = [p["prompt"] for p in heldout], paths, vae, None
         self.cond = text.batch(indices, device, models.teacher_dtype)
-        self.noise = torch.randn((len(indices), *models.latent_shape),
+        self.noise = torch.randn((config["EVAL_NOISES"] * len(indices), *models.latent_shape),
                                  generator=torch.Generator().manual_seed(config["SEED"] + 12345)).to(device)
-        self.teacher = teacher_reference_samples(models, self.cond, text.empty_batch(len(indices), device,
-                                                 models.teacher_dtype), config, self.noise)
-        self.num_steps = config["NUM_ROLLOUT_STEPS"]
+        uncond = text.empty_batch(len(indices), device, models.teacher_dtype)
+        self.teacher = torch.cat([teacher_reference_samples(models, self.cond, uncond, config, noise)
+                                  for noise in self.noise.split(len(indices))])
+        self.num_steps, self.noises = config["NUM_ROLLOUT_STEPS"], config["EVAL_NOISES"]
 
     def __call__(self, step: int) -> float:
-        samples = student_samples(self.models, self.accelerator, self.cond, self.sigmas, self.timesteps, self.noise)
-        per_prompt = (samples - self.teacher).square().flatten(1).mean(1).tolist()
+        import torch
+
+        samples = torch.cat([student_samples(self.models, self.accelerator, self.cond, self.sigmas, self.timesteps, noise)
+                             for noise in self.noise.split(len(self.prompts))])
+        per_sample = (samples - self.teacher).square().flatten(1).mean(1)
+        per_prompt = per_sample.view(self.noises, len(self.prompts)).mean(0).tolist()
         gap = sum(per_prompt) / len(per_prompt)
         if self.accelerator.is_main_process:
-            row = {"step": step, "eval_gap": gap, "per_prompt": per_prompt, "prompts": self.prompts}
+            row = {"step": step, "eval_gap": gap, "per_prompt": per_prompt, "prompts": self.prompts,
+                   "noises_per_prompt": self.noises}
             append_line(self.paths.metrics / "eval.jsonl", json.dumps(row))
             if self.vae is not None:
+                first = slice(0, len(self.prompts))
                 if self.teacher_images is None:
-                    self.teacher_images = decode_latents(self.vae, self.teacher)
-                grid = sample_grid(self.teacher_images, decode_latents(self.vae, samples), self.prompts, per_prompt,
-                                   self.num_steps)
+                    self.teacher_images = decode_latents(self.vae, self.teacher[first])
+                grid = sample_grid(self.teacher_images, decode_latents(self.vae, samples[first]), self.prompts,
+                                   per_sample[first].tolist(), self.num_steps)
                 atomic_write(self.paths.samples / f"step_{step}.png", lambda tmp: grid.save(tmp, format="PNG"))
         return gap
 

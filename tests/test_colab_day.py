@@ -42,6 +42,31 @@ def test_eval_grids_and_gap_rows_at_the_evaluation_steps(finished_runs):
     assert summary["eval_gap_before"] == rows[0]["eval_gap"] and summary["eval_gap_last"] == rows[-1]["eval_gap"]
 
 
+def test_heldout_gap_over_several_noises_equals_the_pipelines(tmp_path):
+    """EVAL_NOISES=3: the gap at step 0 (student = teacher, unguided, 4 steps) against the teacher's
+    guided 8-step sample, recomputed by hand through diffusers' pipeline from the same noises."""
+    from diffusers import StableDiffusion3Pipeline
+
+    result = run_script(*tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=1", "--EVAL_NOISES=3",
+                                   "--SAVE_SAMPLE_GRIDS=false", "--EXPORT_DIFFUSERS=false"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads((tmp_path / "metrics" / "r" / "eval.jsonl").read_text().splitlines()[0])
+    assert row["step"] == 0 and row["noises_per_prompt"] == 3 and len(row["per_prompt"]) == 4
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "cache" / "tiny-random-sd3")
+    pipe.set_progress_bar_config(disable=True)
+    prompts = row["prompts"] * 3
+    noise = torch.randn((12, 4, 16, 16), generator=torch.Generator().manual_seed(0 + 12345))
+
+    def sample(steps, guidance):
+        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=noise, height=32, width=32,
+                    output_type="latent", max_sequence_length=64).images
+
+    per_sample = (sample(4, 1.0) - sample(8, 3.0)).square().flatten(1).mean(1)
+    expected = per_sample.view(3, 4).mean(0)
+    assert row["per_prompt"] == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-7)
+    assert row["eval_gap"] == pytest.approx(expected.mean().item(), rel=1e-4)
+
+
 def test_exported_student_loads_and_samples_in_diffusers(finished_runs):
     from diffusers import StableDiffusion3Pipeline
 
