@@ -9,8 +9,10 @@
    teacher), with the same seed, budget and held-out evaluation, in three regimes:
    on-policy (ON_POLICY_FRACTION=1), off-policy (0: states from the teacher's own trajectory) and
    no training (the student's starting point, the gap at step 0).
-3. It reports the held-out teacher-student gap over steps for each regime and seed: JSON, a table,
-   and (with matplotlib) a plot; and a picture of teacher and students on the held-out prompts.
+3. It reports the held-out teacher-student gap over steps for each regime and seed (the runs' own
+   evaluation, 8 fixed noises per held-out prompt) and, measured apart through diffusers' pipeline
+   from each exported student, the final gap: JSON, a table, (with matplotlib) a plot, and a picture
+   of teacher and students on the held-out prompts.
 
     python scripts/experiment_onpolicy_vs_offpolicy.py --out outputs_colab/experiment
 """
@@ -32,9 +34,13 @@ from bench_distill_step import SD3_CONFIGS, load_distill  # noqa: E402  (the mai
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
           "white": (245, 245, 245), "black": (20, 20, 20)}
 SHAPES = ("circle", "square", "triangle")
-# Settings of the main script for the distillation runs (more --NAME=VALUE on this command line are added)
-DISTILL_ARGS = ["--LEARNING_RATE=5e-5", "--LR_SCHEDULER=cosine", "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10",
-                "--GUIDANCE_SCALE=3.0", "--BATCH_SIZE=8"]
+# Settings of the main script for the distillation runs (more --NAME=VALUE on this command line are added).
+# Deterministic rollouts: the on-policy states are then exactly those the student visits when it samples
+# (as the evaluation and diffusers' pipeline do); the stochastic rollout's states lie beside them.
+GUIDANCE = 3.0
+HELDOUT = 12  # the last 12 shape prompts are never trained on
+DISTILL_ARGS = ["--LEARNING_RATE=2e-4", "--LR_SCHEDULER=cosine", "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10",
+                f"--GUIDANCE_SCALE={GUIDANCE}", "--BATCH_SIZE=8", "--STOCHASTIC_ROLLOUT=false"]
 REAL_SIZE_ARGS = ["--IMAGE_SIZE=512", "--MAX_STEPS=60", "--BATCH_SIZE=2", "--GRAD_ACCUM_STEPS=1", "--EVAL_EVERY=20",
                   "--HELDOUT_PROMPTS=4", "--NUM_PROMPTS=64", "--COMPILE=false", "--CHECKPOINT_EVERY=1000",
                   "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10"]
@@ -138,9 +144,9 @@ def distill_run(root: Path, teacher: Path, prompts_path: Path, name: str, fracti
                 extra: list[str]) -> list[dict]:
     """One run of the main script; returns its eval.jsonl rows."""
     args = ["--preset", "tiny", f"--OUTPUT_ROOT={root}", f"--TEACHER_ID={teacher}", f"--STUDENT_ID={teacher}",
-            "--GENERATE_PROMPTS=false", f"--PROMPTS_JSONL={prompts_path}", "--HELDOUT_PROMPTS=12",
+            "--GENERATE_PROMPTS=false", f"--PROMPTS_JSONL={prompts_path}", f"--HELDOUT_PROMPTS={HELDOUT}",
             f"--RUN_NAME={name}", f"--ON_POLICY_FRACTION={fraction}", f"--SEED={seed}", f"--MAX_STEPS={steps}",
-            "--EVAL_EVERY=10", "--LOG_EVERY=10", f"--CHECKPOINT_EVERY={steps}", "--SAVE_SAMPLE_GRIDS=false",
+            "--EVAL_EVERY=25", "--EVAL_NOISES=8", "--LOG_EVERY=10", f"--CHECKPOINT_EVERY={steps}", "--SAVE_SAMPLE_GRIDS=false",
             "--T5_MAX_LENGTH=32", "--USE_T5=true", *extra]
     result = subprocess.run([sys.executable, str(HERE / "run_onpolicy_distill_colab.py"), *args],
                             capture_output=True, text=True)
@@ -148,6 +154,33 @@ def distill_run(root: Path, teacher: Path, prompts_path: Path, name: str, fracti
         raise SystemExit(f"run {name} failed:\n{result.stderr[-3000:]}")
     lines = (root / "metrics" / name / "eval.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+def pipeline_latents(pipe, prompts: list[str], noise, steps: int, guidance: float):
+    """Samples through diffusers' own StableDiffusion3Pipeline (not the main script's sampler): latents."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=noise, height=32, width=32,
+                output_type="latent", max_sequence_length=32).images
+
+
+def final_heldout_gaps(root: Path, teacher: Path, heldout: list[str], runs: list[str], steps: int,
+                       noises_per_prompt: int) -> dict:
+    """The final held-out gap of each run, measured apart from the run's own evaluation and with less
+    noise: every held-out prompt with `noises_per_prompt` fixed noises (the same for every run, so the
+    regimes are compared pair by pair), sampled through diffusers' pipeline from each exported student.
+    "no_training" is the student's starting point: the teacher itself, unguided, in K steps."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    prompts = heldout * noises_per_prompt
+    noise = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(2026))
+    teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher)
+    reference = pipeline_latents(teacher_pipe, prompts, noise, 28, GUIDANCE)
+    gaps = {"no_training": (pipeline_latents(teacher_pipe, prompts, noise, steps, 1.0) - reference).square().mean().item()}
+    for name in runs:
+        student = StableDiffusion3Pipeline.from_pretrained(root / "export" / name)
+        gaps[name] = (pipeline_latents(student, prompts, noise, steps, 1.0) - reference).square().mean().item()
+    return gaps
 
 
 def real_size_folder(distill, arch: str, path: Path, root: Path, num_layers: int | None = None) -> None:
@@ -209,9 +242,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs_colab/experiment")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=300, help="student updates per run")
+    parser.add_argument("--steps", type=int, default=400, help="student updates per run")
     parser.add_argument("--teacher-steps", type=int, default=1500)
     parser.add_argument("--rollout-steps", type=int, default=8, help="K, the student's sampler steps")
+    parser.add_argument("--eval-noises", type=int, default=8, help="fixed noises per held-out prompt, final evaluation")
     parser.add_argument("--real-size", help="instead: a short run on a random model of this architecture "
                                              "(sd3-medium, sd3.5-medium, sd3.5-large), for a GPU")
     parser.add_argument("--real-size-layers", type=int, help=argparse.SUPPRESS)  # small smoke tests on a CPU
@@ -231,35 +265,41 @@ def main(argv=None):
     if not (teacher / "transformer" / "config.json").is_file():
         train_teacher(distill, base, teacher, prompts, args.teacher_steps, root)
 
-    curves = {}
+    curves, runs = {}, []
     for regime, fraction in (("on_policy", 1.0), ("off_policy", 0.0)):
         for seed in args.seeds:
-            rows = distill_run(root, teacher, prompts_path, f"{regime}-seed{seed}", fraction, seed, args.steps,
+            name = f"{regime}-seed{seed}"
+            rows = distill_run(root, teacher, prompts_path, name, fraction, seed, args.steps,
                                [f"--NUM_ROLLOUT_STEPS={args.rollout_steps}", *DISTILL_ARGS, *passthrough])
             curves[f"{regime}/seed{seed}"] = [(r["step"], r["eval_gap"]) for r in rows]
+            runs.append(name)
             print(f"{regime} seed {seed}: gap " + " ".join(f"{s}:{g:.4g}" for s, g in curves[f'{regime}/seed{seed}']),
                   flush=True)
 
-    def final(regime):
-        return [curves[f"{regime}/seed{s}"][-1][1] for s in args.seeds]
-
-    before = [curves[f"on_policy/seed{s}"][0][1] for s in args.seeds]  # step 0: no training
+    heldout = [p["prompt"] for p in prompts[-HELDOUT:]]
+    final = final_heldout_gaps(root, teacher, heldout, runs, args.rollout_steps, args.eval_noises)
+    on = [final[f"on_policy-seed{s}"] for s in args.seeds]
+    off = [final[f"off_policy-seed{s}"] for s in args.seeds]
     summary = {
         "command": "python scripts/experiment_onpolicy_vs_offpolicy.py " + " ".join(argv or sys.argv[1:]),
         "seeds": args.seeds, "student_updates": args.steps, "rollout_steps": args.rollout_steps,
         "teacher_calls_per_update_equal": True,
-        "gap_no_training": statistics.mean(before), "gap_on_policy": statistics.mean(final("on_policy")),
-        "gap_off_policy": statistics.mean(final("off_policy")),
-        "per_seed": {"no_training": before, "on_policy": final("on_policy"), "off_policy": final("off_policy")},
+        "final_eval": f"{HELDOUT} held-out prompts x {args.eval_noises} fixed noises, through StableDiffusion3Pipeline",
+        "gap_no_training": final["no_training"], "gap_on_policy": statistics.mean(on),
+        "gap_off_policy": statistics.mean(off),
+        "per_seed": {"on_policy": on, "off_policy": off, "on_minus_off": [a - b for a, b in zip(on, off, strict=True)]},
+        "curves_note": "the runs' own evaluation (eval.jsonl): the same prompts, 8 other fixed noises each",
         "curves": curves,
     }
     summary["reduction_on_policy"] = summary["gap_no_training"] / summary["gap_on_policy"]
     summary["reduction_off_policy"] = summary["gap_no_training"] / summary["gap_off_policy"]
     (root / "results.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nheld-out gap (latent MSE), K={args.rollout_steps}, mean over seeds {args.seeds} after {args.steps} updates:")
+    print(f"\nheld-out gap (latent MSE to the teacher's 28-step guided sample), K={args.rollout_steps}, "
+          f"{summary['final_eval']}, after {args.steps} updates:")
     print(f"  no training  {summary['gap_no_training']:.5f}")
-    print(f"  off-policy   {summary['gap_off_policy']:.5f}  ({summary['reduction_off_policy']:.1f}x lower)")
-    print(f"  on-policy    {summary['gap_on_policy']:.5f}  ({summary['reduction_on_policy']:.1f}x lower)")
+    for regime, gaps in (("off-policy", off), ("on-policy", on)):
+        print(f"  {regime:11}  {statistics.mean(gaps):.5f}  ({summary['gap_no_training'] / statistics.mean(gaps):.1f}x lower)"
+              f"  per seed {' '.join(f'{g:.4f}' for g in gaps)}")
     plot(curves, root / "gap_curves.png")
     pictures(root, teacher, prompts, args.seeds[0], args.rollout_steps)
     return summary
@@ -275,9 +315,12 @@ def plot(curves: dict, path: Path) -> None:
         print("note: matplotlib is not installed; the curves are in results.json")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
+    labelled = set()
     for key, points in curves.items():
-        ax.plot(*zip(*points, strict=True), color="C0" if key.startswith("on") else "C1", alpha=0.8,
-                label=key.split("/")[0] if key.endswith("seed0") else None)
+        regime = key.split("/")[0]
+        ax.plot(*zip(*points, strict=True), color="C0" if regime == "on_policy" else "C1", alpha=0.8,
+                label=None if regime in labelled else regime)
+        labelled.add(regime)
     ax.set(xlabel="student updates", ylabel="held-out gap (latent MSE)", yscale="log",
            title="on-policy vs off-policy distillation")
     ax.legend()
@@ -292,7 +335,7 @@ def pictures(root: Path, teacher: Path, prompts: list[dict], seed: int, steps: i
     from PIL import Image, ImageDraw
 
     heldout = [p["prompt"] for p in prompts[-6:]]
-    columns = [("teacher, 28 steps, guided", StableDiffusion3Pipeline.from_pretrained(teacher), 28, 3.0),
+    columns = [("teacher, 28 steps, guided", StableDiffusion3Pipeline.from_pretrained(teacher), 28, GUIDANCE),
                ("before", StableDiffusion3Pipeline.from_pretrained(teacher), steps, 1.0)]
     for regime in ("off_policy", "on_policy"):
         columns.append((regime, StableDiffusion3Pipeline.from_pretrained(root / "export" / f"{regime}-seed{seed}"),
@@ -301,11 +344,9 @@ def pictures(root: Path, teacher: Path, prompts: list[dict], seed: int, steps: i
     sheet = Image.new("RGB", (len(columns) * cell + 200, len(heldout) * cell + 30), "white")
     draw = ImageDraw.Draw(sheet)
     for c, (title, pipe, num_steps, guidance) in enumerate(columns):
-        pipe.set_progress_bar_config(disable=True)
         draw.text((c * cell + 2, 2), title.split(",")[0][:10], fill="black")
         noise = torch.randn(len(heldout), 4, 16, 16, generator=torch.Generator().manual_seed(7))
-        latents = pipe(heldout, num_inference_steps=num_steps, guidance_scale=guidance, latents=noise, height=32, width=32,
-                       output_type="latent", max_sequence_length=32).images
+        latents = pipeline_latents(pipe, heldout, noise, num_steps, guidance)
         for r, latent in enumerate(latents):
             sheet.paste(to_picture(latent), (c * cell, 30 + r * cell))
     for r, text in enumerate(heldout):

@@ -34,7 +34,9 @@ def test_distillation_closes_most_of_the_heldout_gap(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["gap_no_training"] > 0
-    # measured here: 0.146 -> 0.048, 3.0x lower (CPU runs are deterministic); the threshold leaves margin
+    # the final gap is measured through diffusers' pipeline, 12 held-out prompts x 8 fixed noises; measured
+    # here: 0.172 -> 0.0495 on-policy (3.5x lower), 0.0675 off-policy; the threshold leaves margin
+    assert "StableDiffusion3Pipeline" in summary["final_eval"]
     assert summary["reduction_on_policy"] >= 2.0, summary["per_seed"]
     assert summary["gap_off_policy"] < summary["gap_no_training"]
     assert (tmp_path / "samples.png").is_file()
