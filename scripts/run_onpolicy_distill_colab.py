@@ -73,7 +73,7 @@ MAX_GRAD_NORM = 1.0  # gradient clipping (L2 over all trainable weights); 0 = of
 MIXED_PRECISION = "auto"  # "no" | "fp16" | "bf16" | "auto" (bf16 where the GPU has it, else fp16; "no" on CPU)
 LOG_EVERY = 10  # optimizer steps between metrics rows
 CHECKPOINT_EVERY = 250  # optimizer steps between step_<N>.pt checkpoints
-CHECKPOINT_EVERY_MINUTES = 10.0  # also checkpoint after this much wall time (a disconnect gives no warning); 0 = off
+CHECKPOINT_EVERY_MINUTES = 10.0  # also checkpoint after this much wall time, checked at log steps (a disconnect gives no warning); 0 = off
 KEEP_LAST_CHECKPOINTS = 3  # newest step_*.pt kept (final.pt is always kept)
 RESUME = "auto"  # "auto" (continue the newest valid checkpoint of this run) | "never" | a checkpoint path
 EVAL_EVERY = 250  # optimizer steps between held-out evaluations (teacher-student gap); 0 = only start and end
@@ -1289,6 +1289,16 @@ class LogWindow:
         return row
 
 
+def main_process_decides(accelerator, flag: bool) -> bool:
+    """The main process's flag, on every process. A checkpoint is collective (all processes wait for
+    it), so a decision taken on each process's own clock could differ by a step and hang them all."""
+    if accelerator.num_processes == 1:
+        return flag
+    from accelerate.utils import broadcast_object_list
+
+    return bool(broadcast_object_list([flag])[0])
+
+
 @dataclasses.dataclass
 class TrainResult:
     status: str = "running"  # finished | interrupted | failed
@@ -1385,9 +1395,11 @@ def train(run: Run, models: Models, text: TextEmbeddings, train_prompts: list[di
                 result.last_row = row
                 bar.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "nan",
                                 s_it=f"{row['sec_per_step']:.2f}")
-            minutes = (time.time() - last_checkpoint_time) / 60
-            if step < max_steps and (step % config["CHECKPOINT_EVERY"] == 0 or (
-                    config["CHECKPOINT_EVERY_MINUTES"] and minutes >= config["CHECKPOINT_EVERY_MINUTES"])):
+            due = step % config["CHECKPOINT_EVERY"] == 0
+            if not due and config["CHECKPOINT_EVERY_MINUTES"] and step % config["LOG_EVERY"] == 0:
+                minutes = (time.time() - last_checkpoint_time) / 60
+                due = main_process_decides(accelerator, minutes >= config["CHECKPOINT_EVERY_MINUTES"])
+            if step < max_steps and due:
                 checkpoint(f"step_{step}.pt", "running")
                 last_checkpoint_time = time.time()
         checkpoint("final.pt", "finished")

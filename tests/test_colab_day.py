@@ -110,7 +110,8 @@ def test_exported_lora_loads_onto_the_base_model(finished_runs, tiny_path):
 def test_two_processes_write_one_set_of_outputs(tmp_path):
     # On GPUs: accelerate launch --num_processes 2 ...; on CPUs accelerate needs torch's launcher (its --cpu means one process).
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT),
-               *tiny_args(tmp_path, "--MAX_STEPS=6", "--CHECKPOINT_EVERY=3")]
+               *tiny_args(tmp_path, "--MAX_STEPS=6", "--CHECKPOINT_EVERY=4", "--KEEP_LAST_CHECKPOINTS=2",
+                          "--CHECKPOINT_EVERY_MINUTES=1e-6")]  # the main process's clock: due at every step
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -121,7 +122,7 @@ def test_two_processes_write_one_set_of_outputs(tmp_path):
     summary = json.loads((tmp_path / "runs" / name / "train_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["step"] == 6
     assert rows[0]["images_per_sec"] > 0 and summary["final_metrics"]["step"] == 6
-    assert sorted(p.name for p in (tmp_path / "checkpoints" / name).glob("*.pt")) == ["final.pt", "step_3.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / name).glob("*.pt")) == ["final.pt", "step_4.pt", "step_5.pt"]
 
 
 def test_dep_install_installs_nothing_when_all_is_present(distill, capsys):
