@@ -1907,7 +1907,7 @@ def start_run(config: dict) -> Run:
             remove_stale_temporaries(folder)
     resume = find_resume_point(config, paths, checkpoints)
     torch.manual_seed(config["SEED"])
-    # fp32 matmuls outside autocast (loss math, fp32 runs) on the tensor cores, as diffusers' --allow_tf32
+    # fp32 matmuls and convolutions (MIXED_PRECISION="no" runs, VAE decoding) on the tensor cores, as diffusers' --allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return Run(config, accelerator, mixed_precision, paths, checkpoints, resume, {"started": started})
 
