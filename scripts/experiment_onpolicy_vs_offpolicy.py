@@ -39,6 +39,8 @@ SHAPES = ("circle", "square", "triangle")
 # (as the evaluation and diffusers' pipeline do); the stochastic rollout's states lie beside them.
 GUIDANCE = 3.0
 HELDOUT = 12  # the last 12 shape prompts are never trained on
+REFERENCE_STEPS = 28  # the teacher's guided sampler that the final, pipeline-measured gap compares against
+RUN_EVAL_NOISES = 8  # fixed noises per held-out prompt in the runs' own evaluation (the curves)
 DISTILL_ARGS = ["--LEARNING_RATE=2e-4", "--LR_SCHEDULER=cosine", "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10",
                 f"--GUIDANCE_SCALE={GUIDANCE}", "--BATCH_SIZE=8", "--STOCHASTIC_ROLLOUT=false"]
 REAL_SIZE_ARGS = ["--IMAGE_SIZE=512", "--MAX_STEPS=60", "--BATCH_SIZE=2", "--GRAD_ACCUM_STEPS=1", "--EVAL_EVERY=20",
@@ -146,7 +148,7 @@ def distill_run(root: Path, teacher: Path, prompts_path: Path, name: str, fracti
     args = ["--preset", "tiny", f"--OUTPUT_ROOT={root}", f"--TEACHER_ID={teacher}", f"--STUDENT_ID={teacher}",
             "--GENERATE_PROMPTS=false", f"--PROMPTS_JSONL={prompts_path}", f"--HELDOUT_PROMPTS={HELDOUT}",
             f"--RUN_NAME={name}", f"--ON_POLICY_FRACTION={fraction}", f"--SEED={seed}", f"--MAX_STEPS={steps}",
-            "--EVAL_EVERY=25", "--EVAL_NOISES=8", "--LOG_EVERY=10", f"--CHECKPOINT_EVERY={steps}", "--SAVE_SAMPLE_GRIDS=false",
+            "--EVAL_EVERY=25", f"--EVAL_NOISES={RUN_EVAL_NOISES}", "--LOG_EVERY=10", f"--CHECKPOINT_EVERY={steps}", "--SAVE_SAMPLE_GRIDS=false",
             "--T5_MAX_LENGTH=32", "--USE_T5=true", *extra]
     result = subprocess.run([sys.executable, str(HERE / "run_onpolicy_distill_colab.py"), *args],
                             capture_output=True, text=True)
@@ -175,7 +177,7 @@ def final_heldout_gaps(root: Path, teacher: Path, heldout: list[str], runs: list
     prompts = heldout * noises_per_prompt
     noise = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(2026))
     teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher)
-    reference = pipeline_latents(teacher_pipe, prompts, noise, 28, GUIDANCE)
+    reference = pipeline_latents(teacher_pipe, prompts, noise, REFERENCE_STEPS, GUIDANCE)
     gaps = {"no_training": (pipeline_latents(teacher_pipe, prompts, noise, steps, 1.0) - reference).square().mean().item()}
     for name in runs:
         student = StableDiffusion3Pipeline.from_pretrained(root / "export" / name)
@@ -288,13 +290,15 @@ def main(argv=None):
         "gap_no_training": final["no_training"], "gap_on_policy": statistics.mean(on),
         "gap_off_policy": statistics.mean(off),
         "per_seed": {"on_policy": on, "off_policy": off, "on_minus_off": [a - b for a, b in zip(on, off, strict=True)]},
-        "curves_note": "the runs' own evaluation (eval.jsonl): the same prompts, 8 other fixed noises each",
+        "curves_note": f"the runs' own evaluation (eval.jsonl): the same prompts, {RUN_EVAL_NOISES} other fixed noises "
+                       f"each, against the teacher's guided {distill.PRESETS['tiny']['TEACHER_EVAL_STEPS']}-step sample "
+                       f"(the tiny preset's TEACHER_EVAL_STEPS)",
         "curves": curves,
     }
     summary["reduction_on_policy"] = summary["gap_no_training"] / summary["gap_on_policy"]
     summary["reduction_off_policy"] = summary["gap_no_training"] / summary["gap_off_policy"]
     (root / "results.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nheld-out gap (latent MSE to the teacher's 28-step guided sample), K={args.rollout_steps}, "
+    print(f"\nheld-out gap (latent MSE to the teacher's {REFERENCE_STEPS}-step guided sample), K={args.rollout_steps}, "
           f"{summary['final_eval']}, after {args.steps} updates:")
     print(f"  no training  {summary['gap_no_training']:.5f}")
     for regime, gaps in (("off-policy", off), ("on-policy", on)):
@@ -335,8 +339,8 @@ def pictures(root: Path, teacher: Path, prompts: list[dict], seed: int, steps: i
     from PIL import Image, ImageDraw
 
     heldout = [p["prompt"] for p in prompts[-6:]]
-    columns = [("teacher, 28 steps, guided", StableDiffusion3Pipeline.from_pretrained(teacher), 28, GUIDANCE),
-               ("before", StableDiffusion3Pipeline.from_pretrained(teacher), steps, 1.0)]
+    teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher)  # also the student before training
+    columns = [("teacher", teacher_pipe, REFERENCE_STEPS, GUIDANCE), ("before", teacher_pipe, steps, 1.0)]
     for regime in ("off_policy", "on_policy"):
         columns.append((regime, StableDiffusion3Pipeline.from_pretrained(root / "export" / f"{regime}-seed{seed}"),
                         steps, 1.0))
@@ -344,7 +348,7 @@ def pictures(root: Path, teacher: Path, prompts: list[dict], seed: int, steps: i
     sheet = Image.new("RGB", (len(columns) * cell + 200, len(heldout) * cell + 30), "white")
     draw = ImageDraw.Draw(sheet)
     for c, (title, pipe, num_steps, guidance) in enumerate(columns):
-        draw.text((c * cell + 2, 2), title.split(",")[0][:10], fill="black")
+        draw.text((c * cell + 2, 2), title[:10], fill="black")
         noise = torch.randn(len(heldout), 4, 16, 16, generator=torch.Generator().manual_seed(7))
         latents = pipeline_latents(pipe, heldout, noise, num_steps, guidance)
         for r, latent in enumerate(latents):
