@@ -4,7 +4,8 @@
 Builds SD3 transformers from the public configs (sd3-medium, sd3.5-medium, sd3.5-large) with random
 weights (nothing is downloaded), and measures in one process: the accelerator's bf16 matmul ceiling,
 the FLOPs of one forward pass (counted, and by the per-token formula), the script's step (median time,
-images/s, MFU, peak memory) and a straightforward loop doing the same work the plain way.
+images/s, MFU, peak memory) and a straightforward loop doing the same work the plain way. With
+--profile it also records where the step's time goes: matmuls, attention, fused pointwise and the rest.
 
     python scripts/bench_distill_step.py --suite h100          # on a CUDA GPU: the README's tables
     python scripts/bench_distill_step.py --suite tiny          # on the CPU: keeps this file working
@@ -124,6 +125,54 @@ def timed(fn, device, warmup: int, repeats: int) -> list[float]:
     return times
 
 
+KERNEL_KINDS = (  # (kind, name fragments): the first match wins; CUDA kernel names and CPU aten op names
+    ("fused pointwise and norms (triton)", ("triton_",)),  # first: Inductor names them after the ops they feed
+    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn::fusion")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """Which kind of work a kernel (or, on the CPU, an aten op) does: attention, matmul, fused, other."""
+    lowered = name.lower()
+    for kind, fragments in KERNEL_KINDS:
+        if any(f in lowered for f in fragments):
+            return kind
+    return "other"
+
+
+def profiled_time_by_kind(fn, device, steps: int = 2) -> dict:
+    """Milliseconds per step spent in each kind of kernel (GPU time on CUDA, self CPU time of aten ops
+    on the CPU), from torch.profiler over `steps` calls of fn, and the step's wall time beside them."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+    wall = (time.perf_counter() - start) / steps
+    by_kind: dict[str, float] = {}
+    for event in prof.key_averages():
+        if cuda:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            busy = event.self_device_time_total
+        else:
+            if not event.key.startswith("aten::"):
+                continue
+            busy = event.self_cpu_time_total
+        kind = kernel_kind(event.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + busy / 1e3 / steps
+    return {"ms_per_step_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "busy_ms_per_step": sum(by_kind.values()), "profiled_step_ms": wall * 1e3,
+            "clock": "GPU kernel time" if cuda else "self CPU time of aten ops"}
+
+
 def build_transformer(name: str, dtype, device):
     """Random weights of the real architecture, made directly on the device (seconds, not minutes)."""
     import torch
@@ -157,7 +206,8 @@ def case_config(distill, case: dict, device) -> dict:
     return config
 
 
-def run_script_step(distill, case: dict, device, warmup: int, repeats: int, count_flops: bool) -> dict:
+def run_script_step(distill, case: dict, device, warmup: int, repeats: int, count_flops: bool,
+                    profile: bool = False) -> dict:
     """The main script's own step (distill_step + apply_update), with its own model setup."""
     import torch
     from accelerate import Accelerator
@@ -197,6 +247,8 @@ def run_script_step(distill, case: dict, device, warmup: int, repeats: int, coun
               "finite_steps": state["finite"], "total_steps": state["step"],
               "trainable_params": sum(p.numel() for p in models.trainable),
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    if profile:
+        result["profile"] = profiled_time_by_kind(step, device)
     return result
 
 
@@ -301,7 +353,8 @@ def run_case(distill, case: dict, device, ceiling: float, args) -> dict:
         result["forward_seconds_eager"] = statistics.median(timed(forward, device, 2, args.repeats))
         del model
         distill.free_accelerator_memory()
-    script = run_script_step(distill, case, device, args.warmup, args.repeats, count_flops=case.get("count_flops", True))
+    script = run_script_step(distill, case, device, args.warmup, args.repeats, count_flops=case.get("count_flops", True),
+                             profile=args.profile)
     distill.free_accelerator_memory()  # the step's models are gone with run_script_step's frame
     result["script"] = script
     images = case["batch"]
@@ -349,6 +402,7 @@ def suite(name: str) -> list[dict]:
             dict(medium, batch=4, trainable="lora", compile=True, attention="cudnn"),
             dict(medium, batch=8, trainable="lora", compile=True, attention="cudnn"),
             dict(medium, batch=4, trainable="all", compile=True, attention="cudnn", reference=True),
+            dict(medium, batch=16, trainable="lora", compile=True, attention="cudnn"),
         ]
     raise SystemExit(f"unknown suite {name}")
 
@@ -360,6 +414,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--out", default="bench_results.json")
+    parser.add_argument("--profile", action="store_true", help="also record where the step's time goes, by kernel kind")
     args = parser.parse_args()
     import torch
 
@@ -405,6 +460,9 @@ def summary_line(r: dict) -> str:
         parts.append(f"MFU {s['mfu'] * 100:.1f}%")
     if s.get("peak_mem_gib") is not None:
         parts.append(f"peak {s['peak_mem_gib']:.1f} GiB")
+    if "profile" in s:
+        busy = s["profile"]["busy_ms_per_step"]
+        parts.append(", ".join(f"{kind} {ms / busy * 100:.0f}%" for kind, ms in s["profile"]["ms_per_step_by_kind"].items()))
     if "reference" in r:
         parts.append(f"reference {r['reference']['step_seconds'] * 1e3:.0f} ms ({r['speedup_vs_reference']:.2f}x)")
     if "forward_flops_counted" in r:

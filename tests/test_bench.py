@@ -1,16 +1,17 @@
-"""The step benchmark keeps working: its tiny suite on the CPU, and its FLOP formula by hand."""
+"""The step benchmark keeps working: its tiny suite on the CPU, its FLOP formula by hand, its kernel kinds."""
 
 import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
 def test_tiny_benchmark_writes_its_result(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_distill_step.py"), "--suite", "tiny",
-                             "--repeats", "2", "--warmup", "1", "--out", str(out)], capture_output=True, text=True,
+                             "--repeats", "2", "--warmup", "1", "--out", str(out), "--profile"], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json.loads(out.read_text())
@@ -19,6 +20,10 @@ def test_tiny_benchmark_writes_its_result(tmp_path):
     assert script["finite_steps"] == script["total_steps"] and script["step_flops"] > 0
     assert row["speedup_vs_reference"] == reference["step_seconds"] / script["step_seconds"]
     assert "tiny->tiny all b2 K4" in result.stdout
+    profile = script["profile"]  # on the CPU: self time of aten ops, which run inside the profiled steps
+    assert profile["ms_per_step_by_kind"]["matmul"] > 0 and profile["ms_per_step_by_kind"]["attention"] > 0
+    assert profile["busy_ms_per_step"] == pytest.approx(sum(profile["ms_per_step_by_kind"].values()))
+    assert profile["busy_ms_per_step"] <= profile["profiled_step_ms"]
 
 
 def test_formula_counts_projections_mlp_and_joint_attention():
@@ -29,3 +34,21 @@ def test_formula_counts_projections_mlp_and_joint_attention():
     # image: 2*3*12*4 = 288; text (last block: q,k,v only): 2*1*3*4 = 24; attention: 4*(3+1)^2*2 = 128
     assert bench.formula_forward_flops(cfg, batch=1, image_tokens=3, text_tokens=1) == 288 + 24 + 128
     assert bench.formula_forward_flops(cfg, batch=2, image_tokens=3, text_tokens=1) == 2 * 440
+
+
+def test_kernel_kinds_of_the_h100_profile():
+    """Kernel names as torch.profiler reported them for the compiled SD3-medium step on the H100."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_distill_step as bench
+
+    kinds = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x": "attention",
+        "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*, void const*, void*": "attention",
+        "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN": "matmul",
+        "triton_poi_fused__scaled_dot_product_cudnn_attention_cat_transpose_view_3": "fused pointwise and norms (triton)",
+        "triton_red_fused__to_copy_add_mul_native_layer_norm_split_unsqueeze_1": "fused pointwise and norms (triton)",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, std:": "other",
+        "aten::addmm": "matmul",
+        "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    }
+    assert {name: bench.kernel_kind(name) for name in kinds} == kinds
