@@ -13,6 +13,8 @@
    evaluation, 8 fixed noises per held-out prompt) and, measured apart through diffusers' pipeline
    from each exported student, the final gap: JSON, a table, (with matplotlib) a plot, and a picture
    of teacher and students on the held-out prompts.
+4. Where the first seed's remaining gap comes from: the students' samples with the teacher's guided
+   velocity in place of theirs at some rollout steps.
 
     python scripts/experiment_onpolicy_vs_offpolicy.py --out outputs_colab/experiment
 """
@@ -165,17 +167,23 @@ def pipeline_latents(pipe, prompts: list[str], noise, steps: int, guidance: floa
                 output_type="latent", max_sequence_length=32).images
 
 
+def final_eval_inputs(heldout: list[str], noises_per_prompt: int):
+    """The final evaluation's prompts (every held-out prompt, `noises_per_prompt` times) and fixed noises."""
+    import torch
+
+    prompts = heldout * noises_per_prompt
+    return prompts, torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(2026))
+
+
 def final_heldout_gaps(root: Path, teacher: Path, heldout: list[str], runs: list[str], steps: int,
                        noises_per_prompt: int) -> dict:
     """The final held-out gap of each run, measured apart from the run's own evaluation and with less
     noise: every held-out prompt with `noises_per_prompt` fixed noises (the same for every run, so the
     regimes are compared pair by pair), sampled through diffusers' pipeline from each exported student.
     "no_training" is the student's starting point: the teacher itself, unguided, in K steps."""
-    import torch
     from diffusers import StableDiffusion3Pipeline
 
-    prompts = heldout * noises_per_prompt
-    noise = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(2026))
+    prompts, noise = final_eval_inputs(heldout, noises_per_prompt)
     teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher)
     reference = pipeline_latents(teacher_pipe, prompts, noise, REFERENCE_STEPS, GUIDANCE)
     gaps = {"no_training": (pipeline_latents(teacher_pipe, prompts, noise, steps, 1.0) - reference).square().mean().item()}
@@ -183,6 +191,46 @@ def final_heldout_gaps(root: Path, teacher: Path, heldout: list[str], runs: list
         student = StableDiffusion3Pipeline.from_pretrained(root / "export" / name)
         gaps[name] = (pipeline_latents(student, prompts, noise, steps, 1.0) - reference).square().mean().item()
     return gaps
+
+
+def teacher_substitution(root: Path, teacher: Path, heldout: list[str], run: str, steps: int,
+                         noises_per_prompt: int) -> dict:
+    """Where a student's remaining gap comes from: its K-step sample with the teacher's guided velocity
+    put in place of its own at some rollout steps (one step at a time, the first half, the second
+    half, all of them), the same prompts, noises and reference as `final_heldout_gaps`. With all steps
+    substituted, the sample is the teacher's own guided K-step sample: the floor of per-state losses."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    distill = load_distill()
+    prompts, noise = final_eval_inputs(heldout, noises_per_prompt)
+    teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher)
+    student = StableDiffusion3Pipeline.from_pretrained(root / "export" / run).transformer
+    reference = pipeline_latents(teacher_pipe, prompts, noise, REFERENCE_STEPS, GUIDANCE)
+    with torch.no_grad():
+        cond_embeds, uncond_embeds, cond_pooled, uncond_pooled = teacher_pipe.encode_prompt(
+            prompts, prompts, prompts, negative_prompt="", max_sequence_length=32)
+        teacher_pipe.scheduler.set_timesteps(steps)
+        sigmas, timesteps = teacher_pipe.scheduler.sigmas, teacher_pipe.scheduler.timesteps
+
+        def gap(substituted: set[int]) -> float:
+            x = noise.clone()
+            for i in range(steps):
+                if i in substituted:
+                    v = distill.teacher_velocity(teacher_pipe.transformer, x, timesteps[i], (cond_embeds, cond_pooled),
+                                                 (uncond_embeds, uncond_pooled), GUIDANCE, torch.float32)
+                else:
+                    v = distill.predict_velocity(student, x, timesteps[i], cond_embeds, cond_pooled, torch.float32)
+                x = distill.euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
+            return (x - reference).square().mean().item()
+
+        half = steps // 2
+        result = {"student_alone": gap(set()), "sigmas": [round(float(v), 4) for v in sigmas]}
+        result["teacher_at_step"] = [gap({i}) for i in range(steps)]
+        result["teacher_at_first_half"] = gap(set(range(half)))
+        result["teacher_at_second_half"] = gap(set(range(half, steps)))
+        result["teacher_at_every_step"] = gap(set(range(steps)))
+    return result
 
 
 def real_size_folder(distill, arch: str, path: Path, root: Path, num_layers: int | None = None) -> None:
@@ -248,6 +296,8 @@ def main(argv=None):
     parser.add_argument("--teacher-steps", type=int, default=1500)
     parser.add_argument("--rollout-steps", type=int, default=8, help="K, the student's sampler steps")
     parser.add_argument("--eval-noises", type=int, default=8, help="fixed noises per held-out prompt, final evaluation")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="read runs that already finished in --out (from this same command) instead of running them")
     parser.add_argument("--real-size", help="instead: a short run on a random model of this architecture "
                                              "(sd3-medium, sd3.5-medium, sd3.5-large), for a GPU")
     parser.add_argument("--real-size-layers", type=int, help=argparse.SUPPRESS)  # small smoke tests on a CPU
@@ -271,8 +321,11 @@ def main(argv=None):
     for regime, fraction in (("on_policy", 1.0), ("off_policy", 0.0)):
         for seed in args.seeds:
             name = f"{regime}-seed{seed}"
-            rows = distill_run(root, teacher, prompts_path, name, fraction, seed, args.steps,
-                               [f"--NUM_ROLLOUT_STEPS={args.rollout_steps}", *DISTILL_ARGS, *passthrough])
+            if args.reuse_runs and (root / "export" / name / "model_index.json").is_file():
+                rows = [json.loads(line) for line in (root / "metrics" / name / "eval.jsonl").read_text().splitlines()]
+            else:
+                rows = distill_run(root, teacher, prompts_path, name, fraction, seed, args.steps,
+                                   [f"--NUM_ROLLOUT_STEPS={args.rollout_steps}", *DISTILL_ARGS, *passthrough])
             curves[f"{regime}/seed{seed}"] = [(r["step"], r["eval_gap"]) for r in rows]
             runs.append(name)
             print(f"{regime} seed {seed}: gap " + " ".join(f"{s}:{g:.4g}" for s, g in curves[f'{regime}/seed{seed}']),
@@ -295,6 +348,12 @@ def main(argv=None):
                        f"(the tiny preset's TEACHER_EVAL_STEPS)",
         "curves": curves,
     }
+    first = args.seeds[0]
+    summary["teacher_substitution"] = {
+        "note": f"seed {first}'s students, the final evaluation's prompts, noises and reference; the gap when the "
+                f"teacher's guided velocity replaces the student's at the given rollout steps",
+        **{regime: teacher_substitution(root, teacher, heldout, f"{regime}-seed{first}", args.rollout_steps,
+                                        args.eval_noises) for regime in ("on_policy", "off_policy")}}
     summary["reduction_on_policy"] = summary["gap_no_training"] / summary["gap_on_policy"]
     summary["reduction_off_policy"] = summary["gap_no_training"] / summary["gap_off_policy"]
     (root / "results.json").write_text(json.dumps(summary, indent=2))
@@ -304,6 +363,12 @@ def main(argv=None):
     for regime, gaps in (("off-policy", off), ("on-policy", on)):
         print(f"  {regime:11}  {statistics.mean(gaps):.5f}  ({summary['gap_no_training'] / statistics.mean(gaps):.1f}x lower)"
               f"  per seed {' '.join(f'{g:.4f}' for g in gaps)}")
+    for regime in ("on_policy", "off_policy"):
+        sub = summary["teacher_substitution"][regime]
+        print(f"  {regime} seed {first}, the teacher's velocity in place of the student's: at step "
+              + " ".join(f"{i}:{g:.4f}" for i, g in enumerate(sub["teacher_at_step"]))
+              + f"; first half {sub['teacher_at_first_half']:.4f}, second half {sub['teacher_at_second_half']:.4f},"
+              f" every step {sub['teacher_at_every_step']:.4f} (student alone {sub['student_alone']:.4f})")
     plot(curves, root / "gap_curves.png")
     pictures(root, teacher, prompts, args.seeds[0], args.rollout_steps)
     return summary

@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 EXPERIMENT = REPO / "scripts" / "experiment_onpolicy_vs_offpolicy.py"
@@ -40,3 +41,10 @@ def test_distillation_closes_most_of_the_heldout_gap(tmp_path):
     assert summary["reduction_on_policy"] >= 2.0, summary["per_seed"]
     assert summary["gap_off_policy"] < summary["gap_no_training"]
     assert (tmp_path / "samples.png").is_file()
+    # The attribution runs the main script's sampler on the exported students: alone it must reproduce the
+    # pipeline's gap; with the teacher's velocity at every step it is the teacher's guided K-step sample,
+    # which is closer to the 28-step reference than the student's.
+    substitution = summary["teacher_substitution"]["on_policy"]
+    assert substitution["student_alone"] == pytest.approx(summary["per_seed"]["on_policy"][0], rel=1e-3)
+    assert len(substitution["teacher_at_step"]) == summary["rollout_steps"] == 8
+    assert substitution["teacher_at_every_step"] < substitution["student_alone"]
