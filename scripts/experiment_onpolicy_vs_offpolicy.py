@@ -39,12 +39,12 @@ SHAPES = ("circle", "square", "triangle")
 # Settings of the main script for the distillation runs (more --NAME=VALUE on this command line are added).
 # Deterministic rollouts: the on-policy states are then exactly those the student visits when it samples
 # (as the evaluation and diffusers' pipeline do); the stochastic rollout's states lie beside them.
-GUIDANCE = 3.0
+GUIDANCE = 3.0  # the teacher's guidance, distilled into the student and used for the reference (--guidance)
 HELDOUT = 12  # the last 12 shape prompts are never trained on
 REFERENCE_STEPS = 28  # the teacher's guided sampler that the final, pipeline-measured gap compares against
 RUN_EVAL_NOISES = 8  # fixed noises per held-out prompt in the runs' own evaluation (the curves)
 DISTILL_ARGS = ["--LEARNING_RATE=2e-4", "--LR_SCHEDULER=cosine", "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10",
-                f"--GUIDANCE_SCALE={GUIDANCE}", "--BATCH_SIZE=8", "--STOCHASTIC_ROLLOUT=false"]
+                "--BATCH_SIZE=8", "--STOCHASTIC_ROLLOUT=false"]
 REAL_SIZE_ARGS = ["--IMAGE_SIZE=512", "--MAX_STEPS=60", "--BATCH_SIZE=2", "--GRAD_ACCUM_STEPS=1", "--EVAL_EVERY=20",
                   "--HELDOUT_PROMPTS=4", "--NUM_PROMPTS=64", "--COMPILE=false", "--CHECKPOINT_EVERY=1000",
                   "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10"]
@@ -176,7 +176,7 @@ def final_eval_inputs(heldout: list[str], noises_per_prompt: int):
 
 
 def final_heldout_gaps(root: Path, teacher: Path, heldout: list[str], runs: list[str], steps: int,
-                       noises_per_prompt: int) -> dict:
+                       noises_per_prompt: int, guidance: float) -> dict:
     """The final held-out gap of each run, measured apart from the run's own evaluation and with less
     noise: every held-out prompt with `noises_per_prompt` fixed noises (the same for every run, so the
     regimes are compared pair by pair), sampled through diffusers' pipeline from each exported student.
@@ -185,7 +185,7 @@ def final_heldout_gaps(root: Path, teacher: Path, heldout: list[str], runs: list
 
     prompts, noise = final_eval_inputs(heldout, noises_per_prompt)
     teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher)
-    reference = pipeline_latents(teacher_pipe, prompts, noise, REFERENCE_STEPS, GUIDANCE)
+    reference = pipeline_latents(teacher_pipe, prompts, noise, REFERENCE_STEPS, guidance)
     gaps = {"no_training": (pipeline_latents(teacher_pipe, prompts, noise, steps, 1.0) - reference).square().mean().item()}
     for name in runs:
         student = StableDiffusion3Pipeline.from_pretrained(root / "export" / name)
@@ -194,7 +194,7 @@ def final_heldout_gaps(root: Path, teacher: Path, heldout: list[str], runs: list
 
 
 def teacher_substitution(root: Path, teacher: Path, heldout: list[str], run: str, steps: int,
-                         noises_per_prompt: int) -> dict:
+                         noises_per_prompt: int, guidance: float) -> dict:
     """Where a student's remaining gap comes from: its K-step sample with the teacher's guided velocity
     put in place of its own at some rollout steps (one step at a time, the first half, the second
     half, all of them), the same prompts, noises and reference as `final_heldout_gaps`. With all steps
@@ -206,7 +206,7 @@ def teacher_substitution(root: Path, teacher: Path, heldout: list[str], run: str
     prompts, noise = final_eval_inputs(heldout, noises_per_prompt)
     teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher)
     student = StableDiffusion3Pipeline.from_pretrained(root / "export" / run).transformer
-    reference = pipeline_latents(teacher_pipe, prompts, noise, REFERENCE_STEPS, GUIDANCE)
+    reference = pipeline_latents(teacher_pipe, prompts, noise, REFERENCE_STEPS, guidance)
     with torch.no_grad():
         cond_embeds, uncond_embeds, cond_pooled, uncond_pooled = teacher_pipe.encode_prompt(
             prompts, prompts, prompts, negative_prompt="", max_sequence_length=32)
@@ -218,7 +218,7 @@ def teacher_substitution(root: Path, teacher: Path, heldout: list[str], run: str
             for i in range(steps):
                 if i in substituted:
                     v = distill.teacher_velocity(teacher_pipe.transformer, x, timesteps[i], (cond_embeds, cond_pooled),
-                                                 (uncond_embeds, uncond_pooled), GUIDANCE, torch.float32)
+                                                 (uncond_embeds, uncond_pooled), guidance, torch.float32)
                 else:
                     v = distill.predict_velocity(student, x, timesteps[i], cond_embeds, cond_pooled, torch.float32)
                 x = distill.euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
@@ -295,6 +295,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=400, help="student updates per run")
     parser.add_argument("--teacher-steps", type=int, default=1500)
     parser.add_argument("--rollout-steps", type=int, default=8, help="K, the student's sampler steps")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="the teacher's guidance scale")
     parser.add_argument("--eval-noises", type=int, default=8, help="fixed noises per held-out prompt, final evaluation")
     parser.add_argument("--reuse-runs", action="store_true",
                         help="read runs that already finished in --out (from this same command) instead of running them")
@@ -325,19 +326,20 @@ def main(argv=None):
                 rows = [json.loads(line) for line in (root / "metrics" / name / "eval.jsonl").read_text().splitlines()]
             else:
                 rows = distill_run(root, teacher, prompts_path, name, fraction, seed, args.steps,
-                                   [f"--NUM_ROLLOUT_STEPS={args.rollout_steps}", *DISTILL_ARGS, *passthrough])
+                                   [f"--NUM_ROLLOUT_STEPS={args.rollout_steps}", f"--GUIDANCE_SCALE={args.guidance}",
+                                    *DISTILL_ARGS, *passthrough])
             curves[f"{regime}/seed{seed}"] = [(r["step"], r["eval_gap"]) for r in rows]
             runs.append(name)
             print(f"{regime} seed {seed}: gap " + " ".join(f"{s}:{g:.4g}" for s, g in curves[f'{regime}/seed{seed}']),
                   flush=True)
 
     heldout = [p["prompt"] for p in prompts[-HELDOUT:]]
-    final = final_heldout_gaps(root, teacher, heldout, runs, args.rollout_steps, args.eval_noises)
+    final = final_heldout_gaps(root, teacher, heldout, runs, args.rollout_steps, args.eval_noises, args.guidance)
     on = [final[f"on_policy-seed{s}"] for s in args.seeds]
     off = [final[f"off_policy-seed{s}"] for s in args.seeds]
     summary = {
         "command": "python scripts/experiment_onpolicy_vs_offpolicy.py " + " ".join(argv or sys.argv[1:]),
-        "seeds": args.seeds, "student_updates": args.steps, "rollout_steps": args.rollout_steps,
+        "seeds": args.seeds, "student_updates": args.steps, "rollout_steps": args.rollout_steps, "guidance": args.guidance,
         "teacher_calls_per_update_equal": True,
         "final_eval": f"{HELDOUT} held-out prompts x {args.eval_noises} fixed noises, through StableDiffusion3Pipeline",
         "gap_no_training": final["no_training"], "gap_on_policy": statistics.mean(on),
@@ -353,7 +355,7 @@ def main(argv=None):
         "note": f"seed {first}'s students, the final evaluation's prompts, noises and reference; the gap when the "
                 f"teacher's guided velocity replaces the student's at the given rollout steps",
         **{regime: teacher_substitution(root, teacher, heldout, f"{regime}-seed{first}", args.rollout_steps,
-                                        args.eval_noises) for regime in ("on_policy", "off_policy")}}
+                                        args.eval_noises, args.guidance) for regime in ("on_policy", "off_policy")}}
     summary["reduction_on_policy"] = summary["gap_no_training"] / summary["gap_on_policy"]
     summary["reduction_off_policy"] = summary["gap_no_training"] / summary["gap_off_policy"]
     (root / "results.json").write_text(json.dumps(summary, indent=2))
@@ -370,7 +372,7 @@ def main(argv=None):
               + f"; first half {sub['teacher_at_first_half']:.4f}, second half {sub['teacher_at_second_half']:.4f},"
               f" every step {sub['teacher_at_every_step']:.4f} (student alone {sub['student_alone']:.4f})")
     plot(curves, root / "gap_curves.png")
-    pictures(root, teacher, prompts, args.seeds[0], args.rollout_steps)
+    pictures(root, teacher, prompts, args.seeds[0], args.rollout_steps, args.guidance)
     return summary
 
 
@@ -397,7 +399,7 @@ def plot(curves: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def pictures(root: Path, teacher: Path, prompts: list[dict], seed: int, steps: int) -> None:
+def pictures(root: Path, teacher: Path, prompts: list[dict], seed: int, steps: int, guidance: float) -> None:
     """Held-out prompts: the teacher's guided sample, and each student's K-step sample, same noise."""
     import torch
     from diffusers import StableDiffusion3Pipeline
@@ -405,7 +407,7 @@ def pictures(root: Path, teacher: Path, prompts: list[dict], seed: int, steps: i
 
     heldout = [p["prompt"] for p in prompts[-6:]]
     teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher)  # also the student before training
-    columns = [("teacher", teacher_pipe, REFERENCE_STEPS, GUIDANCE), ("before", teacher_pipe, steps, 1.0)]
+    columns = [("teacher", teacher_pipe, REFERENCE_STEPS, guidance), ("before", teacher_pipe, steps, 1.0)]
     for regime in ("off_policy", "on_policy"):
         columns.append((regime, StableDiffusion3Pipeline.from_pretrained(root / "export" / f"{regime}-seed{seed}"),
                         steps, 1.0))
