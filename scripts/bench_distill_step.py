@@ -252,16 +252,23 @@ def run_script_step(distill, case: dict, device, warmup: int, repeats: int, coun
     return result
 
 
-def reference_step_factory(distill, case: dict, device):
+# What the script's step does that the straightforward loop does not, in the order the ladder adds them.
+REFERENCE_LEVERS = ("bf16_teacher", "batched_guidance", "cached_text", "no_recomputation", "no_host_sync")
+
+
+def reference_step_factory(distill, case: dict, device, levers: tuple = ()):
     """A straightforward loop doing the same work the plain way: fp32 weights under autocast, the
     teacher's conditional and unconditional passes separately, prompts re-encoded by CLIP-L and
     CLIP-G every step, the student's states recomputed with gradients after a no-grad rollout, a host
-    sync for every loss, no compilation."""
+    sync for every loss, no compilation. Each of `levers` (REFERENCE_LEVERS) switches one of these to
+    what the script does: the teacher in bf16 (on CUDA), guidance in one batched pass, the prompts
+    encoded once, each state's student forward with gradients also moving the rollout, no host sync."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     cfg = SD3_CONFIGS[case["teacher"]]
-    teacher = build_transformer(case["teacher"], torch.float32, device).requires_grad_(False).eval()
+    teacher_dtype = torch.bfloat16 if "bf16_teacher" in levers and device.type == "cuda" else torch.float32
+    teacher = build_transformer(case["teacher"], teacher_dtype, device).requires_grad_(False).eval()
     student = build_transformer(case["student"], torch.float32, device)
     if case["trainable"] == "lora":
         config = case_config(distill, case, device)
@@ -292,36 +299,55 @@ def reference_step_factory(distill, case: dict, device):
             t5 = torch.zeros(token_ids.shape[0], t5_len, cfg["joint_attention_dim"], device=device)
             return torch.cat([clip, t5], dim=1), torch.cat([out_l.text_embeds, out_g.text_embeds], dim=-1)
 
-    def step():
+    def encode_prompts():
         ids = torch.randint(0, 1000 if real else 40, (batch, 77), device=device)
-        cond, pooled = encode(ids)
-        uncond, uncond_pooled = encode(torch.zeros_like(ids))
-        x = torch.randn(batch, cfg["in_channels"], latent, latent, device=device)
-        states = []
+        return encode(ids), encode(torch.zeros_like(ids))
+
+    cached = encode_prompts() if "cached_text" in levers else None
+
+    def teacher_guided(x, t, cond, uncond):
         with torch.no_grad(), autocast:
-            for i in range(K):
-                states.append(x)
-                v = distill.predict_velocity(student, x, timesteps[i], cond, pooled, torch.float32)
-                x = distill.euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
-        for i, x in enumerate(states):
-            with torch.no_grad(), autocast:
-                v_cond = distill.predict_velocity(teacher, x, timesteps[i], cond, pooled, torch.float32)
-                v_uncond = distill.predict_velocity(teacher, x, timesteps[i], uncond, uncond_pooled, torch.float32)
-                v_teacher = distill.guided_velocity(v_uncond, v_cond, guidance)
-            with autocast:
-                v_student = distill.predict_velocity(student, x, timesteps[i], cond, pooled, torch.float32)
-            s, n = float(sigmas[i]), float(sigmas[i + 1])
-            loss = (distill.transition_kl(x, s, n, 0.7, v_student, v_teacher) + distill.epsilon_mse(x, s, v_student, v_teacher)
-                    + distill.latent_mse(x, s, v_student, v_teacher)) / K
-            loss.backward()
+            if "batched_guidance" in levers:
+                return distill.teacher_velocity(teacher, x, t, cond, uncond, guidance, teacher_dtype)
+            v_cond = distill.predict_velocity(teacher, x, t, *cond, teacher_dtype)
+            v_uncond = distill.predict_velocity(teacher, x, t, *uncond, teacher_dtype)
+            return distill.guided_velocity(v_uncond, v_cond, guidance)
+
+    def learn_at(i, x, cond, uncond):
+        """The losses at state i, backpropagated; returns the student's (detached) velocity there."""
+        v_teacher = teacher_guided(x, timesteps[i], cond, uncond)
+        with autocast:
+            v_student = distill.predict_velocity(student, x, timesteps[i], *cond, torch.float32)
+        s, n = float(sigmas[i]), float(sigmas[i + 1])
+        loss = (distill.transition_kl(x, s, n, 0.7, v_student, v_teacher) + distill.epsilon_mse(x, s, v_student, v_teacher)
+                + distill.latent_mse(x, s, v_student, v_teacher)) / K
+        loss.backward()
+        if "no_host_sync" not in levers:
             loss.item()
+        return v_student.detach()
+
+    def step():
+        cond, uncond = cached or encode_prompts()
+        x = torch.randn(batch, cfg["in_channels"], latent, latent, device=device)
+        if "no_recomputation" in levers:
+            for i in range(K):
+                x = distill.euler_step(x, learn_at(i, x, cond, uncond), float(sigmas[i]), float(sigmas[i + 1]))
+        else:
+            states = []
+            with torch.no_grad(), autocast:
+                for i in range(K):
+                    states.append(x)
+                    v = distill.predict_velocity(student, x, timesteps[i], *cond, torch.float32)
+                    x = distill.euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
+            for i, x in enumerate(states):
+                learn_at(i, x, cond, uncond)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
 
     def cleanup():
-        nonlocal teacher, student, optimizer, clip_l, clip_g
-        del teacher, student, optimizer, clip_l, clip_g
+        nonlocal teacher, student, optimizer, clip_l, clip_g, cached
+        del teacher, student, optimizer, clip_l, clip_g, cached
         distill.free_accelerator_memory()
 
     return step, cleanup
@@ -361,16 +387,22 @@ def run_case(distill, case: dict, device, ceiling: float, args) -> dict:
     result["script"]["images_per_second"] = images / script["step_seconds"]
     if script["step_flops"] and ceiling == ceiling:
         result["script"]["mfu"] = script["step_flops"] / script["step_seconds"] / (ceiling * 1e12)
-    if case.get("reference", False):
+    def time_reference(levers: tuple) -> dict:
         distill.set_attention_backend("auto")  # the straightforward loop lets PyTorch pick
-        step, cleanup = reference_step_factory(distill, case, device)
+        step, cleanup = reference_step_factory(distill, case, device, levers)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = timed(step, device, 1, max(2, args.repeats // 2))
-        result["reference"] = {"step_seconds": statistics.median(times), "images_per_second": images / statistics.median(times),
-                               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-        result["speedup_vs_reference"] = result["reference"]["step_seconds"] / script["step_seconds"]
         cleanup()
+        return {"levers": list(levers), "step_seconds": statistics.median(times),
+                "images_per_second": images / statistics.median(times),
+                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+
+    if case.get("reference", False):
+        result["reference"] = time_reference(())
+        result["speedup_vs_reference"] = result["reference"]["step_seconds"] / script["step_seconds"]
+    if case.get("ladder", False):  # the loop with the script's levers added one at a time
+        result["reference_ladder"] = [time_reference(REFERENCE_LEVERS[:n]) for n in range(1, len(REFERENCE_LEVERS) + 1)]
     return result
 
 
@@ -378,7 +410,7 @@ def suite(name: str) -> list[dict]:
     base = dict(image_size=1024, text_len=333, steps=4)
     if name == "tiny":
         return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, batch=2, trainable="all",
-                     reference=True, compile=False)]
+                     reference=True, ladder=True, compile=False)]
     if name == "h100":
         medium = dict(base, teacher="sd3-medium", student="sd3-medium", forward=False, count_flops=False)
         return [
@@ -403,6 +435,9 @@ def suite(name: str) -> list[dict]:
             dict(medium, batch=8, trainable="lora", compile=True, attention="cudnn"),
             dict(medium, batch=4, trainable="all", compile=True, attention="cudnn", reference=True),
             dict(medium, batch=16, trainable="lora", compile=True, attention="cudnn"),
+            # the straightforward loop, then with the script's levers added one at a time, then the script's step
+            dict(base, teacher="sd3-medium", student="sd3-medium", batch=2, trainable="all", forward=False,
+                 count_flops=False, reference=True, ladder=True),
         ]
     raise SystemExit(f"unknown suite {name}")
 
@@ -465,6 +500,8 @@ def summary_line(r: dict) -> str:
         parts.append(", ".join(f"{kind} {ms / busy * 100:.0f}%" for kind, ms in s["profile"]["ms_per_step_by_kind"].items()))
     if "reference" in r:
         parts.append(f"reference {r['reference']['step_seconds'] * 1e3:.0f} ms ({r['speedup_vs_reference']:.2f}x)")
+    for rung in r.get("reference_ladder", []):
+        parts.append(f"+{rung['levers'][-1]} {rung['step_seconds'] * 1e3:.0f} ms")
     if "forward_flops_counted" in r:
         parts.append(f"fwd {r['forward_flops_counted'] / 1e12:.2f} TFLOP (formula {r['forward_flops_formula'] / 1e12:.2f}), "
                      f"{r['forward_seconds_eager'] * 1e3:.0f} ms eager")

@@ -20,6 +20,12 @@ def test_tiny_benchmark_writes_its_result(tmp_path):
     assert script["finite_steps"] == script["total_steps"] and script["step_flops"] > 0
     assert row["speedup_vs_reference"] == reference["step_seconds"] / script["step_seconds"]
     assert "tiny->tiny all b2 K4" in result.stdout
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_distill_step as bench
+
+    ladder = row["reference_ladder"]  # the loop with the script's levers switched on one at a time
+    assert [rung["levers"] for rung in ladder] == [list(bench.REFERENCE_LEVERS[:n]) for n in range(1, 6)]
+    assert all(rung["step_seconds"] > 0 for rung in ladder)
     profile = script["profile"]  # on the CPU: self time of aten ops, which run inside the profiled steps
     assert profile["ms_per_step_by_kind"]["matmul"] > 0 and profile["ms_per_step_by_kind"]["attention"] > 0
     assert profile["busy_ms_per_step"] == pytest.approx(sum(profile["ms_per_step_by_kind"].values()))

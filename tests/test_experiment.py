@@ -41,7 +41,7 @@ def test_distillation_closes_most_of_the_heldout_gap(tmp_path):
     assert summary["reduction_on_policy"] >= 2.0, summary["per_seed"]
     assert summary["gap_off_policy"] < summary["gap_no_training"]
     assert (tmp_path / "samples.png").is_file()
-    # The attribution runs the main script's sampler on the exported students: alone it must reproduce the
+    # The teacher substitution runs the main script's sampler on the exported students: alone it must reproduce the
     # pipeline's gap; with the teacher's velocity at every step it is the teacher's guided K-step sample,
     # which is closer to the 28-step reference than the student's.
     substitution = summary["teacher_substitution"]["on_policy"]
