@@ -387,6 +387,7 @@ def run_case(distill, case: dict, device, ceiling: float, args) -> dict:
     result["script"]["images_per_second"] = images / script["step_seconds"]
     if script["step_flops"] and ceiling == ceiling:
         result["script"]["mfu"] = script["step_flops"] / script["step_seconds"] / (ceiling * 1e12)
+
     def time_reference(levers: tuple) -> dict:
         distill.set_attention_backend("auto")  # the straightforward loop lets PyTorch pick
         step, cleanup = reference_step_factory(distill, case, device, levers)

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
@@ -144,20 +145,24 @@ def train_teacher(distill, base_path: str, folder: Path, prompts: list[dict], st
     model.save_pretrained(folder / "transformer")
 
 
+def eval_rows(root: Path, name: str) -> list[dict]:
+    """A run's held-out evaluation rows (its eval.jsonl)."""
+    return [json.loads(line) for line in (root / "metrics" / name / "eval.jsonl").read_text().splitlines()]
+
+
 def distill_run(root: Path, teacher: Path, prompts_path: Path, name: str, fraction: float, seed: int, steps: int,
                 extra: list[str]) -> list[dict]:
     """One run of the main script; returns its eval.jsonl rows."""
     args = ["--preset", "tiny", f"--OUTPUT_ROOT={root}", f"--TEACHER_ID={teacher}", f"--STUDENT_ID={teacher}",
             "--GENERATE_PROMPTS=false", f"--PROMPTS_JSONL={prompts_path}", f"--HELDOUT_PROMPTS={HELDOUT}",
             f"--RUN_NAME={name}", f"--ON_POLICY_FRACTION={fraction}", f"--SEED={seed}", f"--MAX_STEPS={steps}",
-            "--EVAL_EVERY=25", f"--EVAL_NOISES={RUN_EVAL_NOISES}", "--LOG_EVERY=10", f"--CHECKPOINT_EVERY={steps}", "--SAVE_SAMPLE_GRIDS=false",
-            "--T5_MAX_LENGTH=32", "--USE_T5=true", *extra]
+            "--EVAL_EVERY=25", f"--EVAL_NOISES={RUN_EVAL_NOISES}", "--LOG_EVERY=10", f"--CHECKPOINT_EVERY={steps}",
+            "--SAVE_SAMPLE_GRIDS=false", "--T5_MAX_LENGTH=32", "--USE_T5=true", *extra]
     result = subprocess.run([sys.executable, str(HERE / "run_onpolicy_distill_colab.py"), *args],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"run {name} failed:\n{result.stderr[-3000:]}")
-    lines = (root / "metrics" / name / "eval.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    return eval_rows(root, name)
 
 
 def pipeline_latents(pipe, prompts: list[str], noise, steps: int, guidance: float):
@@ -167,62 +172,72 @@ def pipeline_latents(pipe, prompts: list[str], noise, steps: int, guidance: floa
                 output_type="latent", max_sequence_length=32).images
 
 
-def final_eval_inputs(heldout: list[str], noises_per_prompt: int):
-    """The final evaluation's prompts (every held-out prompt, `noises_per_prompt` times) and fixed noises."""
+@dataclasses.dataclass
+class FinalEval:
+    """What every final measurement shares, made once: the teacher's pipeline, every held-out prompt
+    `noises_per_prompt` times with fixed noises (the same for every run, so the regimes are compared
+    pair by pair), and the teacher's guided REFERENCE_STEPS-step samples from them."""
+
+    teacher_pipe: object
+    prompts: list
+    noise: object
+    reference: object
+    guidance: float
+
+
+def final_eval(teacher: Path, heldout: list[str], noises_per_prompt: int, guidance: float) -> FinalEval:
     import torch
-
-    prompts = heldout * noises_per_prompt
-    return prompts, torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(2026))
-
-
-def final_heldout_gaps(root: Path, teacher: Path, heldout: list[str], runs: list[str], steps: int,
-                       noises_per_prompt: int, guidance: float) -> dict:
-    """The final held-out gap of each run, measured apart from the run's own evaluation and with less
-    noise: every held-out prompt with `noises_per_prompt` fixed noises (the same for every run, so the
-    regimes are compared pair by pair), sampled through diffusers' pipeline from each exported student.
-    "no_training" is the student's starting point: the teacher itself, unguided, in K steps."""
     from diffusers import StableDiffusion3Pipeline
 
-    prompts, noise = final_eval_inputs(heldout, noises_per_prompt)
+    prompts = heldout * noises_per_prompt
+    noise = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(2026))
     teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher)
     reference = pipeline_latents(teacher_pipe, prompts, noise, REFERENCE_STEPS, guidance)
-    gaps = {"no_training": (pipeline_latents(teacher_pipe, prompts, noise, steps, 1.0) - reference).square().mean().item()}
+    return FinalEval(teacher_pipe, prompts, noise, reference, guidance)
+
+
+def final_heldout_gaps(ev: FinalEval, root: Path, runs: list[str], steps: int) -> dict:
+    """The final held-out gap of each run, measured apart from the run's own evaluation and with less
+    noise, sampled through diffusers' pipeline from each exported student. "no_training" is the
+    student's starting point: the teacher itself, unguided, in K steps."""
+    from diffusers import StableDiffusion3Pipeline
+
+    def gap(pipe) -> float:
+        return (pipeline_latents(pipe, ev.prompts, ev.noise, steps, 1.0) - ev.reference).square().mean().item()
+
+    gaps = {"no_training": gap(ev.teacher_pipe)}
     for name in runs:
-        student = StableDiffusion3Pipeline.from_pretrained(root / "export" / name)
-        gaps[name] = (pipeline_latents(student, prompts, noise, steps, 1.0) - reference).square().mean().item()
+        gaps[name] = gap(StableDiffusion3Pipeline.from_pretrained(root / "export" / name))
     return gaps
 
 
-def teacher_substitution(root: Path, teacher: Path, heldout: list[str], run: str, steps: int,
-                         noises_per_prompt: int, guidance: float) -> dict:
+def teacher_substitution(ev: FinalEval, root: Path, run: str, steps: int) -> dict:
     """Where a student's remaining gap comes from: its K-step sample with the teacher's guided velocity
     put in place of its own at some rollout steps (one step at a time, the first half, the second
-    half, all of them), the same prompts, noises and reference as `final_heldout_gaps`. With all steps
+    half, all of them), on the final evaluation's prompts, noises and reference. With all steps
     substituted, the sample is the teacher's own guided K-step sample: the floor of per-state losses."""
     import torch
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel
 
     distill = load_distill()
-    prompts, noise = final_eval_inputs(heldout, noises_per_prompt)
-    teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher)
-    student = StableDiffusion3Pipeline.from_pretrained(root / "export" / run).transformer
-    reference = pipeline_latents(teacher_pipe, prompts, noise, REFERENCE_STEPS, guidance)
+    teacher_pipe = ev.teacher_pipe
+    student = SD3Transformer2DModel.from_pretrained(root / "export" / run, subfolder="transformer")
     with torch.no_grad():
         cond_embeds, uncond_embeds, cond_pooled, uncond_pooled = teacher_pipe.encode_prompt(
-            prompts, prompts, prompts, negative_prompt="", max_sequence_length=32)
+            ev.prompts, ev.prompts, ev.prompts, negative_prompt="", max_sequence_length=32)
         teacher_pipe.scheduler.set_timesteps(steps)
         sigmas, timesteps = teacher_pipe.scheduler.sigmas, teacher_pipe.scheduler.timesteps
 
         def gap(substituted: set[int]) -> float:
-            x = noise.clone()
+            x = ev.noise.clone()
             for i in range(steps):
                 if i in substituted:
                     v = distill.teacher_velocity(teacher_pipe.transformer, x, timesteps[i], (cond_embeds, cond_pooled),
-                                                 (uncond_embeds, uncond_pooled), guidance, torch.float32)
+                                                 (uncond_embeds, uncond_pooled), ev.guidance, torch.float32)
                 else:
                     v = distill.predict_velocity(student, x, timesteps[i], cond_embeds, cond_pooled, torch.float32)
                 x = distill.euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
-            return (x - reference).square().mean().item()
+            return (x - ev.reference).square().mean().item()
 
         half = steps // 2
         result = {"student_alone": gap(set()), "sigmas": [round(float(v), 4) for v in sigmas]}
@@ -323,7 +338,7 @@ def main(argv=None):
         for seed in args.seeds:
             name = f"{regime}-seed{seed}"
             if args.reuse_runs and (root / "export" / name / "model_index.json").is_file():
-                rows = [json.loads(line) for line in (root / "metrics" / name / "eval.jsonl").read_text().splitlines()]
+                rows = eval_rows(root, name)
             else:
                 rows = distill_run(root, teacher, prompts_path, name, fraction, seed, args.steps,
                                    [f"--NUM_ROLLOUT_STEPS={args.rollout_steps}", f"--GUIDANCE_SCALE={args.guidance}",
@@ -334,7 +349,8 @@ def main(argv=None):
                   flush=True)
 
     heldout = [p["prompt"] for p in prompts[-HELDOUT:]]
-    final = final_heldout_gaps(root, teacher, heldout, runs, args.rollout_steps, args.eval_noises, args.guidance)
+    ev = final_eval(teacher, heldout, args.eval_noises, args.guidance)
+    final = final_heldout_gaps(ev, root, runs, args.rollout_steps)
     on = [final[f"on_policy-seed{s}"] for s in args.seeds]
     off = [final[f"off_policy-seed{s}"] for s in args.seeds]
     summary = {
@@ -354,8 +370,8 @@ def main(argv=None):
     summary["teacher_substitution"] = {
         "note": f"seed {first}'s students, the final evaluation's prompts, noises and reference; the gap when the "
                 f"teacher's guided velocity replaces the student's at the given rollout steps",
-        **{regime: teacher_substitution(root, teacher, heldout, f"{regime}-seed{first}", args.rollout_steps,
-                                        args.eval_noises, args.guidance) for regime in ("on_policy", "off_policy")}}
+        **{regime: teacher_substitution(ev, root, f"{regime}-seed{first}", args.rollout_steps)
+           for regime in ("on_policy", "off_policy")}}
     summary["reduction_on_policy"] = summary["gap_no_training"] / summary["gap_on_policy"]
     summary["reduction_off_policy"] = summary["gap_no_training"] / summary["gap_off_policy"]
     (root / "results.json").write_text(json.dumps(summary, indent=2))
@@ -372,7 +388,7 @@ def main(argv=None):
               + f"; first half {sub['teacher_at_first_half']:.4f}, second half {sub['teacher_at_second_half']:.4f},"
               f" every step {sub['teacher_at_every_step']:.4f} (student alone {sub['student_alone']:.4f})")
     plot(curves, root / "gap_curves.png")
-    pictures(root, teacher, prompts, args.seeds[0], args.rollout_steps, args.guidance)
+    pictures(root, ev.teacher_pipe, prompts, args.seeds[0], args.rollout_steps, args.guidance)
     return summary
 
 
@@ -399,14 +415,14 @@ def plot(curves: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def pictures(root: Path, teacher: Path, prompts: list[dict], seed: int, steps: int, guidance: float) -> None:
+def pictures(root: Path, teacher_pipe, prompts: list[dict], seed: int, steps: int, guidance: float) -> None:
     """Held-out prompts: the teacher's guided sample, and each student's K-step sample, same noise."""
     import torch
     from diffusers import StableDiffusion3Pipeline
     from PIL import Image, ImageDraw
 
     heldout = [p["prompt"] for p in prompts[-6:]]
-    teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher)  # also the student before training
+    # the teacher, guided, and the teacher unguided in K steps, which is the student before training
     columns = [("teacher", teacher_pipe, REFERENCE_STEPS, guidance), ("before", teacher_pipe, steps, 1.0)]
     for regime in ("off_policy", "on_policy"):
         columns.append((regime, StableDiffusion3Pipeline.from_pretrained(root / "export" / f"{regime}-seed{seed}"),
