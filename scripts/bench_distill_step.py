@@ -196,7 +196,7 @@ def random_text(distill, num_prompts: int, text_len: int, cfg: dict, device, dty
 def case_config(distill, case: dict, device) -> dict:
     config = distill.default_config()
     config.update(TEACHER_ID=case["teacher"], STUDENT_ID=case["student"], IMAGE_SIZE=case["image_size"],
-                  BATCH_SIZE=case["batch"], GRAD_ACCUM_STEPS=1, NUM_ROLLOUT_STEPS=case["steps"],
+                  BATCH_SIZE=case["batch"], GRAD_ACCUM_STEPS=case.get("accum", 1), NUM_ROLLOUT_STEPS=case["steps"],
                   SUPERVISED_STATES=case.get("supervised", 0), TRAINABLE=case["trainable"],
                   GRADIENT_CHECKPOINTING=case.get("checkpointing", False), COMPILE=case.get("compile", False),
                   ATTENTION_BACKEND=case.get("attention", "auto"), LR_WARMUP_STEPS=0, KL_WARMUP_STEPS=0,
@@ -284,7 +284,7 @@ def reference_step_factory(distill, case: dict, device, levers: tuple = ()):
                                                             num_hidden_layers=32 if real else 2, num_attention_heads=20 if real else 2,
                                                             projection_dim=1280 if real else 32))
     clip_l.eval(), clip_g.eval()
-    batch, K, guidance = case["batch"], case["steps"], 7.0
+    batch, K, guidance, accum = case["batch"], case["steps"], 7.0, case.get("accum", 1)
     latent = case["image_size"] // (8 if real else 2)
     t5_len = case["text_len"] - 77
     sigmas, timesteps = distill.sampler_sigmas(SCHEDULER_CONFIG, K, None, (latent // 2) ** 2)
@@ -320,13 +320,13 @@ def reference_step_factory(distill, case: dict, device, levers: tuple = ()):
             v_student = distill.predict_velocity(student, x, timesteps[i], *cond, torch.float32)
         s, n = float(sigmas[i]), float(sigmas[i + 1])
         loss = (distill.transition_kl(x, s, n, 0.7, v_student, v_teacher) + distill.epsilon_mse(x, s, v_student, v_teacher)
-                + distill.latent_mse(x, s, v_student, v_teacher)) / K
+                + distill.latent_mse(x, s, v_student, v_teacher)) / (K * accum)
         loss.backward()
         if "no_host_sync" not in levers:
             loss.item()
         return v_student.detach()
 
-    def step():
+    def rollout():
         cond, uncond = cached or encode_prompts()
         x = torch.randn(batch, cfg["in_channels"], latent, latent, device=device)
         if "no_recomputation" in levers:
@@ -341,6 +341,10 @@ def reference_step_factory(distill, case: dict, device, levers: tuple = ()):
                     x = distill.euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
             for i, x in enumerate(states):
                 learn_at(i, x, cond, uncond)
+
+    def step():
+        for _ in range(accum):
+            rollout()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
@@ -383,7 +387,7 @@ def run_case(distill, case: dict, device, ceiling: float, args) -> dict:
                              profile=args.profile)
     distill.free_accelerator_memory()  # the step's models are gone with run_script_step's frame
     result["script"] = script
-    images = case["batch"]
+    images = case["batch"] * case.get("accum", 1)  # per optimizer step
     result["script"]["images_per_second"] = images / script["step_seconds"]
     if script["step_flops"] and ceiling == ceiling:
         result["script"]["mfu"] = script["step_flops"] / script["step_seconds"] / (ceiling * 1e12)
@@ -410,8 +414,8 @@ def run_case(distill, case: dict, device, ceiling: float, args) -> dict:
 def suite(name: str) -> list[dict]:
     base = dict(image_size=1024, text_len=333, steps=4)
     if name == "tiny":
-        return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, batch=2, trainable="all",
-                     reference=True, ladder=True, compile=False)]
+        return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, batch=2, accum=2,
+                     trainable="all", reference=True, ladder=True, compile=False)]
     if name == "h100":
         medium = dict(base, teacher="sd3-medium", student="sd3-medium", forward=False, count_flops=False)
         return [
@@ -439,6 +443,10 @@ def suite(name: str) -> list[dict]:
             # the straightforward loop, then with the script's levers added one at a time, then the script's step
             dict(base, teacher="sd3-medium", student="sd3-medium", batch=2, trainable="all", forward=False,
                  count_flops=False, reference=True, ladder=True),
+            # the FLOPs of full training counted (eager), then full training as the script runs it by default:
+            # GRAD_ACCUM_STEPS=4 rollouts per optimizer step
+            dict(medium, batch=2, trainable="all", count_flops=True),
+            dict(medium, batch=4, accum=4, trainable="all", compile=True, attention="cudnn"),
         ]
     raise SystemExit(f"unknown suite {name}")
 
@@ -471,12 +479,14 @@ def main():
             distill.free_accelerator_memory()
         work = (case["teacher"], case["student"], case["trainable"], case["steps"], case["image_size"])
         if "script" in result:  # the same work costs the same FLOPs however it is run: reuse an eager count,
-            # per image (every operation of the step is per sample, so FLOPs are proportional to the batch)
+            # per image (every operation of the step is per sample, so FLOPs are proportional to the images
+            # of an optimizer step, batch x accumulated rollouts; the optimizer's own FLOPs are negligible)
+            images = case["batch"] * case.get("accum", 1)
             if result["script"]["step_flops"] and not case.get("checkpointing"):
-                counted[work] = result["script"]["step_flops"] / case["batch"]
+                counted[work] = result["script"]["step_flops"] / images
             elif work in counted and ceiling == ceiling:
-                result["script"]["step_flops_from_eager_case"] = counted[work] * case["batch"]
-                result["script"]["mfu"] = counted[work] * case["batch"] / result["script"]["step_seconds"] / (ceiling * 1e12)
+                result["script"]["step_flops_from_eager_case"] = counted[work] * images
+                result["script"]["mfu"] = counted[work] * images / result["script"]["step_seconds"] / (ceiling * 1e12)
         results.append(result)
         Path(args.out).write_text(json.dumps(results, indent=2))
         print(summary_line(result), flush=True)
@@ -485,7 +495,8 @@ def main():
 
 def summary_line(r: dict) -> str:
     c = r["case"]
-    name = f"{c['teacher']}->{c['student']} {c['trainable']} b{c['batch']} K{c['steps']}" + (
+    accum = f"x{c['accum']}" if c.get("accum", 1) > 1 else ""
+    name = f"{c['teacher']}->{c['student']} {c['trainable']} b{c['batch']}{accum} K{c['steps']}" + (
         " ckpt" if c.get("checkpointing") else "") + (" compiled" if c.get("compile") else "") + (
         f" {c['attention']}" if c.get("attention") else "")
     if "error" in r:
