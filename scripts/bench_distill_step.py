@@ -201,6 +201,8 @@ def case_config(distill, case: dict, device) -> dict:
                   GRADIENT_CHECKPOINTING=case.get("checkpointing", False), COMPILE=case.get("compile", False),
                   ATTENTION_BACKEND=case.get("attention", "auto"), LR_WARMUP_STEPS=0, KL_WARMUP_STEPS=0,
                   LEARNING_RATE=1e-6, MAX_STEPS=10**6, MIXED_PRECISION="bf16" if device.type == "cuda" else "no")
+    if case.get("lora_targets"):
+        config["LORA_TARGET_MODULES"] = case["lora_targets"]
     if device.type != "cuda":
         config.update(TEACHER_DTYPE="float32", COMPILE=False)
     return config
@@ -447,6 +449,8 @@ def suite(name: str) -> list[dict]:
             # GRAD_ACCUM_STEPS=4 rollouts per optimizer step
             dict(medium, batch=2, trainable="all", count_flops=True),
             dict(medium, batch=4, accum=4, trainable="all", compile=True, attention="cudnn"),
+            # what LoRA's branches cost: case 15 with LoRA on one projection instead of eight
+            dict(medium, batch=8, trainable="lora", compile=True, attention="cudnn", lora_targets="attn.to_q"),
         ]
     raise SystemExit(f"unknown suite {name}")
 
@@ -497,7 +501,7 @@ def summary_line(r: dict) -> str:
     c = r["case"]
     accum = f"x{c['accum']}" if c.get("accum", 1) > 1 else ""
     name = f"{c['teacher']}->{c['student']} {c['trainable']} b{c['batch']}{accum} K{c['steps']}" + (
-        " ckpt" if c.get("checkpointing") else "") + (" compiled" if c.get("compile") else "") + (
+        " ckpt" if c.get("checkpointing") else "") + (f" lora:{c['lora_targets']}" if c.get("lora_targets") else "") + (" compiled" if c.get("compile") else "") + (
         f" {c['attention']}" if c.get("attention") else "")
     if "error" in r:
         return f"{name}: {r['error']}"
