@@ -211,33 +211,56 @@ def final_heldout_gaps(ev: FinalEval, root: Path, runs: list[str], steps: int) -
     return gaps
 
 
+class Velocities:
+    """The teacher's guided and a student's velocity on the final evaluation's prompts, through the
+    main script's own functions, and its K-step sampler's sigmas and timesteps."""
+
+    def __init__(self, ev: FinalEval, student_folder: Path, steps: int):
+        import torch
+        from diffusers import SD3Transformer2DModel
+
+        self.distill, self.ev = load_distill(), ev
+        self.student_model = SD3Transformer2DModel.from_pretrained(student_folder, subfolder="transformer")
+        with torch.no_grad():
+            cond_embeds, uncond_embeds, cond_pooled, uncond_pooled = ev.teacher_pipe.encode_prompt(
+                ev.prompts, ev.prompts, ev.prompts, negative_prompt="", max_sequence_length=32)
+        self.cond, self.uncond = (cond_embeds, cond_pooled), (uncond_embeds, uncond_pooled)
+        ev.teacher_pipe.scheduler.set_timesteps(steps)
+        self.sigmas, self.timesteps = ev.teacher_pipe.scheduler.sigmas, ev.teacher_pipe.scheduler.timesteps
+
+    def teacher(self, x, i: int):
+        import torch
+
+        return self.distill.teacher_velocity(self.ev.teacher_pipe.transformer, x, self.timesteps[i], self.cond,
+                                             self.uncond, self.ev.guidance, torch.float32)
+
+    def student(self, x, i: int):
+        import torch
+
+        return self.distill.predict_velocity(self.student_model, x, self.timesteps[i], *self.cond, torch.float32)
+
+    def path(self, teacher_at: set[int]) -> list:
+        """The K-step sampler's states from the evaluation's noises (x_0 = noise ... x_K = sample), with
+        the teacher's velocity at the steps in `teacher_at` and the student's at the others."""
+        xs = [self.ev.noise.clone()]
+        for i in range(len(self.timesteps)):
+            v = self.teacher(xs[-1], i) if i in teacher_at else self.student(xs[-1], i)
+            xs.append(self.distill.euler_step(xs[-1], v, float(self.sigmas[i]), float(self.sigmas[i + 1])))
+        return xs
+
+
 def teacher_substitution(ev: FinalEval, root: Path, run: str, steps: int) -> dict:
     """Where a student's remaining gap comes from: its K-step sample with the teacher's guided velocity
     put in place of its own at some rollout steps (one step at a time, the first half, the second
     half, all of them), on the final evaluation's prompts, noises and reference. With all steps
     substituted, the sample is the teacher's own guided K-step sample: the floor of per-state losses."""
     import torch
-    from diffusers import SD3Transformer2DModel
 
-    distill = load_distill()
-    teacher_pipe = ev.teacher_pipe
-    student = SD3Transformer2DModel.from_pretrained(root / "export" / run, subfolder="transformer")
+    velocities = Velocities(ev, root / "export" / run, steps)
+    sigmas = velocities.sigmas
     with torch.no_grad():
-        cond_embeds, uncond_embeds, cond_pooled, uncond_pooled = teacher_pipe.encode_prompt(
-            ev.prompts, ev.prompts, ev.prompts, negative_prompt="", max_sequence_length=32)
-        teacher_pipe.scheduler.set_timesteps(steps)
-        sigmas, timesteps = teacher_pipe.scheduler.sigmas, teacher_pipe.scheduler.timesteps
-
         def gap(substituted: set[int]) -> float:
-            x = ev.noise.clone()
-            for i in range(steps):
-                if i in substituted:
-                    v = distill.teacher_velocity(teacher_pipe.transformer, x, timesteps[i], (cond_embeds, cond_pooled),
-                                                 (uncond_embeds, uncond_pooled), ev.guidance, torch.float32)
-                else:
-                    v = distill.predict_velocity(student, x, timesteps[i], cond_embeds, cond_pooled, torch.float32)
-                x = distill.euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
-            return (x - ev.reference).square().mean().item()
+            return (velocities.path(substituted)[-1] - ev.reference).square().mean().item()
 
         half = steps // 2
         result = {"student_alone": gap(set()), "sigmas": [round(float(v), 4) for v in sigmas]}
@@ -246,6 +269,26 @@ def teacher_substitution(ev: FinalEval, root: Path, run: str, steps: int) -> dic
         result["teacher_at_second_half"] = gap(set(range(half, steps)))
         result["teacher_at_every_step"] = gap(set(range(steps)))
     return result
+
+
+def state_drift(ev: FinalEval, student_folder: Path, steps: int) -> dict:
+    """How far off-policy states are from on-policy ones, for one student: at each rollout step, the
+    mean square distance of its own state (its K-step sampler from the evaluation's noises) from the
+    teacher's guided K-step state from the same noise, and its velocity error (MSE to the teacher's
+    guided velocity) at its own states and at the teacher's. State 0 is the noise itself for both."""
+    import torch
+
+    velocities = Velocities(ev, student_folder, steps)
+    with torch.no_grad():
+        own, teacher = velocities.path(set()), velocities.path(set(range(steps)))
+
+        def velocity_error(states: list) -> list[float]:
+            return [(velocities.student(states[i], i) - velocities.teacher(states[i], i)).square().mean().item()
+                    for i in range(steps)]
+
+        return {"state_distance": [(a - b).square().mean().item() for a, b in zip(own[:steps], teacher[:steps])],
+                "velocity_error_at_own_states": velocity_error(own),
+                "velocity_error_at_teacher_states": velocity_error(teacher)}
 
 
 def real_size_folder(distill, arch: str, path: Path, root: Path, num_layers: int | None = None) -> None:
@@ -372,6 +415,13 @@ def main(argv=None):
                 f"teacher's guided velocity replaces the student's at the given rollout steps",
         **{regime: teacher_substitution(ev, root, f"{regime}-seed{first}", args.rollout_steps)
            for regime in ("on_policy", "off_policy")}}
+    summary["state_drift"] = {
+        "note": f"seed {first}'s students and the teacher unguided (no training), the final evaluation's prompts and "
+                f"noises: per rollout step, the distance of the student's own state from the teacher's guided {args.rollout_steps}"
+                f"-step state (mean square), and the student's velocity error at its own states and at the teacher's",
+        "no_training": state_drift(ev, teacher, args.rollout_steps),
+        **{regime: state_drift(ev, root / "export" / f"{regime}-seed{first}", args.rollout_steps)
+           for regime in ("on_policy", "off_policy")}}
     summary["reduction_on_policy"] = summary["gap_no_training"] / summary["gap_on_policy"]
     summary["reduction_off_policy"] = summary["gap_no_training"] / summary["gap_off_policy"]
     (root / "results.json").write_text(json.dumps(summary, indent=2))
@@ -387,6 +437,12 @@ def main(argv=None):
               + " ".join(f"{i}:{g:.4f}" for i, g in enumerate(sub["teacher_at_step"]))
               + f"; first half {sub['teacher_at_first_half']:.4f}, second half {sub['teacher_at_second_half']:.4f},"
               f" every step {sub['teacher_at_every_step']:.4f} (student alone {sub['student_alone']:.4f})")
+    for name in ("no_training", "on_policy", "off_policy"):
+        drift = summary["state_drift"][name]
+        print(f"  {name} seed {first}, per rollout step: state distance from the teacher's "
+              + " ".join(f"{v:.4f}" for v in drift["state_distance"]) + "; velocity error at its own states "
+              + " ".join(f"{v:.3f}" for v in drift["velocity_error_at_own_states"]) + ", at the teacher's "
+              + " ".join(f"{v:.3f}" for v in drift["velocity_error_at_teacher_states"]))
     plot(curves, root / "gap_curves.png")
     pictures(root, ev.teacher_pipe, prompts, args.seeds[0], args.rollout_steps, args.guidance)
     return summary

@@ -48,3 +48,10 @@ def test_distillation_closes_most_of_the_heldout_gap(tmp_path):
     assert substitution["student_alone"] == pytest.approx(summary["per_seed"]["on_policy"][0], rel=1e-3)
     assert len(substitution["teacher_at_step"]) == summary["rollout_steps"] == 8
     assert substitution["teacher_at_every_step"] < substitution["student_alone"]
+    # Both samplers start from the same noise, so state 0 is shared; a trained student's states stay closer to the
+    # teacher's than the untrained start's do.
+    drift = summary["state_drift"]
+    for name in ("no_training", "on_policy", "off_policy"):
+        assert drift[name]["state_distance"][0] == 0
+        assert drift[name]["velocity_error_at_own_states"][0] == drift[name]["velocity_error_at_teacher_states"][0]
+    assert drift["on_policy"]["state_distance"][-1] < drift["no_training"]["state_distance"][-1]
