@@ -501,8 +501,8 @@ def summary_line(r: dict) -> str:
     c = r["case"]
     accum = f"x{c['accum']}" if c.get("accum", 1) > 1 else ""
     name = f"{c['teacher']}->{c['student']} {c['trainable']} b{c['batch']}{accum} K{c['steps']}" + (
-        " ckpt" if c.get("checkpointing") else "") + (f" lora:{c['lora_targets']}" if c.get("lora_targets") else "") + (" compiled" if c.get("compile") else "") + (
-        f" {c['attention']}" if c.get("attention") else "")
+        " ckpt" if c.get("checkpointing") else "") + (f" lora:{c['lora_targets']}" if c.get("lora_targets") else "") + (
+        " compiled" if c.get("compile") else "") + (f" {c['attention']}" if c.get("attention") else "")
     if "error" in r:
         return f"{name}: {r['error']}"
     s = r["script"]
