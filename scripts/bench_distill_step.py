@@ -193,6 +193,11 @@ def random_text(distill, num_prompts: int, text_len: int, cfg: dict, device, dty
     return distill.TextEmbeddings(embeds, pooled, embeds[:1] * 0, pooled[:1] * 0)
 
 
+def step_images(case: dict) -> int:
+    """Images per optimizer step: the batch times the rollouts accumulated into it."""
+    return case["batch"] * case.get("accum", 1)
+
+
 def case_config(distill, case: dict, device) -> dict:
     config = distill.default_config()
     config.update(TEACHER_ID=case["teacher"], STUDENT_ID=case["student"], IMAGE_SIZE=case["image_size"],
@@ -389,7 +394,7 @@ def run_case(distill, case: dict, device, ceiling: float, args) -> dict:
                              profile=args.profile)
     distill.free_accelerator_memory()  # the step's models are gone with run_script_step's frame
     result["script"] = script
-    images = case["batch"] * case.get("accum", 1)  # per optimizer step
+    images = step_images(case)
     result["script"]["images_per_second"] = images / script["step_seconds"]
     if script["step_flops"] and ceiling == ceiling:
         result["script"]["mfu"] = script["step_flops"] / script["step_seconds"] / (ceiling * 1e12)
@@ -485,7 +490,7 @@ def main():
         if "script" in result:  # the same work costs the same FLOPs however it is run: reuse an eager count,
             # per image (every operation of the step is per sample, so FLOPs are proportional to the images
             # of an optimizer step, batch x accumulated rollouts; the optimizer's own FLOPs are negligible)
-            images = case["batch"] * case.get("accum", 1)
+            images = step_images(case)
             if result["script"]["step_flops"] and not case.get("checkpointing"):
                 counted[work] = result["script"]["step_flops"] / images
             elif work in counted and ceiling == ceiling:
