@@ -176,16 +176,25 @@ def pipeline_latents(pipe, prompts: list[str], noise, steps: int, guidance: floa
 class FinalEval:
     """What every final measurement shares, made once: the teacher's pipeline, every held-out prompt
     `noises_per_prompt` times with fixed noises (the same for every run, so the regimes are compared
-    pair by pair), and the teacher's guided REFERENCE_STEPS-step samples from them."""
+    pair by pair), and the teacher's guided REFERENCE_STEPS-step samples from them. For the
+    measurements through the main script's own sampler: the prompts' encodings, the K-step
+    sampler's sigmas and timesteps, and the teacher's guided path on it (its states x_0 ... x_K)."""
 
+    distill: object  # the main script, as a module
     teacher_pipe: object
     prompts: list
     noise: object
     reference: object
     guidance: float
+    cond: tuple
+    uncond: tuple
+    sigmas: object
+    timesteps: object
+    teacher_path: list | None = None
 
 
-def final_eval(teacher: Path, heldout: list[str], noises_per_prompt: int, guidance: float) -> FinalEval:
+def final_eval(distill, teacher: Path, heldout: list[str], noises_per_prompt: int, guidance: float,
+               steps: int) -> FinalEval:
     import torch
     from diffusers import StableDiffusion3Pipeline
 
@@ -193,7 +202,15 @@ def final_eval(teacher: Path, heldout: list[str], noises_per_prompt: int, guidan
     noise = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(2026))
     teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher)
     reference = pipeline_latents(teacher_pipe, prompts, noise, REFERENCE_STEPS, guidance)
-    return FinalEval(teacher_pipe, prompts, noise, reference, guidance)
+    with torch.no_grad():
+        cond_embeds, uncond_embeds, cond_pooled, uncond_pooled = teacher_pipe.encode_prompt(
+            prompts, prompts, prompts, negative_prompt="", max_sequence_length=32)
+    teacher_pipe.scheduler.set_timesteps(steps)
+    ev = FinalEval(distill, teacher_pipe, prompts, noise, reference, guidance, (cond_embeds, cond_pooled),
+                   (uncond_embeds, uncond_pooled), teacher_pipe.scheduler.sigmas.clone(),
+                   teacher_pipe.scheduler.timesteps.clone())
+    ev.teacher_path = sampler_path(ev, None, set(range(steps)))
+    return ev
 
 
 def final_heldout_gaps(ev: FinalEval, root: Path, runs: list[str], steps: int) -> dict:
@@ -211,84 +228,77 @@ def final_heldout_gaps(ev: FinalEval, root: Path, runs: list[str], steps: int) -
     return gaps
 
 
-class Velocities:
-    """The teacher's guided and a student's velocity on the final evaluation's prompts, through the
-    main script's own functions, and its K-step sampler's sigmas and timesteps."""
+def guided_teacher_velocity(ev: FinalEval, x, i: int):
+    """The teacher's guided velocity at state x of the K-step sampler's step i (the main script's function)."""
+    import torch
 
-    def __init__(self, ev: FinalEval, student_folder: Path, steps: int):
-        import torch
-        from diffusers import SD3Transformer2DModel
-
-        self.distill, self.ev = load_distill(), ev
-        self.student_model = SD3Transformer2DModel.from_pretrained(student_folder, subfolder="transformer")
-        with torch.no_grad():
-            cond_embeds, uncond_embeds, cond_pooled, uncond_pooled = ev.teacher_pipe.encode_prompt(
-                ev.prompts, ev.prompts, ev.prompts, negative_prompt="", max_sequence_length=32)
-        self.cond, self.uncond = (cond_embeds, cond_pooled), (uncond_embeds, uncond_pooled)
-        ev.teacher_pipe.scheduler.set_timesteps(steps)
-        self.sigmas, self.timesteps = ev.teacher_pipe.scheduler.sigmas, ev.teacher_pipe.scheduler.timesteps
-
-    def teacher(self, x, i: int):
-        import torch
-
-        return self.distill.teacher_velocity(self.ev.teacher_pipe.transformer, x, self.timesteps[i], self.cond,
-                                             self.uncond, self.ev.guidance, torch.float32)
-
-    def student(self, x, i: int):
-        import torch
-
-        return self.distill.predict_velocity(self.student_model, x, self.timesteps[i], *self.cond, torch.float32)
-
-    def path(self, teacher_at: set[int]) -> list:
-        """The K-step sampler's states from the evaluation's noises (x_0 = noise ... x_K = sample), with
-        the teacher's velocity at the steps in `teacher_at` and the student's at the others."""
-        xs = [self.ev.noise.clone()]
-        for i in range(len(self.timesteps)):
-            v = self.teacher(xs[-1], i) if i in teacher_at else self.student(xs[-1], i)
-            xs.append(self.distill.euler_step(xs[-1], v, float(self.sigmas[i]), float(self.sigmas[i + 1])))
-        return xs
+    return ev.distill.teacher_velocity(ev.teacher_pipe.transformer, x, ev.timesteps[i], ev.cond, ev.uncond,
+                                       ev.guidance, torch.float32)
 
 
-def teacher_substitution(ev: FinalEval, root: Path, run: str, steps: int) -> dict:
+def student_velocity(ev: FinalEval, student, x, i: int):
+    import torch
+
+    return ev.distill.predict_velocity(student, x, ev.timesteps[i], *ev.cond, torch.float32)
+
+
+def sampler_path(ev: FinalEval, student, teacher_at: set[int]) -> list:
+    """The K-step sampler's states from the evaluation's noises (x_0 = noise ... x_K = sample), with
+    the teacher's guided velocity at the steps in `teacher_at` and the student's at the others."""
+    import torch
+
+    xs = [ev.noise.clone()]
+    with torch.no_grad():
+        for i in range(len(ev.timesteps)):
+            v = guided_teacher_velocity(ev, xs[-1], i) if i in teacher_at else student_velocity(ev, student, xs[-1], i)
+            xs.append(ev.distill.euler_step(xs[-1], v, float(ev.sigmas[i]), float(ev.sigmas[i + 1])))
+    return xs
+
+
+def load_student(folder: Path):
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer")
+
+
+def teacher_substitution(ev: FinalEval, student_folder: Path) -> dict:
     """Where a student's remaining gap comes from: its K-step sample with the teacher's guided velocity
     put in place of its own at some rollout steps (one step at a time, the first half, the second
     half, all of them), on the final evaluation's prompts, noises and reference. With all steps
     substituted, the sample is the teacher's own guided K-step sample: the floor of per-state losses."""
-    import torch
+    student, steps = load_student(student_folder), len(ev.timesteps)
 
-    velocities = Velocities(ev, root / "export" / run, steps)
-    sigmas = velocities.sigmas
-    with torch.no_grad():
-        def gap(substituted: set[int]) -> float:
-            return (velocities.path(substituted)[-1] - ev.reference).square().mean().item()
+    def gap(substituted: set[int]) -> float:
+        sample = ev.teacher_path[-1] if len(substituted) == steps else sampler_path(ev, student, substituted)[-1]
+        return (sample - ev.reference).square().mean().item()
 
-        half = steps // 2
-        result = {"student_alone": gap(set()), "sigmas": [round(float(v), 4) for v in sigmas]}
-        result["teacher_at_step"] = [gap({i}) for i in range(steps)]
-        result["teacher_at_first_half"] = gap(set(range(half)))
-        result["teacher_at_second_half"] = gap(set(range(half, steps)))
-        result["teacher_at_every_step"] = gap(set(range(steps)))
+    half = steps // 2
+    result = {"student_alone": gap(set()), "sigmas": [round(float(v), 4) for v in ev.sigmas]}
+    result["teacher_at_step"] = [gap({i}) for i in range(steps)]
+    result["teacher_at_first_half"] = gap(set(range(half)))
+    result["teacher_at_second_half"] = gap(set(range(half, steps)))
+    result["teacher_at_every_step"] = gap(set(range(steps)))
     return result
 
 
-def state_drift(ev: FinalEval, student_folder: Path, steps: int) -> dict:
+def state_drift(ev: FinalEval, student_folder: Path) -> dict:
     """How far off-policy states are from on-policy ones, for one student: at each rollout step, the
     mean square distance of its own state (its K-step sampler from the evaluation's noises) from the
     teacher's guided K-step state from the same noise, and its velocity error (MSE to the teacher's
     guided velocity) at its own states and at the teacher's. State 0 is the noise itself for both."""
     import torch
 
-    velocities = Velocities(ev, student_folder, steps)
-    with torch.no_grad():
-        own, teacher = velocities.path(set()), velocities.path(set(range(steps)))
+    student, steps = load_student(student_folder), len(ev.timesteps)
+    own, teacher = sampler_path(ev, student, set()), ev.teacher_path
 
-        def velocity_error(states: list) -> list[float]:
-            return [(velocities.student(states[i], i) - velocities.teacher(states[i], i)).square().mean().item()
-                    for i in range(steps)]
+    def velocity_error(states: list) -> list[float]:
+        with torch.no_grad():
+            return [(student_velocity(ev, student, states[i], i) - guided_teacher_velocity(ev, states[i], i))
+                    .square().mean().item() for i in range(steps)]
 
-        return {"state_distance": [(a - b).square().mean().item() for a, b in zip(own[:steps], teacher[:steps])],
-                "velocity_error_at_own_states": velocity_error(own),
-                "velocity_error_at_teacher_states": velocity_error(teacher)}
+    return {"state_distance": [(a - b).square().mean().item() for a, b in zip(own[:steps], teacher[:steps])],
+            "velocity_error_at_own_states": velocity_error(own),
+            "velocity_error_at_teacher_states": velocity_error(teacher)}
 
 
 def real_size_folder(distill, arch: str, path: Path, root: Path, num_layers: int | None = None) -> None:
@@ -392,7 +402,7 @@ def main(argv=None):
                   flush=True)
 
     heldout = [p["prompt"] for p in prompts[-HELDOUT:]]
-    ev = final_eval(teacher, heldout, args.eval_noises, args.guidance)
+    ev = final_eval(distill, teacher, heldout, args.eval_noises, args.guidance, args.rollout_steps)
     final = final_heldout_gaps(ev, root, runs, args.rollout_steps)
     on = [final[f"on_policy-seed{s}"] for s in args.seeds]
     off = [final[f"off_policy-seed{s}"] for s in args.seeds]
@@ -413,14 +423,14 @@ def main(argv=None):
     summary["teacher_substitution"] = {
         "note": f"seed {first}'s students, the final evaluation's prompts, noises and reference; the gap when the "
                 f"teacher's guided velocity replaces the student's at the given rollout steps",
-        **{regime: teacher_substitution(ev, root, f"{regime}-seed{first}", args.rollout_steps)
+        **{regime: teacher_substitution(ev, root / "export" / f"{regime}-seed{first}")
            for regime in ("on_policy", "off_policy")}}
     summary["state_drift"] = {
         "note": f"seed {first}'s students and the teacher unguided (no training), the final evaluation's prompts and "
                 f"noises: per rollout step, the distance of the student's own state from the teacher's guided {args.rollout_steps}"
                 f"-step state (mean square), and the student's velocity error at its own states and at the teacher's",
-        "no_training": state_drift(ev, teacher, args.rollout_steps),
-        **{regime: state_drift(ev, root / "export" / f"{regime}-seed{first}", args.rollout_steps)
+        "no_training": state_drift(ev, teacher),
+        **{regime: state_drift(ev, root / "export" / f"{regime}-seed{first}")
            for regime in ("on_policy", "off_policy")}}
     summary["reduction_on_policy"] = summary["gap_no_training"] / summary["gap_on_policy"]
     summary["reduction_off_policy"] = summary["gap_no_training"] / summary["gap_off_policy"]
