@@ -367,6 +367,7 @@ def reference_step_factory(distill, case: dict, device, levers: tuple = ()):
 def run_case(distill, case: dict, device, ceiling: float, args) -> dict:
     import torch
 
+    torch._dynamo.reset()  # compile afresh, as a run does: compiled blocks do not re-check the attention switches
     cfg = SD3_CONFIGS[case["teacher"]]
     latent = case["image_size"] // (8 if case["teacher"] != "tiny" else 2)
     image_tokens = (latent // cfg["patch_size"]) ** 2
@@ -456,6 +457,14 @@ def suite(name: str) -> list[dict]:
             dict(medium, batch=4, accum=4, trainable="all", compile=True, attention="cudnn"),
             # what LoRA's branches cost: case 15 with LoRA on one projection instead of eight
             dict(medium, batch=8, trainable="lora", compile=True, attention="cudnn", lora_targets="attn.to_q"),
+            # FlashAttention-4 in place of cuDNN (ATTENTION_BACKEND="fa4", needs flash-attn-4): cases 13, 15, 20, 17
+            dict(medium, batch=4, trainable="all", compile=True, attention="fa4"),
+            dict(medium, batch=8, trainable="lora", compile=True, attention="fa4"),
+            dict(medium, batch=4, accum=4, trainable="all", compile=True, attention="fa4"),
+            dict(medium, batch=16, trainable="lora", compile=True, attention="fa4"),
+            # ... and against the straightforward loop at the work of its largest batch that fits 80 GB
+            dict(base, teacher="sd3-medium", student="sd3-medium", batch=2, trainable="all", forward=False,
+                 count_flops=False, compile=True, attention="fa4", reference=True),
         ]
     raise SystemExit(f"unknown suite {name}")
 

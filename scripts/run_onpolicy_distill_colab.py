@@ -56,6 +56,7 @@ LORA_TARGET_MODULES = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_pr
 GRADIENT_CHECKPOINTING = False  # recompute block activations in backward: less memory, ~30% slower
 COMPILE = True  # torch.compile each transformer block on CUDA (about 1.35x faster steps on an H100, ~1 min to compile)
 ATTENTION_BACKEND = "auto"  # scaled-dot-product attention kernel: "auto" (PyTorch picks) | "cudnn" | "flash" | "efficient" | "math"
+#   | "fa4": FlashAttention-4 on an H100/H200/B200 (pip install flash-attn-4==4.0.0b36; fastest measured, see README)
 
 # --- Train setup --------------------------------------------------------------------------------
 SEED = 0  # seeds noise, prompt order and state choice; the same seed gives the same run
@@ -233,6 +234,8 @@ def validate_config(c: dict) -> None:
         need(c[name] in DTYPES, f"{name}={c[name]!r}: use one of {sorted(DTYPES)}.")
     need(c["ATTENTION_BACKEND"] in ATTENTION_BACKENDS,
          f"ATTENTION_BACKEND={c['ATTENTION_BACKEND']!r}: use one of {', '.join(ATTENTION_BACKENDS)}.")
+    if c["ATTENTION_BACKEND"] == "fa4" and (problem := flash_attention_4_problem()):
+        problems.append(problem)
     need(c["TRAINABLE"] in ("all", "lora", "blocks", "norms"), f"TRAINABLE={c['TRAINABLE']!r}: use all, lora, blocks or norms.")
     if c["TRAINABLE"] == "blocks":
         try:
@@ -264,17 +267,60 @@ def parse_block_slice(text: str) -> slice:
     return slice(*(int(p) if p.strip() else None for p in parts))
 
 
-ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa4")
+SDPA_SWITCHES = {"cudnn": "cudnn", "flash": "flash", "efficient": "mem_efficient", "math": "math"}
 
 
 def set_attention_backend(name: str) -> None:
     """Allow only the named scaled-dot-product attention kernel, or all of them for "auto" (global
-    switches, so compiled code sees them too)."""
+    switches, so compiled code sees them too). "fa4" is PyTorch's flash kernel with FlashAttention-4
+    put in its place."""
     import torch
+    import torch.nn.attention
 
-    for backend in ATTENTION_BACKENDS[1:]:
-        enable = getattr(torch.backends.cuda, f"enable_{'mem_efficient' if backend == 'efficient' else backend}_sdp")
-        enable(name in ("auto", backend))
+    if name == "fa4":
+        activate_flash_attention_4()
+    elif getattr(torch.nn.attention, "current_flash_attention_impl", lambda: None)() is not None:
+        torch.nn.attention.restore_flash_attention_impl()
+    for backend, switch in SDPA_SWITCHES.items():
+        getattr(torch.backends.cuda, f"enable_{switch}_sdp")(name in ("auto", backend) or (name, backend) == ("fa4", "flash"))
+
+
+def flash_attention_4_problem() -> str | None:
+    """Why ATTENTION_BACKEND="fa4" cannot run here, with the fix; None if it can."""
+    import importlib.util
+
+    import torch
+    import torch.nn.attention
+
+    if not hasattr(torch.nn.attention, "activate_flash_attention_impl"):
+        return (f"ATTENTION_BACKEND='fa4' needs a torch with torch.nn.attention.activate_flash_attention_impl "
+                f"(2.11 was measured; this is {torch.__version__}): upgrade torch, or use 'cudnn'.")
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+        return "ATTENTION_BACKEND='fa4' needs FlashAttention-4: pip install flash-attn-4==4.0.0b36 (or use 'cudnn')."
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10):
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+        return f"ATTENTION_BACKEND='fa4' runs on H100/H200 or B200 GPUs only ({gpu} here); use 'cudnn' or 'auto'."
+    return None
+
+
+def activate_flash_attention_4() -> None:
+    """Route PyTorch's flash-attention kernel to FlashAttention-4 (the flash-attn-4 package's CuTe
+    kernels) through torch's own hook, activate_flash_attention_impl("FA4"). Its adapter expects
+    `_flash_attn_fwd` to return (out, lse), and flash-attn-4 4.0.0b36 returns three more values, so
+    a two-line module in between keeps the first two. Going through SDPA keeps diffusers' SD3
+    attention processor and torch.compile as they are."""
+    import types
+
+    from flash_attn.cute import interface
+    from torch.nn.attention import _fa4, activate_flash_attention_impl, register_flash_attention_impl
+
+    adapter = types.ModuleType("flash_attention_4_adapter")
+    adapter._flash_attn_fwd = lambda *args, **kwargs: tuple(interface._flash_attn_fwd(*args, **kwargs)[:2])
+    adapter._flash_attn_bwd = interface._flash_attn_bwd
+    sys.modules[adapter.__name__] = adapter
+    register_flash_attention_impl("FA4", register_fn=lambda: _fa4.register_flash_attention_fa4(adapter.__name__))
+    activate_flash_attention_impl("FA4")
 
 
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -852,7 +898,13 @@ def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_d
         # Regional compilation: the blocks share one code object, so it compiles once, not per block;
         # rollout, teacher and evaluation batches and the adapter switch each add a variant.
         import torch._dynamo
+        import torch._functorch.config
 
+        # The on-disk AOTAutograd cache keys a block's graph from before the attention kernel is chosen,
+        # so it would hand back a compile made under another ATTENTION_BACKEND (seen on an H200: "fa4"
+        # ran exactly as fast as "cudnn" until that cache was off). Inductor's cache, keyed after the
+        # choice, still saves most of a repeated run's compile time.
+        torch._functorch.config.enable_autograd_cache = False
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
         for model in {id(teacher): teacher, id(student): student}.values():

@@ -113,6 +113,26 @@ def test_validation_lists_every_problem_with_its_fix(distill):
     assert text.startswith("Config has 7 problem(s)")
 
 
+def test_flash_attention_4_is_refused_with_what_is_missing(distill, monkeypatch):
+    """ATTENTION_BACKEND="fa4" names what this machine lacks, and how to get it, before any model loads."""
+    import importlib.util
+
+    import torch
+    import torch.nn.attention
+
+    config = distill.parse_args(["--ATTENTION_BACKEND=fa4"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(distill.UserError, match=r"needs FlashAttention-4: pip install flash-attn-4==4\.0\.0b36"):
+        distill.validate_config(config)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(distill.UserError, match=r"H100/H200 or B200 GPUs only \(no CUDA GPU here\)"):
+        distill.validate_config(config)
+    monkeypatch.delattr(torch.nn.attention, "activate_flash_attention_impl")
+    with pytest.raises(distill.UserError, match=r"needs a torch with torch\.nn\.attention\.activate_flash_attention_impl"):
+        distill.validate_config(config)
+
+
 def test_defaults_are_valid(distill):
     distill.validate_config(distill.default_config())
     distill.validate_config(distill.parse_args(["--preset", "tiny"]))
