@@ -410,6 +410,7 @@ def quiet_libraries() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
+    warnings.filterwarnings("ignore", message="Argument aux_data .* cannot be converted to a JitArgument")  # FA4, per kernel
     import diffusers
     import transformers
 
