@@ -306,10 +306,10 @@ def flash_attention_4_problem() -> str | None:
 
 def activate_flash_attention_4() -> None:
     """Route PyTorch's flash-attention kernel to FlashAttention-4 (the flash-attn-4 package's CuTe
-    kernels) through torch's own hook, activate_flash_attention_impl("FA4"). Its adapter expects
-    `_flash_attn_fwd` to return (out, lse), and flash-attn-4 4.0.0b36 returns three more values, so
-    a two-line module in between keeps the first two. Going through SDPA keeps diffusers' SD3
-    attention processor and torch.compile as they are."""
+    kernels) through torch's own hook, activate_flash_attention_impl("FA4"). Torch's side expects
+    `_flash_attn_fwd` to return (out, lse) and flash-attn-4 4.0.0b36 returns three more values, so a
+    small module in between keeps the first two. Going through SDPA leaves diffusers' SD3 attention
+    processor and torch.compile as they are."""
     import types
 
     from flash_attn.cute import interface
