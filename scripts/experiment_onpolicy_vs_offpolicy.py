@@ -178,7 +178,8 @@ class FinalEval:
     `noises_per_prompt` times with fixed noises (the same for every run, so the regimes are compared
     pair by pair), and the teacher's guided REFERENCE_STEPS-step samples from them. For the
     measurements through the main script's own sampler: the prompts' encodings, the K-step
-    sampler's sigmas and timesteps, and the teacher's guided path on it (its states x_0 ... x_K)."""
+    sampler's sigmas and timesteps, and the teacher's guided path on it (its states x_0 ... x_K and
+    the velocities that moved them)."""
 
     distill: object  # the main script, as a module
     teacher_pipe: object
@@ -191,6 +192,7 @@ class FinalEval:
     sigmas: object
     timesteps: object
     teacher_path: list | None = None
+    teacher_path_velocities: list | None = None
 
 
 def final_eval(distill, teacher: Path, heldout: list[str], noises_per_prompt: int, guidance: float,
@@ -209,18 +211,18 @@ def final_eval(distill, teacher: Path, heldout: list[str], noises_per_prompt: in
     ev = FinalEval(distill, teacher_pipe, prompts, noise, reference, guidance, (cond_embeds, cond_pooled),
                    (uncond_embeds, uncond_pooled), teacher_pipe.scheduler.sigmas.clone(),
                    teacher_pipe.scheduler.timesteps.clone())
-    ev.teacher_path = sampler_path(ev, None, set(range(steps)))
+    ev.teacher_path, ev.teacher_path_velocities = sampler_path(ev, None, set(range(steps)))
     return ev
 
 
-def final_heldout_gaps(ev: FinalEval, root: Path, runs: list[str], steps: int) -> dict:
+def final_heldout_gaps(ev: FinalEval, root: Path, runs: list[str]) -> dict:
     """The final held-out gap of each run, measured apart from the run's own evaluation and with less
     noise, sampled through diffusers' pipeline from each exported student. "no_training" is the
     student's starting point: the teacher itself, unguided, in K steps."""
     from diffusers import StableDiffusion3Pipeline
 
     def gap(pipe) -> float:
-        return (pipeline_latents(pipe, ev.prompts, ev.noise, steps, 1.0) - ev.reference).square().mean().item()
+        return (pipeline_latents(pipe, ev.prompts, ev.noise, len(ev.timesteps), 1.0) - ev.reference).square().mean().item()
 
     gaps = {"no_training": gap(ev.teacher_pipe)}
     for name in runs:
@@ -242,17 +244,19 @@ def student_velocity(ev: FinalEval, student, x, i: int):
     return ev.distill.predict_velocity(student, x, ev.timesteps[i], *ev.cond, torch.float32)
 
 
-def sampler_path(ev: FinalEval, student, teacher_at: set[int]) -> list:
-    """The K-step sampler's states from the evaluation's noises (x_0 = noise ... x_K = sample), with
-    the teacher's guided velocity at the steps in `teacher_at` and the student's at the others."""
+def sampler_path(ev: FinalEval, student, teacher_at: set[int]) -> tuple[list, list]:
+    """The K-step sampler's states from the evaluation's noises (x_0 = noise ... x_K = sample) and the
+    velocity taken at each, the teacher's guided one at the steps in `teacher_at` and the student's at
+    the others."""
     import torch
 
-    xs = [ev.noise.clone()]
+    xs, vs = [ev.noise.clone()], []
     with torch.no_grad():
         for i in range(len(ev.timesteps)):
             v = guided_teacher_velocity(ev, xs[-1], i) if i in teacher_at else student_velocity(ev, student, xs[-1], i)
+            vs.append(v)
             xs.append(ev.distill.euler_step(xs[-1], v, float(ev.sigmas[i]), float(ev.sigmas[i + 1])))
-    return xs
+    return xs, vs
 
 
 def load_student(folder: Path):
@@ -269,7 +273,7 @@ def teacher_substitution(ev: FinalEval, student_folder: Path) -> dict:
     student, steps = load_student(student_folder), len(ev.timesteps)
 
     def gap(substituted: set[int]) -> float:
-        sample = ev.teacher_path[-1] if len(substituted) == steps else sampler_path(ev, student, substituted)[-1]
+        sample = ev.teacher_path[-1] if len(substituted) == steps else sampler_path(ev, student, substituted)[0][-1]
         return (sample - ev.reference).square().mean().item()
 
     half = steps // 2
@@ -289,16 +293,14 @@ def state_drift(ev: FinalEval, student_folder: Path) -> dict:
     import torch
 
     student, steps = load_student(student_folder), len(ev.timesteps)
-    own, teacher = sampler_path(ev, student, set()), ev.teacher_path
-
-    def velocity_error(states: list) -> list[float]:
-        with torch.no_grad():
-            return [(student_velocity(ev, student, states[i], i) - guided_teacher_velocity(ev, states[i], i))
-                    .square().mean().item() for i in range(steps)]
-
+    own, own_velocities = sampler_path(ev, student, set())
+    teacher = ev.teacher_path
+    with torch.no_grad():  # each path already holds its own sampler's velocities; only the other model's are new
+        at_own = [(v - guided_teacher_velocity(ev, own[i], i)).square().mean().item() for i, v in enumerate(own_velocities)]
+        at_teacher = [(student_velocity(ev, student, teacher[i], i) - v).square().mean().item()
+                      for i, v in enumerate(ev.teacher_path_velocities)]
     return {"state_distance": [(a - b).square().mean().item() for a, b in zip(own[:steps], teacher[:steps])],
-            "velocity_error_at_own_states": velocity_error(own),
-            "velocity_error_at_teacher_states": velocity_error(teacher)}
+            "velocity_error_at_own_states": at_own, "velocity_error_at_teacher_states": at_teacher}
 
 
 def real_size_folder(distill, arch: str, path: Path, root: Path, num_layers: int | None = None) -> None:
@@ -403,7 +405,7 @@ def main(argv=None):
 
     heldout = [p["prompt"] for p in prompts[-HELDOUT:]]
     ev = final_eval(distill, teacher, heldout, args.eval_noises, args.guidance, args.rollout_steps)
-    final = final_heldout_gaps(ev, root, runs, args.rollout_steps)
+    final = final_heldout_gaps(ev, root, runs)
     on = [final[f"on_policy-seed{s}"] for s in args.seeds]
     off = [final[f"off_policy-seed{s}"] for s in args.seeds]
     summary = {
