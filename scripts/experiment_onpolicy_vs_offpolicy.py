@@ -14,7 +14,8 @@
    from each exported student, the final gap: JSON, a table, (with matplotlib) a plot, and a picture
    of teacher and students on the held-out prompts.
 4. Where the first seed's remaining gap comes from: the students' samples with the teacher's guided
-   velocity in place of theirs at some rollout steps.
+   velocity in place of theirs at some rollout steps, how far their states drift from the teacher's,
+   and the same final gap on prompts they trained on (fitting against generalising to new prompts).
 
     python scripts/experiment_onpolicy_vs_offpolicy.py --out outputs_colab/experiment
 """
@@ -35,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_distill_step import SD3_CONFIGS, load_distill  # noqa: E402  (the main script, imported as a module)
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
-          "white": (245, 245, 245), "black": (20, 20, 20)}
+          "white": (245, 245, 245), "black": (20, 20, 20), "orange": (245, 140, 30), "purple": (140, 50, 180)}
+DEFAULT_COLORS = 6  # the first six: 90 prompts; --colors 8 gives 168
 SHAPES = ("circle", "square", "triangle")
 # Settings of the main script for the distillation runs (more --NAME=VALUE on this command line are added).
 # Deterministic rollouts: the on-policy states are then exactly those the student visits when it samples
@@ -51,15 +53,20 @@ REAL_SIZE_ARGS = ["--IMAGE_SIZE=512", "--MAX_STEPS=60", "--BATCH_SIZE=2", "--GRA
                   "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10"]
 
 
-def shape_prompts() -> list[dict]:
-    """Every (shape colour, background colour, shape) with distinct colours: 90 prompts."""
-    prompts = []
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def shape_prompts(num_colors: int = DEFAULT_COLORS) -> list[dict]:
+    """Every (shape colour, background colour, shape) with distinct colours of the first `num_colors`:
+    3 n (n - 1) prompts, 90 for six colours."""
+    colors, prompts = list(COLORS)[:num_colors], []
     for shape in SHAPES:
-        for color in COLORS:
-            for background in COLORS:
+        for color in colors:
+            for background in colors:
                 if color != background:
-                    prompts.append({"prompt": f"a {color} {shape} on a {background} background", "shape": shape,
-                                    "color": color, "background": background})
+                    text = f"{article(color)} {color} {shape} on {article(background)} {background} background"
+                    prompts.append({"prompt": text, "shape": shape, "color": color, "background": background})
     random.Random(0).shuffle(prompts)
     return [{"id": i, **p, "category": p["shape"]} for i, p in enumerate(prompts)]
 
@@ -215,10 +222,11 @@ def final_eval(distill, teacher: Path, heldout: list[str], noises_per_prompt: in
     return ev
 
 
-def final_heldout_gaps(ev: FinalEval, root: Path, runs: list[str]) -> dict:
-    """The final held-out gap of each run, measured apart from the run's own evaluation and with less
-    noise, sampled through diffusers' pipeline from each exported student. "no_training" is the
-    student's starting point: the teacher itself, unguided, in K steps."""
+def final_gaps(ev: FinalEval, root: Path, runs: list[str]) -> dict:
+    """The final gap of each run on the evaluation's prompts (the held-out ones, unless told otherwise),
+    measured apart from the run's own evaluation and with less noise, sampled through diffusers'
+    pipeline from each exported student. "no_training" is the student's starting point: the teacher
+    itself, unguided, in K steps."""
     from diffusers import StableDiffusion3Pipeline
 
     def gap(pipe) -> float:
@@ -366,6 +374,8 @@ def main(argv=None):
     parser.add_argument("--teacher-steps", type=int, default=1500)
     parser.add_argument("--rollout-steps", type=int, default=8, help="K, the student's sampler steps")
     parser.add_argument("--guidance", type=float, default=GUIDANCE, help="the teacher's guidance scale")
+    parser.add_argument("--colors", type=int, default=DEFAULT_COLORS, choices=range(3, len(COLORS) + 1),
+                        help=f"colours of shape and background: 3 n (n - 1) prompts ({DEFAULT_COLORS}: 90, 8: 168)")
     parser.add_argument("--eval-noises", type=int, default=8, help="fixed noises per held-out prompt, final evaluation")
     parser.add_argument("--reuse-runs", action="store_true",
                         help="read runs that already finished in --out (from this same command) instead of running them")
@@ -380,11 +390,11 @@ def main(argv=None):
     distill.quiet_libraries()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    prompts = shape_prompts()
+    prompts = shape_prompts(args.colors)
     prompts_path = root / "shape_prompts.jsonl"
     distill.write_prompts_jsonl(prompts_path, [{k: p[k] for k in ("id", "prompt", "category")} for p in prompts])
     base = distill.resolve_model_path(distill.TINY_MODEL_ID, str(root))
-    teacher = root / "shape_teacher"
+    teacher = root / ("shape_teacher" if args.colors == DEFAULT_COLORS else f"shape_teacher_{args.colors}colors")
     if not (teacher / "transformer" / "config.json").is_file():
         train_teacher(distill, base, teacher, prompts, args.teacher_steps, root)
 
@@ -405,7 +415,7 @@ def main(argv=None):
 
     heldout = [p["prompt"] for p in prompts[-HELDOUT:]]
     ev = final_eval(distill, teacher, heldout, args.eval_noises, args.guidance, args.rollout_steps)
-    final = final_heldout_gaps(ev, root, runs)
+    final = final_gaps(ev, root, runs)
     on = [final[f"on_policy-seed{s}"] for s in args.seeds]
     off = [final[f"off_policy-seed{s}"] for s in args.seeds]
     summary = {
@@ -434,6 +444,15 @@ def main(argv=None):
         "no_training": state_drift(ev, teacher),
         **{regime: state_drift(ev, root / "export" / f"{regime}-seed{first}")
            for regime in ("on_policy", "off_policy")}}
+    # The same measurement on prompts the students trained on tells fitting apart from generalising.
+    trained_on = [p["prompt"] for p in prompts[:HELDOUT]]
+    trained_ev = final_eval(distill, teacher, trained_on, args.eval_noises, args.guidance, args.rollout_steps)
+    summary["training_prompts"] = {
+        "note": f"seed {first}'s students, the first {HELDOUT} training prompts x {args.eval_noises} fixed noises (the "
+                f"held-out evaluation's noises), the same measurement as the held-out gap; floor = the teacher's guided "
+                f"{args.rollout_steps}-step sample",
+        **final_gaps(trained_ev, root, [f"{regime}-seed{first}" for regime in ("on_policy", "off_policy")]),
+        "floor": (trained_ev.teacher_path[-1] - trained_ev.reference).square().mean().item()}
     summary["reduction_on_policy"] = summary["gap_no_training"] / summary["gap_on_policy"]
     summary["reduction_off_policy"] = summary["gap_no_training"] / summary["gap_off_policy"]
     (root / "results.json").write_text(json.dumps(summary, indent=2))
@@ -455,6 +474,10 @@ def main(argv=None):
               + " ".join(f"{v:.4f}" for v in drift["state_distance"]) + "; velocity error at its own states "
               + " ".join(f"{v:.3f}" for v in drift["velocity_error_at_own_states"]) + ", at the teacher's "
               + " ".join(f"{v:.3f}" for v in drift["velocity_error_at_teacher_states"]))
+    trained = summary["training_prompts"]
+    print(f"  on training prompts (seed {first}): no training {trained['no_training']:.4f}, on-policy "
+          f"{trained[f'on_policy-seed{first}']:.4f}, off-policy {trained[f'off_policy-seed{first}']:.4f}, "
+          f"floor {trained['floor']:.4f}")
     plot(curves, root / "gap_curves.png")
     pictures(root, ev.teacher_pipe, prompts, args.seeds[0], args.rollout_steps, args.guidance)
     return summary

@@ -25,6 +25,12 @@ def test_shapes_are_drawn_as_their_prompts_say():
     assert colours == {experiment.COLORS["red"], experiment.COLORS["blue"]}
     latent = experiment.to_latent(image)
     assert latent.shape == (4, 16, 16) and experiment.to_picture(latent).size == (64, 64)
+    # --colors 8: two more colours, 3 * 8 * 7 prompts, the six-colour ones among them
+    more = experiment.shape_prompts(8)
+    assert len(more) == 168 and {p["prompt"] for p in prompts} < {p["prompt"] for p in more}
+    purple = next(p for p in more if p["prompt"] == "a purple square on an orange background")
+    assert {c for _, c in experiment.draw(purple, random.Random(0)).getcolors()} == {
+        experiment.COLORS["purple"], experiment.COLORS["orange"]}
 
 
 def test_distillation_closes_most_of_the_heldout_gap(tmp_path):
@@ -55,3 +61,7 @@ def test_distillation_closes_most_of_the_heldout_gap(tmp_path):
         assert drift[name]["state_distance"][0] == 0
         assert drift[name]["velocity_error_at_own_states"][0] == drift[name]["velocity_error_at_teacher_states"][0]
     assert drift["on_policy"]["state_distance"][-1] < drift["no_training"]["state_distance"][-1]
+    # The same measurement on prompts the students trained on: the floor and the trained students lie below the start.
+    trained = summary["training_prompts"]
+    assert trained["floor"] < trained["no_training"]
+    assert trained["on_policy-seed0"] < trained["no_training"] and trained["off_policy-seed0"] < trained["no_training"]
