@@ -269,6 +269,7 @@ def parse_block_slice(text: str) -> slice:
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa4")
 SDPA_SWITCHES = {"cudnn": "cudnn", "flash": "flash", "efficient": "mem_efficient", "math": "math"}
+FLASH_ATTENTION_4_INSTALL = "pip install flash-attn-4==4.0.0b36"  # the version measured (README, Speed)
 
 
 def set_attention_backend(name: str) -> None:
@@ -301,20 +302,25 @@ def flash_attention_4_problem() -> str | None:
     except ImportError:  # no flash_attn at all, or a FlashAttention-2 build that fails to import
         has_fa4 = False
     if not has_fa4:
-        return "ATTENTION_BACKEND='fa4' needs FlashAttention-4: pip install flash-attn-4==4.0.0b36 (or use 'cudnn')."
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10):
+        return f"ATTENTION_BACKEND='fa4' needs FlashAttention-4: {FLASH_ATTENTION_4_INSTALL} (or use 'cudnn')."
+    if not torch.cuda.is_available() or not flash_attention_4_gpu():
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
         return f"ATTENTION_BACKEND='fa4' runs on H100/H200 or B200 GPUs only ({gpu} here); use 'cudnn' or 'auto'."
     return None
 
 
-def attention_hint(backend: str, device) -> str | None:
-    """One line for a GPU where FlashAttention-4 would run but another attention kernel was chosen."""
+def flash_attention_4_gpu(device=None) -> bool:
+    """Whether the (current) CUDA GPU is one FlashAttention-4 has kernels for: Hopper (9.x) or Blackwell (10.x)."""
     import torch
 
-    if backend == "fa4" or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] not in (9, 10):
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def attention_hint(backend: str, device) -> str | None:
+    """One line for a GPU where FlashAttention-4 would run but another attention kernel was chosen."""
+    if backend == "fa4" or device.type != "cuda" or not flash_attention_4_gpu(device):
         return None
-    how = "set it" if flash_attention_4_problem() is None else "pip install flash-attn-4==4.0.0b36 and set it"
+    how = "set it" if flash_attention_4_problem() is None else f"{FLASH_ATTENTION_4_INSTALL} and set it"
     return f"note: ATTENTION_BACKEND='fa4' made steps 7-9% faster on an H100 (README, Speed); {how} to use it here."
 
 
