@@ -71,8 +71,11 @@ def strip_timing(rows):
 
 
 def start(args, env=None):
+    # Ctrl-C's default restored in the child: a shell's background job (`pytest ... &`) ignores SIGINT,
+    # its children inherit that, and Python then never raises KeyboardInterrupt.
     return subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **(env or {})})
+                            text=True, env={**os.environ, **(env or {})},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_step(root, name, step, process, timeout=120):
