@@ -86,10 +86,12 @@ REPORT_TO = ""  # also log to trackers through accelerate: "tensorboard", "wandb
 # --- Distill setup ------------------------------------------------------------------------------
 NUM_ROLLOUT_STEPS = 4  # K: steps of the student's own sampler, from noise to image
 SAMPLER_SHIFT = None  # sigma shift of the student's sampler; None = the teacher scheduler's config (3.0 for SD3)
+TEACHER_SUBSTEPS = 4  # N: the teacher solves its guided flow over each student step in N Euler substeps; target = its average velocity (1 = instantaneous)
+TEACHER_SUBSTEP_SHIFT = None  # spacing of those substeps: None = as the teacher's scheduler spaces its steps (its shift), 1.0 = uniform in sigma
 SUPERVISED_STATES = 0  # rollout states the teacher supervises: 0 = all K, M = a random M of them per rollout
 GUIDANCE_SCALE = 7.0  # teacher classifier-free guidance (SD3: 7.0, SD3.5: 3.5-4.5); the student learns it
-SAMPLER_ETA = 0.7  # eta, noise level of the stochastic flow sampler that defines the KL (Flow-GRPO uses 0.7)
-STOCHASTIC_ROLLOUT = True  # sample rollout transitions with that noise (True) or follow the ODE (False)
+SAMPLER_ETA = 0.7  # eta of the flow-DDIM transition that defines the KL: each state keeps noise std sigma, a fraction rho <= eta of it fresh
+STOCHASTIC_ROLLOUT = False  # sample rollout transitions with that noise (True) or follow the ODE, as the exported sampler does (False)
 ON_POLICY_FRACTION = 1.0  # 1 = states from the student's own rollout; 0 = from the teacher's (off-policy); between: per step
 KL_WEIGHT = 1.0  # weight of the transition KL after warmup
 EPS_MSE_WEIGHT = 1.0  # weight of the epsilon MSE
@@ -209,7 +211,7 @@ def validate_config(c: dict) -> None:
             problems.append(message)
 
     for name in ("BATCH_SIZE", "GRAD_ACCUM_STEPS", "MAX_STEPS", "LOG_EVERY", "CHECKPOINT_EVERY",
-                 "NUM_ROLLOUT_STEPS", "TEACHER_EVAL_STEPS", "NUM_PROMPTS", "LORA_RANK", "T5_MAX_LENGTH",
+                 "NUM_ROLLOUT_STEPS", "TEACHER_SUBSTEPS", "TEACHER_EVAL_STEPS", "NUM_PROMPTS", "LORA_RANK", "T5_MAX_LENGTH",
                  "KEEP_LAST_CHECKPOINTS", "MAX_CONSECUTIVE_SKIPS", "EVAL_NOISES"):
         need(isinstance(c[name], int) and c[name] >= 1, f"{name}={c[name]!r} must be a whole number >= 1.")
     for name in ("LEARNING_RATE", "ADAM_EPS", "IMAGE_SIZE", "LORA_ALPHA"):
@@ -223,12 +225,14 @@ def validate_config(c: dict) -> None:
     weights = [c["KL_WEIGHT"], c["EPS_MSE_WEIGHT"], c["LATENT_MSE_WEIGHT"]]
     need(all(w >= 0 for w in weights), "KL_WEIGHT, EPS_MSE_WEIGHT and LATENT_MSE_WEIGHT must be >= 0.")
     need(any(w > 0 for w in weights), "KL_WEIGHT, EPS_MSE_WEIGHT and LATENT_MSE_WEIGHT are all 0: nothing to learn; set one > 0.")
+    need(c["SAMPLER_ETA"] <= 1, f"SAMPLER_ETA={c['SAMPLER_ETA']} must be in [0, 1] (1 = the forward process's own posterior).")
     need(not (c["KL_WEIGHT"] > 0 and c["SAMPLER_ETA"] <= 0),
          "KL_WEIGHT > 0 needs SAMPLER_ETA > 0 (the KL is between stochastic transitions); set SAMPLER_ETA=0.7 or KL_WEIGHT=0.")
     need(c["GUIDANCE_SCALE"] >= 1, f"GUIDANCE_SCALE={c['GUIDANCE_SCALE']} must be >= 1 (1 = no guidance).")
     need(c["SUPERVISED_STATES"] <= c["NUM_ROLLOUT_STEPS"],
          f"SUPERVISED_STATES={c['SUPERVISED_STATES']} exceeds NUM_ROLLOUT_STEPS={c['NUM_ROLLOUT_STEPS']}; use 0 for all states.")
-    need(c["SAMPLER_SHIFT"] is None or c["SAMPLER_SHIFT"] > 0, "SAMPLER_SHIFT must be > 0, or None for the teacher's own.")
+    for name in ("SAMPLER_SHIFT", "TEACHER_SUBSTEP_SHIFT"):
+        need(c[name] is None or c[name] > 0, f"{name} must be > 0, or None for the teacher scheduler's own.")
     need(c["MIXED_PRECISION"] in ("no", "fp16", "bf16", "auto"), f"MIXED_PRECISION={c['MIXED_PRECISION']!r}: use no, fp16, bf16 or auto.")
     for name in ("TEACHER_DTYPE", "STUDENT_DTYPE", "TEXT_ENCODER_DTYPE"):
         need(c[name] in DTYPES, f"{name}={c[name]!r}: use one of {sorted(DTYPES)}.")
@@ -1101,25 +1105,33 @@ def euler_step(x, velocity, sigma, sigma_next):
     return x + (sigma_next - sigma) * velocity
 
 
-def sde_noise_scale(sigma: float, sigma_next: float, eta: float) -> float:
-    """s = eta sqrt(sigma / (1 - sigma)), with sigma = 1 in the denominator replaced by the next
-    sigma (the first step would divide by zero), as in Flow-GRPO's stochastic flow sampler."""
-    denominator_sigma = sigma_next if sigma >= 1 else sigma
-    return eta * math.sqrt(sigma / (1 - denominator_sigma))
+def ddim_noise_fraction(sigma: float, sigma_next: float, eta: float) -> float:
+    """rho = eta sqrt(1 - SNR(sigma) / SNR(sigma_next)), SNR(sigma) = ((1 - sigma) / sigma)^2.
+
+    With eta = 1 this is the exact posterior q(x_sigma' | x_sigma, x0) of the forward process
+    (ancestral sampling, as DDPM's in variance-preserving form); eta = 0 is the deterministic sampler.
+    rho = eta at sigma = 1 (SNR 0) and where sigma_next = 0 (SNR infinite; the step has no noise then)."""
+    if sigma >= 1 or sigma_next <= 0:
+        return eta
+    snr_ratio = ((1 - sigma) * sigma_next / ((1 - sigma_next) * sigma)) ** 2
+    return eta * math.sqrt(max(0.0, 1 - snr_ratio))
 
 
-def sde_transition_mean(x, velocity, sigma: float, sigma_next: float, eta: float):
-    """Mean of the stochastic flow sampler's Gaussian step from sigma to sigma_next (Delta = sigma - sigma_next):
-    mu(v) = x (1 - s^2 Delta / (2 sigma)) - v (1 + s^2 (1 - sigma) / (2 sigma)) Delta; variance s^2 Delta."""
-    s = sde_noise_scale(sigma, sigma_next, eta)
-    delta = sigma - sigma_next
-    return x * (1 - s * s * delta / (2 * sigma)) - velocity * (1 + s * s * (1 - sigma) / (2 * sigma)) * delta
+def ddim_transition_mean(x, velocity, sigma: float, sigma_next: float, eta: float):
+    """Mean of the flow-DDIM transition from sigma to sigma_next:
+    mu(v) = (1 - sigma') x0_hat(v) + sigma' sqrt(1 - rho^2) eps_hat(v); its variance is (sigma' rho)^2.
+
+    With an exact prediction the next state is (1 - sigma') x0 + sigma' (sqrt(1 - rho^2) eps + rho z):
+    noise of std sigma' exactly, whatever the step size. rho = 0 gives euler_step."""
+    rho = ddim_noise_fraction(sigma, sigma_next, eta)
+    return ((1 - sigma_next) * x0_from_velocity(x, sigma, velocity)
+            + sigma_next * math.sqrt(1 - rho * rho) * epsilon_from_velocity(x, sigma, velocity))
 
 
-def sde_step(x, velocity, sigma: float, sigma_next: float, eta: float, noise):
-    """Draw x' ~ N(mu(v), s^2 Delta) with the given standard-normal noise."""
-    s = sde_noise_scale(sigma, sigma_next, eta)
-    return sde_transition_mean(x, velocity, sigma, sigma_next, eta) + s * math.sqrt(sigma - sigma_next) * noise
+def ddim_step(x, velocity, sigma: float, sigma_next: float, eta: float, noise):
+    """Draw x' ~ N(mu(v), (sigma' rho)^2) with the given standard-normal noise."""
+    rho = ddim_noise_fraction(sigma, sigma_next, eta)
+    return ddim_transition_mean(x, velocity, sigma, sigma_next, eta) + sigma_next * rho * noise
 
 
 def epsilon_mse(x_t, sigma: float, v_student, v_teacher):
@@ -1133,15 +1145,20 @@ def latent_mse(x_t, sigma: float, v_student, v_teacher):
 
 
 def transition_kl(x_t, sigma: float, sigma_next: float, eta: float, v_student, v_teacher):
-    """KL( N(mu(v_student), s^2 Delta I) || N(mu(v_teacher), s^2 Delta I) ) = || mu_s - mu_t ||^2 / (2 s^2 Delta).
+    """KL( N(mu(v_student), (sigma' rho)^2 I) || N(mu(v_teacher), (sigma' rho)^2 I) ) = || mu_s - mu_t ||^2 / (2 (sigma' rho)^2),
+    between the flow-DDIM transitions of the two velocities.
 
     Reduction: the mean over latent elements (the per-dimension KL; the KL of the whole latent is
-    this times C*H*W), then the mean over the batch, so its scale matches the two MSE terms."""
-    s = sde_noise_scale(sigma, sigma_next, eta)
-    delta = sigma - sigma_next
-    mean_gap = sde_transition_mean(x_t, v_student, sigma, sigma_next, eta) - sde_transition_mean(
+    this times C*H*W), then the mean over the batch, so its scale matches the two MSE terms.
+    The last step, to sigma' = 0, has no variance: both transitions are point masses, whose KL is
+    infinite unless they agree, so there it is 0 and the latent MSE (the squared distance of the two
+    deterministic next states) supervises the step."""
+    variance = (sigma_next * ddim_noise_fraction(sigma, sigma_next, eta)) ** 2
+    if variance == 0:
+        return v_student.new_zeros(())
+    mean_gap = ddim_transition_mean(x_t, v_student, sigma, sigma_next, eta) - ddim_transition_mean(
         x_t, v_teacher, sigma, sigma_next, eta)
-    return mean_gap.square().mean() / (2 * s * s * delta)
+    return mean_gap.square().mean() / (2 * variance)
 
 
 def kl_weight_at(step: int, kl_weight: float, warmup_steps: int) -> float:
@@ -1152,10 +1169,11 @@ def kl_weight_at(step: int, kl_weight: float, warmup_steps: int) -> float:
 
 
 def predict_velocity(transformer, x, timestep, embeds, pooled, dtype):
-    """One SD3 transformer call: the velocity at state x and timestep t = 1000 sigma, in fp32."""
+    """One SD3 transformer call: the velocity at state x and timestep t = 1000 sigma, in fp32.
+    The timestep goes in as float32, as StableDiffusion3Pipeline passes it, whatever the model's dtype."""
     import torch
 
-    t = torch.full((x.shape[0],), float(timestep), device=x.device, dtype=dtype)
+    t = torch.as_tensor(timestep, dtype=torch.float32, device=x.device).expand(x.shape[0])
     return transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=embeds.to(dtype),
                        pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
 
@@ -1169,6 +1187,37 @@ def teacher_velocity(teacher, x, timestep, cond, uncond, guidance_scale: float, 
     v_uncond, v_cond = predict_velocity(teacher, torch.cat([x, x]), timestep, torch.cat([uncond[0], cond[0]]),
                                         torch.cat([uncond[1], cond[1]]), dtype).chunk(2)
     return guided_velocity(v_uncond, v_cond, guidance_scale)
+
+
+def substep_sigmas(sigmas, i: int, num_substeps: int, shift: float):
+    """N + 1 sigmas from sigma_i down to sigma_{i+1} (float32, ends exact): uniform in the unshifted
+    coordinate u = sigma / (s - (s - 1) sigma), then shifted back, sigma = s u / (1 + (s - 1) u), as the
+    scheduler spaces its own steps; s = 1 is uniform in sigma."""
+    import torch
+
+    ends = sigmas[i:i + 2].double()
+    u = ends / (shift - (shift - 1) * ends)
+    grid = torch.linspace(float(u[0]), float(u[1]), num_substeps + 1, dtype=torch.float64)
+    inner = (shift * grid / (1 + (shift - 1) * grid)).float()
+    inner[0], inner[-1] = sigmas[i], sigmas[i + 1]
+    return inner
+
+
+def teacher_target_velocity(velocity_fn, x, sigmas, i: int, num_substeps: int, shift: float):
+    """The target over student step i: the teacher's own solve of its guided flow from (x, sigma_i) to
+    sigma_{i+1} in N Euler substeps, x^T, as an average velocity:
+
+        v* = (x - x^T) / (sigma_i - sigma_{i+1}),   x^T = Euler over substep_sigmas, t = 1000 sigma.
+
+    A student step with v* lands where the teacher's N-step solve lands. N = 1: the teacher's
+    instantaneous velocity velocity_fn(x, t_i) itself."""
+    if num_substeps == 1:
+        return velocity_fn(x, sigmas[i] * 1000)
+    grid = substep_sigmas(sigmas, i, num_substeps, shift)
+    y = x
+    for a, b in zip(grid[:-1], grid[1:]):
+        y = euler_step(y, velocity_fn(y, a * 1000), float(a), float(b))
+    return (x - y) / (float(sigmas[i]) - float(sigmas[i + 1]))
 
 
 def sample_latents(velocity_fn, noise, sigmas, timesteps):
@@ -1203,16 +1252,32 @@ def choose_student_leads(num_steps: int, on_policy_fraction: float, rng: random.
     return {i for i in range(num_steps) if rng.random() < on_policy_fraction}
 
 
+def teacher_substep_shift(config: dict, models: Models) -> float:
+    """The spacing of the teacher's substeps: TEACHER_SUBSTEP_SHIFT, or the shift its own scheduler uses."""
+    if config["TEACHER_SUBSTEP_SHIFT"] is not None:
+        return config["TEACHER_SUBSTEP_SHIFT"]
+    scheduler = models.scheduler_config
+    if scheduler.get("use_dynamic_shifting", False):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        return math.exp(calculate_shift(models.image_seq_len, scheduler.get("base_image_seq_len", 256),
+                                        scheduler.get("max_image_seq_len", 4096), scheduler.get("base_shift", 0.5),
+                                        scheduler.get("max_shift", 1.16)))
+    return scheduler.get("shift", 1.0)
+
+
 def distill_rollout(models: Models, accelerator, cond, uncond, sigmas, timesteps, supervised: set[int],
                     student_leads: set[int], config: dict, kl_weight: float, generator, loss_scale: float,
                     sync_gradients: bool):
     """One rollout with its losses; gradients are accumulated into the student.
 
     From noise the student integrates its own K-step sampler. At a supervised state x_i (one the
-    student actually visits) the teacher predicts with guidance, the student predicts with gradients,
-    the losses are taken and backpropagated at once (no backpropagation through the rollout), and the
-    same student prediction, detached, moves the rollout on. At steps not in `student_leads` the
-    teacher's velocity moves it instead (ON_POLICY_FRACTION < 1: off-policy or DAgger-style mixes).
+    student actually visits) the teacher solves its guided flow to sigma_{i+1} in TEACHER_SUBSTEPS
+    substeps (teacher_target_velocity), the student predicts with gradients, the losses are taken
+    against that target and backpropagated at once (no backpropagation through the rollout), and the
+    same student prediction, detached, moves the rollout on, by the flow-DDIM transition (ddim_step)
+    or, with STOCHASTIC_ROLLOUT off, the ODE. At steps not in `student_leads` the teacher's target
+    moves it instead (ON_POLICY_FRACTION < 1: off-policy or DAgger-style mixes).
     Gradients are synchronised across processes only at the last backward when `sync_gradients`.
     Returns per-step loss terms (fp32, detached) as a (K, 4) tensor: total, kl, eps_mse, latent_mse
     (zeros where not supervised)."""
@@ -1224,13 +1289,17 @@ def distill_rollout(models: Models, accelerator, cond, uncond, sigmas, timesteps
     terms = torch.zeros(len(timesteps), 4, device=device)
     plain_student = accelerator.unwrap_model(models.student)
     eta, last_supervised = config["SAMPLER_ETA"], max(supervised)
+    substeps, shift = config["TEACHER_SUBSTEPS"], teacher_substep_shift(config, models)
+
+    def guided_teacher(y, t):
+        return teacher_velocity(models.teacher, y, t, cond, uncond, config["GUIDANCE_SCALE"], models.teacher_dtype)
+
     for i in range(len(timesteps)):
         sigma, sigma_next, t = float(sigmas[i]), float(sigmas[i + 1]), timesteps[i]
         v_teacher = None
         if i in supervised or i not in student_leads:
             with torch.no_grad(), models.teacher_context():
-                v_teacher = teacher_velocity(models.teacher, x, t, cond, uncond, config["GUIDANCE_SCALE"],
-                                             models.teacher_dtype)
+                v_teacher = teacher_target_velocity(guided_teacher, x, sigmas, i, substeps, shift)
         if i in supervised:
             sync = sync_gradients and i == last_supervised
             with contextlib.nullcontext() if sync else accelerator.no_sync(models.student):
@@ -1249,7 +1318,7 @@ def distill_rollout(models: Models, accelerator, cond, uncond, sigmas, timesteps
         v_next = v_student if i in student_leads else v_teacher
         if config["STOCHASTIC_ROLLOUT"] and eta > 0:
             noise = torch.randn(x.shape, generator=generator, device=device)
-            x = sde_step(x, v_next, sigma, sigma_next, eta, noise)
+            x = ddim_step(x, v_next, sigma, sigma_next, eta, noise)
         else:
             x = euler_step(x, v_next, sigma, sigma_next)
     return terms
