@@ -93,7 +93,7 @@ GUIDANCE_SCALE = 7.0  # teacher classifier-free guidance (SD3: 7.0, SD3.5: 3.5-4
 SAMPLER_ETA = 0.7  # eta of the flow-DDIM transition that defines the KL: each state keeps noise std sigma, a fraction rho <= eta of it fresh
 STOCHASTIC_ROLLOUT = False  # sample rollout transitions with that noise (True) or follow the ODE, as the exported sampler does (False)
 ON_POLICY_FRACTION = 1.0  # 1 = states from the student's own rollout; 0 = from the teacher's (off-policy); between: per step
-KL_WEIGHT = 1.0  # weight of the transition KL after warmup
+KL_WEIGHT = 0.0  # weight of the transition KL after warmup (its last steps are sharp: see README, Does it work?)
 EPS_MSE_WEIGHT = 1.0  # weight of the epsilon MSE
 LATENT_MSE_WEIGHT = 1.0  # weight of the latent (x0) MSE
 KL_WARMUP_STEPS = 100  # optimizer steps over which the KL weight ramps linearly from 0 to KL_WEIGHT
