@@ -2,9 +2,10 @@
 """On-policy distillation of Stable Diffusion 3, in one file.
 
 The student samples its own few-step trajectory from noise; at every state it actually visits, the
-frozen teacher (with classifier-free guidance) says what the velocity should have been, and the
-student learns there. Loss: a weighted KL between the two Gaussian transitions of the stochastic
-flow sampler (warmed up from 0), plus epsilon MSE and latent (x0) MSE.
+frozen teacher (with classifier-free guidance) solves its own flow over the student's step in a few
+substeps, and the student learns to take that step in one. Loss: epsilon MSE and latent (x0) MSE
+against the teacher's step, plus (optionally, warmed up from 0) the KL between the two flow-DDIM
+transitions.
 
 Run it:   python scripts/run_onpolicy_distill_colab.py                  (edit the constants below)
           python scripts/run_onpolicy_distill_colab.py --preset tiny    (built-in tiny SD3, CPU, < 1 min)
