@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # torch is imported where used: config errors are reported be
 # =================================================================================================
 # Config. Plain constants; each can be overridden as --NAME=VALUE on the command line.
 # =================================================================================================
+_NAMES_BEFORE_CONFIG = set(globals())
 
 # --- Model setup --------------------------------------------------------------------------------
 TEACHER_ID = "stabilityai/stable-diffusion-3-medium-diffusers"  # Hub id or local diffusers folder; "tiny-random-sd3" = built-in
@@ -102,7 +103,7 @@ TEACHER_EVAL_STEPS = 28  # steps of the teacher's own sampler for held-out refer
 
 # --- Prompt setup -------------------------------------------------------------------------------
 GENERATE_PROMPTS = True  # write PROMPTS_JSONL from the built-in generator (False = read your own file)
-PROMPTS_JSONL = "outputs_colab/prompts.jsonl"  # one {"id", "prompt", "category"} per line
+PROMPTS_JSONL = ""  # one {"id", "prompt", "category"} per line; "" = OUTPUT_ROOT/prompts.jsonl
 NUM_PROMPTS = 512  # prompts generated (train + held-out)
 PROMPT_SEED = 0  # seeds the generator; the same seed gives the same prompts
 HELDOUT_PROMPTS = 8  # the last N prompts of the file are held out for evaluation, never trained on
@@ -130,8 +131,9 @@ PRESETS = {
     ),
 }
 
+CONFIG_NAMES = [n for n in list(globals()) if n not in _NAMES_BEFORE_CONFIG and n[0].isalpha() and n.isupper()
+                and n != "PRESETS"]
 TINY_MODEL_ID = "tiny-random-sd3"
-CONFIG_NAMES = [n for n in list(globals()) if n.isupper() and n not in ("PRESETS", "TINY_MODEL_ID")]
 
 
 # =================================================================================================
@@ -170,8 +172,12 @@ def parse_value(name: str, text: str, default):
     return text
 
 
+PRECEDENCE = ("Precedence: the constants at the top of the script, then --preset NAME (it sets the values it names, "
+              "over the file's, and prints each one), then each --NAME=VALUE, which wins over both.")
+
+
 def parse_args(argv: list[str]) -> dict:
-    """Config = constants, then --preset NAME, then each --NAME=VALUE, in that order of precedence."""
+    """Config = constants, then --preset NAME, then each --NAME=VALUE, in that order of precedence (PRECEDENCE)."""
     config = default_config()
     overrides, preset, problems = {}, None, []
     args = list(argv)
@@ -182,8 +188,12 @@ def parse_args(argv: list[str]) -> dict:
             if preset not in PRESETS:
                 problems.append(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
             continue
+        if arg.startswith("--") and "=" not in arg and arg[2:] in config:
+            value = args.pop(0) if args and not args[0].startswith("--") else "VALUE"
+            problems.append(f"{arg} {value}: write {arg}={value} (an = between name and value).")
+            continue
         if not arg.startswith("--") or "=" not in arg:
-            problems.append(f"{arg!r}: arguments are --NAME=VALUE (e.g. --MAX_STEPS=200) or --preset tiny.")
+            problems.append(f"{arg!r}: arguments are --NAME=VALUE (e.g. --MAX_STEPS=200) or --preset tiny; --help lists them.")
             continue
         name, text = arg[2:].split("=", 1)
         if name not in config:
@@ -198,9 +208,32 @@ def parse_args(argv: list[str]) -> dict:
     if problems:
         raise UserError("Command line: " + " ".join(problems))
     if preset:
+        print(f"--preset {preset} sets " + ", ".join(f"{k}={v!r}" for k, v in PRESETS[preset].items() if k not in overrides)
+              + " (over the constants in the file; a --NAME=VALUE on the command line wins over both).")
         config.update(PRESETS[preset])
     config.update(overrides)
+    if not config["PROMPTS_JSONL"]:
+        config["PROMPTS_JSONL"] = str(Path(config["OUTPUT_ROOT"]) / "prompts.jsonl")
     return config
+
+
+def help_text() -> str:
+    """Every setting by block, with its default and its comment, read from this file's config block."""
+    import re
+
+    lines, block = [__doc__.strip().split("\n\n")[0], "", PRECEDENCE, ""], None
+    source = Path(__file__).read_text(encoding="utf-8").split("PRESETS = {")[0]
+    for line in source.splitlines():
+        if line.startswith("# --- "):
+            block = line[6:].rstrip("- ").strip()
+            lines.append(f"{block}:")
+        elif block and (match := re.match(r"^([A-Z][A-Z0-9_]*) = .*?(?:  # (.*))?$", line)):
+            name, comment = match.groups()
+            lines.append(f"  --{name}={globals()[name]!r}" + (f"\n      {comment}" if comment else ""))
+        elif block and line.startswith("#   "):
+            lines[-1] += " " + line[4:].strip()
+    lines += ["", f"Presets: {', '.join(f'--preset {name}' for name in PRESETS)} (the built-in tiny SD3 on a CPU)."]
+    return "\n".join(lines)
 
 
 def validate_config(c: dict) -> None:
@@ -247,8 +280,21 @@ def validate_config(c: dict) -> None:
             parse_block_slice(c["TRAIN_BLOCKS"])
         except ValueError:
             problems.append(f"TRAIN_BLOCKS={c['TRAIN_BLOCKS']!r} is not a python slice such as '-4:' or '0:12'.")
-    need(c["IMAGE_SIZE"] % 16 == 0 or c["TEACHER_ID"] == TINY_MODEL_ID,
-         f"IMAGE_SIZE={c['IMAGE_SIZE']} must be a multiple of 16 (VAE factor 8 x patch size 2), e.g. 512, 768 or 1024.")
+    for who in models_to_check(c):
+        factor, patch = image_multiple(c[f"{who}_ID"], c[f"{who}_REVISION"], c["COLAB_MODEL_CACHE"])
+        need(c["IMAGE_SIZE"] % (factor * patch) == 0,
+             f"IMAGE_SIZE={c['IMAGE_SIZE']} must be a multiple of {factor * patch} for {who}_ID (VAE factor {factor} x "
+             f"patch size {patch})" + (", e.g. 512, 768 or 1024." if factor * patch == 16 else "."))
+    try:
+        Path(c["OUTPUT_ROOT"]).mkdir(parents=True, exist_ok=True)
+        need(os.access(c["OUTPUT_ROOT"], os.W_OK), f"OUTPUT_ROOT={c['OUTPUT_ROOT']!r} is not writable; choose a folder "
+             f"you can write to (in Colab, under /content or a mounted Drive).")
+    except OSError as err:
+        problems.append(f"OUTPUT_ROOT={c['OUTPUT_ROOT']!r} cannot be created ({err.strerror}); choose a folder you can "
+                        f"write to (in Colab, under /content or a mounted Drive).")
+    for who in models_to_check(c):
+        if problem := model_source_problem(c[f"{who}_ID"], c[f"{who}_REVISION"], c["COLAB_MODEL_CACHE"], who):
+            problems.append(problem)
     need(c["HELDOUT_PROMPTS"] < c["NUM_PROMPTS"] or not c["GENERATE_PROMPTS"],
          f"HELDOUT_PROMPTS={c['HELDOUT_PROMPTS']} leaves no training prompts out of NUM_PROMPTS={c['NUM_PROMPTS']}.")
     need(not (c["RESUME"] not in ("auto", "never") and not Path(c["RESUME"]).is_file()),
@@ -263,6 +309,79 @@ def validate_config(c: dict) -> None:
              "is visible. In Colab: Runtime > Change runtime type > a GPU; on a CPU use 'no'/'float32' or 'auto'.")
     if problems:
         raise UserError("Config has %d problem(s):\n  - " % len(problems) + "\n  - ".join(problems))
+
+
+def models_to_check(c: dict) -> list[str]:
+    """TEACHER, and STUDENT where it is another model."""
+    same = (c["STUDENT_ID"], c["STUDENT_REVISION"]) == (c["TEACHER_ID"], c["TEACHER_REVISION"])
+    return ["TEACHER"] if same else ["TEACHER", "STUDENT"]
+
+
+def looks_like_a_path(model_id: str) -> bool:
+    """A Hub id is "owner/name"; anything else (absolute, relative with ./, ~, deeper folders) is a local folder."""
+    return model_id.startswith(("/", ".", "~")) or model_id.count("/") != 1 or "\\" in model_id
+
+
+def cached_config(model_id: str, revision: str, cache_dir: str, filename: str) -> dict | None:
+    """A config file of a local folder, or of a Hub model already in the local cache; None if neither."""
+    if Path(model_id).expanduser().is_dir():
+        path = Path(model_id).expanduser() / filename
+        return json.loads(path.read_text()) if path.is_file() else None
+    if looks_like_a_path(model_id):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(model_id, filename, cache_dir=cache_dir or None, revision=revision)
+    return json.loads(Path(path).read_text()) if isinstance(path, str) else None
+
+
+def image_multiple(model_id: str, revision: str, cache_dir: str) -> tuple[int, int]:
+    """(VAE factor, patch size) from the model's config files where they can be read without loading weights;
+    the built-in tiny model's (2, 2); SD3's (8, 2) otherwise (every SD3 and SD3.5 model has them)."""
+    if model_id == TINY_MODEL_ID:
+        return 2, 2
+    vae = cached_config(model_id, revision, cache_dir, "vae/config.json")
+    transformer = cached_config(model_id, revision, cache_dir, "transformer/config.json")
+    return (2 ** (len(vae["block_out_channels"]) - 1) if vae else 8), (transformer["patch_size"] if transformer else 2)
+
+
+def hub_answers(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host accepts a connection within `timeout` seconds (name lookup included)."""
+    import socket
+    import threading
+    import urllib.parse
+
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    answered = []
+
+    def probe():
+        with contextlib.suppress(OSError):
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+            answered.append(True)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def model_source_problem(model_id: str, revision: str, cache_dir: str, who: str) -> str | None:
+    """Why TEACHER_ID/STUDENT_ID cannot be loaded, found in seconds and before any weights: a local folder
+    that does not exist, or a Hub model that is not cached while the Hub cannot be reached."""
+    if model_id == TINY_MODEL_ID or Path(model_id).expanduser().is_dir():
+        return None
+    if looks_like_a_path(model_id):
+        return (f"{who}_ID={model_id!r}: folder not found. Give an existing diffusers folder (with model_index.json), a "
+                f"Hub id such as stabilityai/stable-diffusion-3-medium-diffusers, or {TINY_MODEL_ID!r}.")
+    if cached_config(model_id, revision, cache_dir, "model_index.json") is not None:
+        return None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or not hub_answers():
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub did not answer within 3 s (no network?)"
+        return (f"Could not load {model_id}: it is not in the local Hugging Face cache and {why}. Connect and run "
+                f"again (PREFETCH_MODELS=True downloads it once for later offline runs), or point {who}_ID at a local "
+                f"diffusers folder.")
+    return None
 
 
 def parse_block_slice(text: str) -> slice:
@@ -469,9 +588,10 @@ def colab_setup_text() -> str:
 from google.colab import userdata; import os; os.environ["HF_TOKEN"] = userdata.get("HF_TOKEN")
 # SD3 models are gated: accept the licence on each model page while logged in, e.g.
 #   https://huggingface.co/stabilityai/stable-diffusion-3-medium-diffusers
-# Cell 3 (optional): keep outputs and downloads on Drive, so a disconnect loses nothing
+# Cell 3 (recommended): keep outputs and downloads on Drive, so a disconnect loses nothing
 from google.colab import drive; drive.mount("/content/drive")
-# Cell 4: run (edit the constants at the top of the script, or pass --NAME=VALUE)
+# Cell 4: run (edit the constants at the top of the script, or pass --NAME=VALUE). Without Drive (no Cell 3),
+# leave out both flags: outputs then go to /content/outputs_colab, which a disconnect deletes.
 !python run_onpolicy_distill_colab.py --OUTPUT_ROOT=/content/drive/MyDrive/distill --COLAB_MODEL_CACHE=/content/drive/MyDrive/hf_cache
 """
 
@@ -1500,6 +1620,8 @@ def train(run: Run, models: Models, text: TextEmbeddings, train_prompts: list[di
 
     K, max_steps = config["NUM_ROLLOUT_STEPS"], config["MAX_STEPS"]
     images_per_step = config["BATCH_SIZE"] * config["GRAD_ACCUM_STEPS"] * accelerator.num_processes
+    if accelerator.is_main_process:
+        print(run_header(run, models, images_per_step, result))
     window, last_checkpoint_time, consecutive_skips = LogWindow(K, device), time.time(), 0
     bar = tqdm(total=max_steps, initial=result.step, disable=not accelerator.is_local_main_process, desc="distill",
                dynamic_ncols=True)
@@ -1560,6 +1682,24 @@ def train(run: Run, models: Models, text: TextEmbeddings, train_prompts: list[di
         bar.close()
         write_summary(run, result, models)
     return result
+
+
+def run_header(run: Run, models: Models, images_per_step: int, result: TrainResult) -> str:
+    """What this run is, before its progress bar: where it writes, on what, what trains, how long, where it starts."""
+    config, accelerator = run.config, run.accelerator
+    trainable = sum(p.numel() for p in models.trainable)
+    student = "LoRA on the teacher's own weights" if models.shares_weights else config["STUDENT_ID"]
+    gap = "" if result.gap_before is None else f"{result.gap_before:.4g}"
+    return "\n".join([
+        f"run {run.paths.name}: writing under {run.paths.root}",
+        f"  device {accelerator.device} x {accelerator.num_processes}, mixed precision {run.mixed_precision}, teacher "
+        f"{config['TEACHER_ID']} ({str(models.teacher_dtype).replace('torch.', '')}), student {student}",
+        f"  trainable parameters {trainable:,} ({config['TRAINABLE']})",
+        f"  K = {config['NUM_ROLLOUT_STEPS']} student steps, N = {config['TEACHER_SUBSTEPS']} teacher substeps per step, "
+        f"guidance {config['GUIDANCE_SCALE']}; {config['MAX_STEPS']} optimizer steps of {images_per_step} images"
+        + (f", from step {result.step}" if result.step else ""),
+        f"  held-out gap at step {result.step if run.resume else 0}: {gap or 'n/a'} (latent MSE to the teacher's "
+        f"{config['TEACHER_EVAL_STEPS']}-step guided sample; it should fall)"])
 
 
 def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelerator):
@@ -1764,7 +1904,8 @@ def plot_curves(metrics_jsonl: Path, path: Path) -> None:
             losses.plot(*zip(*points, strict=True), label=key)
     losses.set(xlabel="step", yscale="log", title="training loss terms")
     losses.legend()
-    points = [(r["step"], r["eval_gap"]) for r in rows if r.get("eval_gap") is not None]
+    evals = rows_through(metrics_jsonl.with_name("eval.jsonl"), math.inf)  # from step 0, before any training
+    points = [(r["step"], r["eval_gap"]) for r in evals]
     if points:
         gap.plot(*zip(*points, strict=True), marker="o")
     gap.set(xlabel="step", title="held-out teacher-student gap (latent MSE)")
@@ -1860,18 +2001,17 @@ class CheckpointDir:
         return None
 
 
-def find_resumable_run(output_root: Path, fingerprint: str) -> str | None:
-    """With RUN_NAME empty: the newest unfinished run of exactly this config, to continue after a disconnect."""
+def find_run_of_config(output_root: Path, fingerprint: str) -> tuple[str, str] | None:
+    """With RUN_NAME empty: (name, status) of the newest run of exactly this config, finished or not."""
     best = None
     for pointer in (output_root / "checkpoints").glob("*/latest.json"):
         try:
             info = json.loads(pointer.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if info.get("fingerprint") == fingerprint and info.get("status") != "finished":
-            if best is None or info.get("time", 0) > best[0]:
-                best = (info.get("time", 0), pointer.parent.name)
-    return best[1] if best else None
+        if info.get("fingerprint") == fingerprint and (best is None or info.get("time", 0) > best[0]):
+            best = (info.get("time", 0), pointer.parent.name, info.get("status"))
+    return best[1:] if best else None
 
 
 def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointDir"):
@@ -1938,7 +2078,8 @@ def export_student(models: Models, accelerator, config: dict, teacher_path: str,
         from peft.utils import get_peft_model_state_dict
 
         StableDiffusion3Pipeline.save_lora_weights(staging, transformer_lora_layers=get_peft_model_state_dict(student))
-        usage = (f"pipe = StableDiffusion3Pipeline.from_pretrained({config['STUDENT_ID']!r})\n"
+        base = teacher_path if config["STUDENT_ID"] == TINY_MODEL_ID else config["STUDENT_ID"]  # the built-in one's folder
+        usage = (f"pipe = StableDiffusion3Pipeline.from_pretrained({base!r})\n"
                  f"pipe.load_lora_weights({str(paths.export)!r})\n")
     else:
         extra = {} if config["USE_T5"] else {"text_encoder_3": None, "tokenizer_3": None}
@@ -1962,6 +2103,11 @@ from diffusers import StableDiffusion3Pipeline
 Guidance is distilled into the student: sample with guidance_scale=1.0.
 """
     (staging / "README.md").write_text(card)
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in staging.rglob("*"):  # diffusers writes its weights 0600 (through a temporary file); others 0644
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
     shutil.rmtree(paths.export, ignore_errors=True)
     os.replace(staging, paths.export)
     if config["PUSH_TO_HUB"]:
@@ -2004,14 +2150,28 @@ class RunPaths:
 
 
 def choose_run_name(config: dict) -> str:
+    """RUN_NAME; else, with RESUME="auto", the newest run of this same config (an unfinished one is
+    continued, a finished one reported); else a new timestamped name."""
     if config["RUN_NAME"]:
         return config["RUN_NAME"]
     if config["RESUME"] == "auto":
-        found = find_resumable_run(Path(config["OUTPUT_ROOT"]), config_fingerprint(config))
+        found = find_run_of_config(Path(config["OUTPUT_ROOT"]), config_fingerprint(config))
         if found:
-            print(f"resuming unfinished run {found} (same config); set RUN_NAME to start another.")
-            return found
+            if found[1] != "finished":
+                print(f"resuming unfinished run {found[0]} (same config); set RUN_NAME to start another.")
+            return found[0]
     return time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def finished_run_report(run: "Run") -> str:
+    """What a finished run of this config left, for a re-run that has nothing to do."""
+    summary_path = run.paths.run / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    gap_before, gap_last = summary.get("eval_gap_before"), summary.get("eval_gap_last")
+    gaps = f"; held-out gap {gap_before:.4g} -> {gap_last:.4g}" if gap_before is not None and gap_last is not None else ""
+    export = f"; export {run.paths.export}" if run.paths.export.is_dir() else ""
+    return (f"run {run.paths.name} of this config already finished at step {run.resume[1]['step']}{gaps}{export}. "
+            f"Nothing to do. To train again: RESUME='never' (a new run) or a new RUN_NAME.")
 
 
 @dataclasses.dataclass
@@ -2061,7 +2221,11 @@ def main(argv: list[str] | None = None) -> int:
     """The story of a run: settings, prompts, models, text embeddings, training, the exported student."""
     config = None
     try:
-        config = parse_args(sys.argv[1:] if argv is None else argv)
+        argv = sys.argv[1:] if argv is None else argv
+        if "--help" in argv or "-h" in argv:
+            print(help_text())
+            return 0
+        config = parse_args(argv)
         if config["PRINT_COLAB_SETUP"]:
             print(colab_setup_text())
             return 0
@@ -2072,8 +2236,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run = start_run(config)
         if run.finished:
-            print(f"run {run.paths.name} already finished at step {run.resume[1]['step']}; set a new RUN_NAME to "
-                  f"train again.")
+            print(finished_run_report(run))
             return 0
         train_prompts, heldout_prompts = prepare_prompts(run)
         models, teacher_path = load_run_models(run)
@@ -2083,6 +2246,9 @@ def main(argv: list[str] | None = None) -> int:
         if run.config["EXPORT_DIFFUSERS"] and run.accelerator.is_main_process and not interrupted:
             export_student(models, run.accelerator, run.config, teacher_path, run.paths, result.gap_before,
                            result.gap_last)
+        # Every process leaves together: a process that tore down the process group while the main one was still
+        # exporting left it hanging at exit, now and then, with gloo.
+        run.accelerator.wait_for_everyone()
         run.accelerator.end_training()  # trackers closed; with several GPUs, the process group too
         if interrupted:
             return 130

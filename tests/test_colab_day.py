@@ -67,6 +67,16 @@ def test_heldout_gap_over_several_noises_equals_the_pipelines(tmp_path):
     assert row["eval_gap"] == pytest.approx(expected.mean().item(), rel=1e-4)
 
 
+def test_exported_files_are_readable_by_others_as_the_rest(finished_runs):
+    for trainable in ("all", "lora"):
+        export = finished_runs[trainable] / "export" / "r"
+        modes = {p.relative_to(export).as_posix(): p.stat().st_mode & 0o777 for p in export.rglob("*") if p.is_file()}
+        assert any(name.endswith(".safetensors") for name in modes)
+        umask = os.umask(0)
+        os.umask(umask)
+        assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
 def test_exported_student_loads_and_samples_in_diffusers(finished_runs):
     from diffusers import StableDiffusion3Pipeline
 
@@ -84,13 +94,17 @@ def test_exported_student_loads_and_samples_in_diffusers(finished_runs):
     assert "4-step SD3 student" in card and "num_inference_steps=4" in card and "before" in card
 
 
-def test_exported_lora_loads_onto_the_base_model(finished_runs, tiny_path):
+def test_exported_lora_loads_onto_the_base_model(finished_runs):
     from diffusers import StableDiffusion3Pipeline
 
     root = finished_runs["lora"]
     export = root / "export" / "r"
     assert (export / "pytorch_lora_weights.safetensors").is_file()
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_path)
+    card = (export / "README.md").read_text()  # the base to load it onto: the built-in model's folder, which loads
+    base_line = next(line for line in card.splitlines() if line.startswith("pipe = StableDiffusion3Pipeline.from_pretrained("))
+    base_path = base_line.split("(", 1)[1].rstrip(")").strip("'")
+    assert (root / "cache" / "tiny-random-sd3").samefile(base_path)
+    pipe = StableDiffusion3Pipeline.from_pretrained(base_path)
 
     def sample():
         return pipe("a photo of a cat", num_inference_steps=4, guidance_scale=1.0, height=32, width=32,

@@ -100,7 +100,8 @@ def test_bad_values_are_refused(distill):
         distill.parse_args(["--USE_T5=maybe"])
 
 
-def test_validation_lists_every_problem_with_its_fix(distill):
+def test_validation_lists_every_problem_with_its_fix(distill, monkeypatch):
+    monkeypatch.setattr(distill, "hub_answers", lambda timeout=3.0: True)  # the default Hub model is fine online
     c = distill.parse_args(["--BATCH_SIZE=0", "--GUIDANCE_SCALE=0.5", "--TRAINABLE=most", "--KL_WEIGHT=0",
                             "--EPS_MSE_WEIGHT=0", "--LATENT_MSE_WEIGHT=0", "--IMAGE_SIZE=1000",
                             "--SUPERVISED_STATES=9", "--MIXED_PRECISION=fp8"])
@@ -149,7 +150,8 @@ def test_attention_hint_only_where_flash_attention_4_would_run(distill, monkeypa
                                                          "(README, Speed); set it to use it here.")
 
 
-def test_defaults_are_valid(distill):
+def test_defaults_are_valid(distill, monkeypatch):
+    monkeypatch.setattr(distill, "hub_answers", lambda timeout=3.0: True)  # the default Hub model is fine online
     distill.validate_config(distill.default_config())
     distill.validate_config(distill.parse_args(["--preset", "tiny"]))
 
@@ -189,3 +191,66 @@ def test_download_size_counts_only_the_selected_files(distill):
              ("transformer/diffusion_pytorch_model.bin", 4_000), ("vae/config.json", None)]
     assert distill.download_size(files, distill.prefetch_patterns(use_t5=False)) == 4_500
     assert distill.download_size(files, distill.prefetch_patterns(use_t5=True)) == 13_500
+
+
+def test_help_lists_every_setting_by_block_with_default_and_comment(distill, capsys):
+    assert distill.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Precedence:" in out and "--preset tiny" in out
+    for block in ("Model setup:", "Train setup:", "Distill setup:", "Prompt setup:", "Colab setup:", "Output:"):
+        assert block in out
+    for name in distill.CONFIG_NAMES:
+        assert f"--{name}={getattr(distill, name)!r}" in out, name
+    assert "--TEACHER_SUBSTEPS=4\n      N: the teacher solves its guided flow" in out
+    assert distill.main(["-h"]) == 0
+
+
+def test_a_space_instead_of_equals_gets_a_one_line_hint(distill, capsys):
+    assert distill.main(["--MAX_STEPS", "5"]) == 2
+    assert "--MAX_STEPS 5: write --MAX_STEPS=5" in capsys.readouterr().err
+
+
+def test_only_the_config_constants_are_settings(distill, capsys):
+    assert "TYPE_CHECKING" not in distill.CONFIG_NAMES and "TINY_MODEL_ID" not in distill.CONFIG_NAMES
+    assert "TYPE_CHECKING" not in distill.default_config()
+    assert distill.main(["--TYPE_CHECKING=true"]) == 2
+    assert "unknown setting --TYPE_CHECKING" in capsys.readouterr().err
+
+
+def test_preset_says_what_it_sets_and_the_command_line_wins(distill, capsys):
+    c = distill.parse_args(["--preset", "tiny", "--MAX_STEPS=12"])
+    out = capsys.readouterr().out
+    assert c["MAX_STEPS"] == 12 and c["TRAINABLE"] == "all"
+    assert "--preset tiny sets TEACHER_ID='tiny-random-sd3'" in out and "TRAINABLE='all'" in out
+    assert "MAX_STEPS" not in out and "command line wins" in out
+
+
+def test_prompts_go_under_output_root_by_default(distill, tmp_path):
+    c = distill.parse_args([f"--OUTPUT_ROOT={tmp_path}/elsewhere"])
+    assert c["PROMPTS_JSONL"] == str(tmp_path / "elsewhere" / "prompts.jsonl")
+    assert distill.parse_args(["--PROMPTS_JSONL=mine.jsonl"])["PROMPTS_JSONL"] == "mine.jsonl"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--TEACHER_ID=./no/such/folder", "--STUDENT_ID=./no/such/folder"], "TEACHER_ID='./no/such/folder': folder not found"),
+    (["--OUTPUT_ROOT={file}/below"], "cannot be created (Not a directory)"),
+    (["--IMAGE_SIZE=33", "--LEARNING_RATE=-1"], "IMAGE_SIZE=33 must be a multiple of 4 for TEACHER_ID"),
+])
+def test_setup_failures_are_one_paragraph_and_exit_2(tmp_path, args, message):
+    (tmp_path / "file").write_text("not a folder")
+    args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
+    result = run_script(*tiny_args(tmp_path, *args))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr, result.stderr
+    if "IMAGE_SIZE" in message:  # reported with the other problems, before any model is built
+        assert "LEARNING_RATE=-1.0 must be > 0" in result.stderr and not (tmp_path / "cache").exists()
+
+
+def test_no_network_to_the_hub_is_said_within_seconds(tmp_path):
+    import time
+
+    started = time.time()  # a closed port on this machine: the Hub does not answer
+    result = run_script(f"--OUTPUT_ROOT={tmp_path}", env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Hugging Face Hub did not answer within 3 s" in result.stderr and "PREFETCH_MODELS" in result.stderr
+    assert time.time() - started < 30

@@ -131,10 +131,16 @@ def test_empty_run_name_continues_the_unfinished_run_of_the_same_config(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming unfinished run {name}" in result.stdout
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [name]
-    # a finished run is not resumed: the same command starts a new one
-    time.sleep(1.1)
+    # the same command again: the finished run is reported, nothing is trained
     again = run_script(*args)
-    assert again.returncode == 0 and len(list((tmp_path / "checkpoints").iterdir())) == 2
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"run {name} of this config already finished at step 20" in again.stdout
+    assert "held-out gap" in again.stdout and str(tmp_path / "export" / name) in again.stdout
+    assert "distill" not in again.stderr and [p.name for p in (tmp_path / "checkpoints").iterdir()] == [name]
+    # a new run only when asked for
+    time.sleep(1.1)
+    fresh = run_script(*args, "--RESUME=never")
+    assert fresh.returncode == 0 and len(list((tmp_path / "checkpoints").iterdir())) == 2
 
 
 def next_run_name(root, process, timeout=60):
