@@ -254,3 +254,9 @@ def test_no_network_to_the_hub_is_said_within_seconds(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "Hugging Face Hub did not answer within 3 s" in result.stderr and "PREFETCH_MODELS" in result.stderr
     assert time.time() - started < 30
+
+
+def test_readme_shows_the_colab_cells_the_script_prints(distill):
+    from conftest import REPO
+
+    assert distill.colab_setup_text() in (REPO / "README.md").read_text()
