@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import statistics
 import sys
@@ -25,34 +24,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from distill_module import SD3_CONFIGS, load_distill  # noqa: E402
 
-
-def load_distill():
-    """The main script, imported as a module, so the benchmark times its real code."""
-    spec = importlib.util.spec_from_file_location("run_onpolicy_distill_colab", HERE / "run_onpolicy_distill_colab.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-# The public transformer/config.json of each model (text length 77 CLIP + 256 T5 tokens, latent /8).
-SD3_CONFIGS = {
-    "sd3-medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-                       attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                       caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192),
-    "sd3.5-medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
-                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
-                         qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
-    "sd3.5-large": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
-                        attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
-                        caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
-                        qk_norm="rms_norm"),
-    "tiny": dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-                 num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64,
-                 pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,)),
-}
 SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
 

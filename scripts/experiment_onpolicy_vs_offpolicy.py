@@ -38,7 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_distill_step import SD3_CONFIGS, load_distill  # noqa: E402  (the main script, imported as a module)
+from distill_module import SD3_CONFIGS, load_distill  # noqa: E402  (the main script, imported as a module)
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
           "white": (245, 245, 245), "black": (20, 20, 20), "orange": (245, 140, 30), "purple": (140, 50, 180)}
 DEFAULT_COLORS = 6  # the first six: 90 prompts; --colors 8 gives 168

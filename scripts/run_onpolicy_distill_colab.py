@@ -11,8 +11,10 @@ Run it:   python scripts/run_onpolicy_distill_colab.py                  (edit th
           python scripts/run_onpolicy_distill_colab.py --preset tiny    (built-in tiny SD3, CPU, < 1 min)
           python scripts/run_onpolicy_distill_colab.py --MAX_STEPS=200 --LEARNING_RATE=5e-5
 
-Sections, in the order data flows: config -> setup helpers -> prompts -> models -> rollout and
-losses -> training loop -> writers -> main().
+Sections: the config; the algorithm (flow-matching conversions, sampler transitions, the teacher's
+targets, the losses); the on-policy step; the training loop; main(); then, below a banner, everything
+that does not change what is learned (command line, runs and resume, devices, prompts, model loading,
+files, writers, the built-in tiny SD3, Colab helpers).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch is imported where used: config errors are reported before any heavy import
+# One policy for imports: torch, diffusers and the rest are imported inside the functions that use them, so that
+# --help and every config error answer at once, before any heavy import. (Type hints name torch through this.)
+if TYPE_CHECKING:
     import torch
 
 # =================================================================================================
@@ -135,19 +139,703 @@ CONFIG_NAMES = [n for n in list(globals()) if n not in _NAMES_BEFORE_CONFIG and 
                 and n != "PRESETS"]
 TINY_MODEL_ID = "tiny-random-sd3"
 
+# =================================================================================================
+# The algorithm. Flow matching, as SD3 is trained: x_t = (1 - sigma) x0 + sigma eps, and the transformer
+# predicts the velocity v = eps - x0. Each is a small pure function, its formula in its docstring.
+# =================================================================================================
+
+def sampler_sigmas(scheduler_config: dict, num_steps: int, shift: float | None, image_seq_len: int):
+    """Sigmas sigma_0 = 1 > ... > sigma_K = 0 and timesteps t_i = 1000 sigma_i of a K-step sampler.
+
+    Exactly diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps: sigma = linspace(1, 1/T..)
+    then shifted, sigma' = s sigma / (1 + (s - 1) sigma), with shift s (or the resolution-dependent
+    mu of the SD3 pipeline when the scheduler uses dynamic shifting)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    overrides = {} if shift is None else {"shift": shift}
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, **overrides)
+    kwargs = {}
+    if scheduler.config.get("use_dynamic_shifting", False):
+        kwargs["mu"] = calculate_shift(image_seq_len, scheduler.config.get("base_image_seq_len", 256),
+                                       scheduler.config.get("max_image_seq_len", 4096),
+                                       scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.16))
+    scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
+    return scheduler.sigmas.clone(), scheduler.timesteps.clone()
+
+def epsilon_from_velocity(x_t, sigma, velocity):
+    """eps_hat = x_t + (1 - sigma) v   (from x_t = (1 - sigma) x0 + sigma eps and v = eps - x0)."""
+    return x_t + (1 - sigma) * velocity
+
+def x0_from_velocity(x_t, sigma, velocity):
+    """x0_hat = x_t - sigma v."""
+    return x_t - sigma * velocity
+
+def guided_velocity(v_uncond, v_cond, guidance_scale: float):
+    """Classifier-free guidance: v = v_uncond + w (v_cond - v_uncond)."""
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+def euler_step(x, velocity, sigma, sigma_next):
+    """The deterministic flow sampler (diffusers' FlowMatchEulerDiscreteScheduler.step):
+    x' = x + (sigma_next - sigma) v."""
+    return x + (sigma_next - sigma) * velocity
+
+def ddim_noise_fraction(sigma: float, sigma_next: float, eta: float) -> float:
+    """rho = eta sqrt(1 - SNR(sigma) / SNR(sigma_next)), SNR(sigma) = ((1 - sigma) / sigma)^2.
+
+    With eta = 1 this is the exact posterior q(x_sigma' | x_sigma, x0) of the forward process
+    (ancestral sampling, as DDPM's in variance-preserving form); eta = 0 is the deterministic sampler.
+    rho = eta at sigma = 1 (SNR 0) and where sigma_next = 0 (SNR infinite; the step has no noise then)."""
+    if sigma >= 1 or sigma_next <= 0:
+        return eta
+    snr_ratio = ((1 - sigma) * sigma_next / ((1 - sigma_next) * sigma)) ** 2
+    return eta * math.sqrt(max(0.0, 1 - snr_ratio))
+
+def ddim_transition_mean(x, velocity, sigma: float, sigma_next: float, eta: float):
+    """Mean of the flow-DDIM transition from sigma to sigma_next:
+    mu(v) = (1 - sigma') x0_hat(v) + sigma' sqrt(1 - rho^2) eps_hat(v); its variance is (sigma' rho)^2.
+
+    With an exact prediction the next state is (1 - sigma') x0 + sigma' (sqrt(1 - rho^2) eps + rho z):
+    noise of std sigma' exactly, whatever the step size. rho = 0 gives euler_step."""
+    rho = ddim_noise_fraction(sigma, sigma_next, eta)
+    return ((1 - sigma_next) * x0_from_velocity(x, sigma, velocity)
+            + sigma_next * math.sqrt(1 - rho * rho) * epsilon_from_velocity(x, sigma, velocity))
+
+def ddim_step(x, velocity, sigma: float, sigma_next: float, eta: float, noise):
+    """Draw x' ~ N(mu(v), (sigma' rho)^2) with the given standard-normal noise."""
+    rho = ddim_noise_fraction(sigma, sigma_next, eta)
+    return ddim_transition_mean(x, velocity, sigma, sigma_next, eta) + sigma_next * rho * noise
+
+def epsilon_mse(x_t, sigma: float, v_student, v_teacher):
+    """mean || eps_hat(v_student) - eps_hat(v_teacher) ||^2, the mean over all elements."""
+    return (epsilon_from_velocity(x_t, sigma, v_student) - epsilon_from_velocity(x_t, sigma, v_teacher)).square().mean()
+
+def latent_mse(x_t, sigma: float, v_student, v_teacher):
+    """mean || x0_hat(v_student) - x0_hat(v_teacher) ||^2, the mean over all elements."""
+    return (x0_from_velocity(x_t, sigma, v_student) - x0_from_velocity(x_t, sigma, v_teacher)).square().mean()
+
+def transition_kl(x_t, sigma: float, sigma_next: float, eta: float, v_student, v_teacher):
+    """KL( N(mu(v_student), (sigma' rho)^2 I) || N(mu(v_teacher), (sigma' rho)^2 I) ) = || mu_s - mu_t ||^2 / (2 (sigma' rho)^2),
+    between the flow-DDIM transitions of the two velocities.
+
+    Reduction: the mean over latent elements (the per-dimension KL; the KL of the whole latent is
+    this times C*H*W), then the mean over the batch, so its scale matches the two MSE terms.
+    The last step, to sigma' = 0, has no variance: both transitions are point masses, whose KL is
+    infinite unless they agree, so there it is 0 and the latent MSE (the squared distance of the two
+    deterministic next states) supervises the step."""
+    variance = (sigma_next * ddim_noise_fraction(sigma, sigma_next, eta)) ** 2
+    if variance == 0:
+        return v_student.new_zeros(())
+    mean_gap = ddim_transition_mean(x_t, v_student, sigma, sigma_next, eta) - ddim_transition_mean(
+        x_t, v_teacher, sigma, sigma_next, eta)
+    return mean_gap.square().mean() / (2 * variance)
+
+def kl_weight_at(step: int, kl_weight: float, warmup_steps: int) -> float:
+    """Linear warmup: w(step) = KL_WEIGHT * min(1, step / KL_WARMUP_STEPS); KL_WEIGHT at once if no warmup."""
+    if warmup_steps <= 0:
+        return kl_weight
+    return kl_weight * min(1.0, step / warmup_steps)
+
+def predict_velocity(transformer, x, timestep, embeds, pooled, dtype):
+    """One SD3 transformer call: the velocity at state x and timestep t = 1000 sigma, in fp32.
+    The timestep goes in as float32, as StableDiffusion3Pipeline passes it, whatever the model's dtype."""
+    import torch
+
+    t = torch.as_tensor(timestep, dtype=torch.float32, device=x.device).expand(x.shape[0])
+    return transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=embeds.to(dtype),
+                       pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
+
+def teacher_velocity(teacher, x, timestep, cond, uncond, guidance_scale: float, dtype):
+    """The teacher's guided velocity; conditional and unconditional in one batched call."""
+    if guidance_scale == 1:
+        return predict_velocity(teacher, x, timestep, cond[0], cond[1], dtype)
+    import torch
+
+    v_uncond, v_cond = predict_velocity(teacher, torch.cat([x, x]), timestep, torch.cat([uncond[0], cond[0]]),
+                                        torch.cat([uncond[1], cond[1]]), dtype).chunk(2)
+    return guided_velocity(v_uncond, v_cond, guidance_scale)
+
+def substep_sigmas(sigmas, i: int, num_substeps: int, shift: float):
+    """N + 1 sigmas from sigma_i down to sigma_{i+1} (float32, ends exact): uniform in the unshifted
+    coordinate u = sigma / (s - (s - 1) sigma), then shifted back, sigma = s u / (1 + (s - 1) u), as the
+    scheduler spaces its own steps; s = 1 is uniform in sigma."""
+    import torch
+
+    ends = sigmas[i:i + 2].double()
+    u = ends / (shift - (shift - 1) * ends)
+    grid = torch.linspace(float(u[0]), float(u[1]), num_substeps + 1, dtype=torch.float64)
+    inner = (shift * grid / (1 + (shift - 1) * grid)).float()
+    inner[0], inner[-1] = sigmas[i], sigmas[i + 1]
+    return inner
+
+def teacher_target_velocity(velocity_fn, x, sigmas, i: int, num_substeps: int, shift: float):
+    """The target over student step i: the teacher's own solve of its guided flow from (x, sigma_i) to
+    sigma_{i+1} in N Euler substeps, x^T, as an average velocity:
+
+        v* = (x - x^T) / (sigma_i - sigma_{i+1}),   x^T = Euler over substep_sigmas, t = 1000 sigma.
+
+    A student step with v* lands where the teacher's N-step solve lands. N = 1: the teacher's
+    instantaneous velocity velocity_fn(x, t_i) itself."""
+    if num_substeps == 1:
+        return velocity_fn(x, sigmas[i] * 1000)
+    grid = substep_sigmas(sigmas, i, num_substeps, shift)
+    y = x
+    for a, b in zip(grid[:-1], grid[1:]):
+        y = euler_step(y, velocity_fn(y, a * 1000), float(a), float(b))
+    return (x - y) / (float(sigmas[i]) - float(sigmas[i + 1]))
+
+def sample_latents(velocity_fn, noise, sigmas, timesteps):
+    """The deterministic flow sampler from noise: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) velocity_fn(x_i, t_i)."""
+    x = noise.float()
+    for i in range(len(timesteps)):
+        x = euler_step(x, velocity_fn(x, timesteps[i]), float(sigmas[i]), float(sigmas[i + 1]))
+    return x
 
 # =================================================================================================
-# Setup helpers: command line, validation, devices, atomic files, Colab setup.
+# The on-policy step: the student's rollout, the teacher's targets at the states it visits, the losses.
 # =================================================================================================
 
+@dataclasses.dataclass
+class Models:
+    """Everything the step needs; `teacher` is the student itself when the two share LoRA base weights."""
+
+    student: object  # after accelerator.prepare: may be wrapped for data parallelism
+    teacher: object
+    shares_weights: bool
+    teacher_dtype: object
+    student_dtype: object
+    latent_shape: tuple  # (C, H, W) of one latent
+    trainable: list  # the student's trainable parameters (fp32)
+    scheduler_config: dict  # the teacher's FlowMatchEulerDiscreteScheduler config
+    patch_size: int
+
+    def teacher_context(self):
+        return adapters_disabled(self.teacher) if self.shares_weights else contextlib.nullcontext()
+
+    @property
+    def image_seq_len(self) -> int:
+        return (self.latent_shape[1] // self.patch_size) * (self.latent_shape[2] // self.patch_size)
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The shared-weights teacher: the LoRA student with its adapters switched off."""
+    model.disable_adapters()
+    try:
+        yield model
+    finally:
+        model.enable_adapters()
+
+def step_generator(seed: int, step: int, micro: int, rank: int, device):
+    """Noise for one rollout depends only on (seed, step, micro-batch, process): resumes are exact."""
+    import torch
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step) * 1_009 + micro * 101 + rank)
+    return generator
+
+def choose_supervised(num_steps: int, num_supervised: int, rng: random.Random) -> set[int]:
+    """All K states, or a random M of them (0 = all)."""
+    if num_supervised == 0 or num_supervised >= num_steps:
+        return set(range(num_steps))
+    return set(rng.sample(range(num_steps), num_supervised))
+
+def choose_student_leads(num_steps: int, on_policy_fraction: float, rng: random.Random) -> set[int]:
+    """The rollout steps at which the student's own velocity moves the state: all of them on-policy
+    (1.0), none off-policy (0.0: the states are the teacher's trajectory), else each with that probability."""
+    if on_policy_fraction >= 1:
+        return set(range(num_steps))
+    return {i for i in range(num_steps) if rng.random() < on_policy_fraction}
+
+def teacher_substep_shift(config: dict, models: Models) -> float:
+    """The spacing of the teacher's substeps: TEACHER_SUBSTEP_SHIFT, or the shift its own scheduler uses."""
+    if config["TEACHER_SUBSTEP_SHIFT"] is not None:
+        return config["TEACHER_SUBSTEP_SHIFT"]
+    scheduler = models.scheduler_config
+    if scheduler.get("use_dynamic_shifting", False):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        return math.exp(calculate_shift(models.image_seq_len, scheduler.get("base_image_seq_len", 256),
+                                        scheduler.get("max_image_seq_len", 4096), scheduler.get("base_shift", 0.5),
+                                        scheduler.get("max_shift", 1.16)))
+    return scheduler.get("shift", 1.0)
+
+@dataclasses.dataclass
+class RolloutPlan:
+    """One rollout's draws: its prompts, its noise, which states the teacher supervises and which the student moves."""
+
+    cond: tuple  # (embeds, pooled) of its prompts
+    uncond: tuple  # the empty prompt's, for guidance
+    generator: object  # seeded by (SEED, step, micro-batch, process)
+    supervised: set[int]
+    student_leads: set[int]
+    loss_scale: float  # 1 / (supervised states x accumulated rollouts)
+    sync_gradients: bool  # the last rollout of an optimizer step: synchronise gradients across processes
+
+def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps, plan: RolloutPlan, kl_weight: float):
+    """One rollout with its losses; gradients are accumulated into the student.
+
+    From noise the student integrates its own K-step sampler. At a supervised state x_i (one the
+    student actually visits) the teacher solves its guided flow to sigma_{i+1} in TEACHER_SUBSTEPS
+    substeps (teacher_target_velocity), the student predicts with gradients, the losses are taken
+    against that target and backpropagated at once (no backpropagation through the rollout), and the
+    same student prediction, detached, moves the rollout on, by the flow-DDIM transition (ddim_step)
+    or, with STOCHASTIC_ROLLOUT off, the ODE. At steps not in `plan.student_leads` the teacher's
+    target moves it instead (ON_POLICY_FRACTION < 1: off-policy or DAgger-style mixes).
+    Returns per-step loss terms (fp32, detached) as a (K, 4) tensor: total, kl, eps_mse, latent_mse
+    (zeros where not supervised)."""
+    import torch
+
+    cond, uncond, supervised, student_leads = plan.cond, plan.uncond, plan.supervised, plan.student_leads
+    device = accelerator.device
+    x = torch.randn((cond[0].shape[0], *models.latent_shape), generator=plan.generator, device=device)
+    terms = torch.zeros(len(timesteps), 4, device=device)
+    plain_student = accelerator.unwrap_model(models.student)
+    eta, last_supervised = config["SAMPLER_ETA"], max(supervised)
+    substeps, shift = config["TEACHER_SUBSTEPS"], teacher_substep_shift(config, models)
+
+    def guided_teacher(y, t):
+        return teacher_velocity(models.teacher, y, t, cond, uncond, config["GUIDANCE_SCALE"], models.teacher_dtype)
+
+    for i in range(len(timesteps)):
+        sigma, sigma_next, t = float(sigmas[i]), float(sigmas[i + 1]), timesteps[i]
+        v_teacher = None
+        if i in supervised or i not in student_leads:
+            with torch.no_grad(), models.teacher_context():
+                v_teacher = teacher_target_velocity(guided_teacher, x, sigmas, i, substeps, shift)
+        if i in supervised:
+            sync = plan.sync_gradients and i == last_supervised
+            with contextlib.nullcontext() if sync else accelerator.no_sync(models.student):
+                with accelerator.autocast():
+                    v_student = predict_velocity(models.student, x, t, cond[0], cond[1], models.student_dtype)
+                kl = transition_kl(x, sigma, sigma_next, eta, v_student, v_teacher) if eta > 0 else v_student.new_zeros(())
+                eps = epsilon_mse(x, sigma, v_student, v_teacher)
+                lat = latent_mse(x, sigma, v_student, v_teacher)
+                total = kl_weight * kl + config["EPS_MSE_WEIGHT"] * eps + config["LATENT_MSE_WEIGHT"] * lat
+                accelerator.backward(total * plan.loss_scale)
+            terms[i] = torch.stack([total, kl, eps, lat]).detach()
+            v_student = v_student.detach()
+        elif i in student_leads:
+            with torch.no_grad(), accelerator.autocast():
+                v_student = predict_velocity(plain_student, x, t, cond[0], cond[1], models.student_dtype)
+        v_next = v_student if i in student_leads else v_teacher
+        if config["STOCHASTIC_ROLLOUT"] and eta > 0:
+            noise = torch.randn(x.shape, generator=plan.generator, device=device)
+            x = ddim_step(x, v_next, sigma, sigma_next, eta, noise)
+        else:
+            x = euler_step(x, v_next, sigma, sigma_next)
+    return terms
+
+def distill_step(models: Models, accelerator, text: "TextEmbeddings", step: int, config: dict, sigmas, timesteps,
+                 num_train_prompts: int):
+    """GRAD_ACCUM_STEPS on-policy rollouts of BATCH_SIZE training prompts, gradients accumulated (and
+    synchronised across processes only on the last). Returns the summed (K, 4) loss terms and how
+    often each rollout step was supervised."""
+    import torch
+
+    K, accum, batch = len(timesteps), config["GRAD_ACCUM_STEPS"], config["BATCH_SIZE"]
+    kl_weight = kl_weight_at(step, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"])
+    terms = torch.zeros(K, 4, device=accelerator.device)
+    counts = torch.zeros(K, device=accelerator.device)
+    for micro in range(accum):
+        idx = prompt_indices(step, micro, accelerator.process_index, accelerator.num_processes, batch, accum,
+                             num_train_prompts, config["SEED"])
+        rng = random.Random(config["SEED"] * 7919 + step * 31 + micro)
+        supervised = choose_supervised(K, config["SUPERVISED_STATES"], rng)
+        plan = RolloutPlan(text.batch(idx, accelerator.device, models.teacher_dtype),
+                           text.empty_batch(batch, accelerator.device, models.teacher_dtype),
+                           step_generator(config["SEED"], step, micro, accelerator.process_index, accelerator.device),
+                           supervised, choose_student_leads(K, config["ON_POLICY_FRACTION"], rng),
+                           1.0 / (len(supervised) * accum), micro == accum - 1)
+        terms += distill_rollout(models, accelerator, config, sigmas, timesteps, plan, kl_weight)
+        for i in supervised:
+            counts[i] += 1
+    return terms, counts
+
+# =================================================================================================
+# The training loop, its setup, the held-out evaluation.
+# =================================================================================================
+
+def build_optimizer(params: list, config: dict, device, num_processes: int):
+    """AdamW (fused on CUDA) and diffusers' learning-rate schedule. accelerate steps a prepared
+    schedule once per process, hence the factor."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=config["LEARNING_RATE"], betas=(config["ADAM_BETA1"], config["ADAM_BETA2"]),
+                                  weight_decay=config["ADAM_WEIGHT_DECAY"], eps=config["ADAM_EPS"],
+                                  **({"fused": True} if device.type == "cuda" else {}))
+    lr_scheduler = get_scheduler(config["LR_SCHEDULER"], optimizer, num_warmup_steps=config["LR_WARMUP_STEPS"] * num_processes,
+                                 num_training_steps=config["MAX_STEPS"] * num_processes)
+    return optimizer, lr_scheduler
+
+def apply_update(models: Models, accelerator, optimizer, lr_scheduler, terms, counts, config: dict, mixed_precision: str):
+    """Clip, then step, unless the loss or the gradient is not finite: then the weights and the
+    optimizer state stay exactly as they were. (Under fp16 the gradient scaler handles overflowing
+    gradients itself, by skipping and lowering its scale.) One host sync per step, for that check."""
+    import torch
+
+    loss = terms[:, 0].sum() / counts.sum()
+    grad_norm = accelerator.clip_grad_norm_(models.trainable, config["MAX_GRAD_NORM"] or float("inf"))
+    finite = bool(torch.isfinite(loss) and (mixed_precision == "fp16" or torch.isfinite(grad_norm)))
+    if finite:
+        optimizer.step()
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
+
+@dataclasses.dataclass
+class TrainResult:
+    status: str = "running"  # finished | interrupted | failed
+    step: int = 0
+    skipped_steps: int = 0
+    gap_before: float | None = None
+    gap_last: float | None = None
+    last_row: dict = dataclasses.field(default_factory=dict)
+
+@dataclasses.dataclass
+class Training:
+    """What the loop works with, made by setup_training."""
+
+    optimizer: object
+    lr_scheduler: object
+    sigmas: object  # the student's K-step sampler
+    timesteps: object
+    evaluate: HeldoutEval
+    metrics: MetricsWriter | None  # main process only
+    result: TrainResult
+
+def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts: list[dict],
+                   heldout_prompts: list[dict], teacher_path: str) -> Training:
+    """Optimizer and schedule under accelerate, the sampler, the held-out evaluation, the writers, the
+    restored checkpoint (weights, optimizer, schedule) or the step-0 evaluation of a fresh run."""
+    config, accelerator, paths, device = run.config, run.accelerator, run.paths, run.accelerator.device
+    set_attention_backend(config["ATTENTION_BACKEND"])  # after the text encoders, whose masked attention needs others
+    if accelerator.is_main_process and (hint := attention_hint(config["ATTENTION_BACKEND"], device)):
+        print(hint)
+    optimizer, lr_scheduler = build_optimizer(models.trainable, config, device, accelerator.num_processes)
+    models.student, optimizer, lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
+    sigmas, timesteps = sampler_sigmas(models.scheduler_config, config["NUM_ROLLOUT_STEPS"], config["SAMPLER_SHIFT"],
+                                       models.image_seq_len)
+    vae = None
+    if config["SAVE_SAMPLE_GRIDS"] and accelerator.is_main_process:
+        vae = load_vae(teacher_path, config, models.teacher_dtype, device)
+    evaluate = HeldoutEval(models, accelerator, text, heldout_prompts, len(train_prompts), config, sigmas, timesteps,
+                           paths, vae)
+    result = TrainResult()
+    if run.resume:
+        result.step, result.skipped_steps, result.gap_before = restore_checkpoint(
+            run.resume, models, optimizer, lr_scheduler, accelerator)
+        print(f"resumed {paths.name} from {run.resume[0].name} at step {result.step}")
+    metrics = None
+    if accelerator.is_main_process:
+        metrics = MetricsWriter(paths.metrics, metric_columns(config["NUM_ROLLOUT_STEPS"]),
+                                result.step if run.resume else None)
+        atomic_write_text(paths.run / "config.json", json.dumps(config, indent=2))
+    if config["REPORT_TO"]:
+        accelerator.init_trackers(paths.name, config={k: v for k, v in config.items() if v is not None})
+    if not run.resume:
+        result.gap_before = evaluate(0)
+    result.gap_last = result.gap_before
+    return Training(optimizer, lr_scheduler, sigmas, timesteps, evaluate, metrics, result)
+
+def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int, training: Training) -> TrainResult:
+    """The distillation loop: one optimizer step per iteration, metrics rows, held-out evaluations,
+    checkpoints by steps and by minutes; a summary is written however it ends."""
+    import torch
+    from tqdm.auto import tqdm
+
+    config, accelerator, paths, device = run.config, run.accelerator, run.paths, run.accelerator.device
+    optimizer, lr_scheduler, result = training.optimizer, training.lr_scheduler, training.result
+
+    def checkpoint(name, status):
+        if accelerator.is_main_process:
+            extra = {"skipped_steps": result.skipped_steps, "gap_before": result.gap_before}
+            run.checkpoints.save(name, result.step, status, config_fingerprint(config),
+                                 lambda path: save_checkpoint(path, models.student, optimizer, lr_scheduler, accelerator,
+                                                              result.step, config, extra))
+        accelerator.wait_for_everyone()
+
+    K, max_steps = config["NUM_ROLLOUT_STEPS"], config["MAX_STEPS"]
+    images_per_step = config["BATCH_SIZE"] * config["GRAD_ACCUM_STEPS"] * accelerator.num_processes
+    if accelerator.is_main_process:
+        print(run_header(run, models, images_per_step, result))
+    window, last_checkpoint_time, consecutive_skips = LogWindow(K, device), time.time(), 0
+    bar = tqdm(total=max_steps, initial=result.step, disable=not accelerator.is_local_main_process, desc="distill",
+               dynamic_ncols=True)
+    run.timings["train_started"] = time.time()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        while result.step < max_steps:
+            terms, counts = distill_step(models, accelerator, text, result.step, config, training.sigmas,
+                                         training.timesteps, num_train_prompts)
+            grad_norm, finite = apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config,
+                                             run.mixed_precision)
+            if finite:
+                consecutive_skips = 0
+                window.add(terms, counts, grad_norm)
+            else:
+                result.skipped_steps += 1
+                consecutive_skips += 1
+                if consecutive_skips >= config["MAX_CONSECUTIVE_SKIPS"]:
+                    raise UserError(f"{consecutive_skips} steps in a row had a non-finite loss or gradient (last at "
+                                    f"step {result.step}); stopped. The last good checkpoint is intact. Lower "
+                                    f"LEARNING_RATE, use MIXED_PRECISION='bf16' or 'no', or lower GUIDANCE_SCALE.")
+            result.step += 1
+            step = result.step
+            bar.update(1)
+
+            evaluate_now = step == max_steps or (config["EVAL_EVERY"] and step % config["EVAL_EVERY"] == 0)
+            if evaluate_now:
+                result.gap_last = training.evaluate(step)
+            if step % config["LOG_EVERY"] == 0 or step == max_steps or evaluate_now:
+                row = window.row(accelerator, step, kl_weight_at(step - 1, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
+                                 lr_scheduler.get_last_lr()[0], images_per_step, result.skipped_steps,
+                                 result.gap_last if evaluate_now else None)
+                if training.metrics:
+                    training.metrics.write(row)
+                if config["REPORT_TO"]:
+                    accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
+                result.last_row = row
+                bar.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "nan",
+                                s_it=f"{row['sec_per_step']:.2f}")
+            due = step % config["CHECKPOINT_EVERY"] == 0
+            if not due and config["CHECKPOINT_EVERY_MINUTES"] and step % config["LOG_EVERY"] == 0:
+                minutes = (time.time() - last_checkpoint_time) / 60
+                due = main_process_decides(accelerator, minutes >= config["CHECKPOINT_EVERY_MINUTES"])
+            if step < max_steps and due:
+                checkpoint(f"step_{step}.pt", "running")
+                last_checkpoint_time = time.time()
+        checkpoint("final.pt", "finished")
+        result.status = "finished"
+    except KeyboardInterrupt:
+        result.status = "interrupted"
+        checkpoint(f"step_{result.step}.pt", "interrupted")
+        print(f"\ninterrupted: saved {paths.checkpoints / f'step_{result.step}.pt'}; run again to continue.")
+    except BaseException:
+        result.status = "failed"
+        raise
+    finally:
+        bar.close()
+        write_summary(run, result, models)
+    return result
+
+def main_process_decides(accelerator, flag: bool) -> bool:
+    """The main process's flag, on every process. A checkpoint is collective (all processes wait for
+    it), so a decision taken on each process's own clock could differ by a step and hang them all."""
+    if accelerator.num_processes == 1:
+        return flag
+    from accelerate.utils import broadcast_object_list
+
+    return bool(broadcast_object_list([flag])[0])
+
+class LogWindow:
+    """Loss terms, supervision counts and gradient norms summed on the device since the last metrics row."""
+
+    def __init__(self, num_steps: int, device):
+        self.num_steps, self.device = num_steps, device
+        self.reset()
+
+    def reset(self):
+        import torch
+
+        num_steps, device = self.num_steps, self.device
+        self.terms = torch.zeros(num_steps, 4, device=device)
+        self.counts = torch.zeros(num_steps, device=device)
+        self.grad = torch.zeros((), device=device)
+        self.steps, self.start = 0, time.time()
+
+    def add(self, terms, counts, grad_norm):
+        self.terms += terms
+        self.counts += counts
+        self.grad += grad_norm.detach().float()
+        self.steps += 1
+
+    def row(self, accelerator, step, kl_weight, lr, images_per_step, skipped, gap) -> dict:
+        """Means over the window and all processes, read from the device once; then the window starts again."""
+        import torch
+
+        elapsed, steps = time.time() - self.start, max(self.steps, 1)
+        terms, counts = accelerator.reduce(self.terms, "sum").tolist(), accelerator.reduce(self.counts, "sum").tolist()
+        total = sum(counts)
+
+        def mean(col):
+            return sum(t[col] for t in terms) / total if total else None
+
+        row = {"step": step, "loss": mean(0), "kl": mean(1), "eps_mse": mean(2), "latent_mse": mean(3),
+               "kl_weight": kl_weight, "lr": lr, "grad_norm": float(accelerator.reduce(self.grad, "mean")) / steps, "sec_per_step": elapsed / steps,
+               "images_per_sec": images_per_step * steps / elapsed if elapsed > 0 else None,
+               "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+               "skipped_steps": skipped, "eval_gap": gap}
+        for i, (t, c) in enumerate(zip(terms, counts, strict=True)):
+            row.update({f"kl_{i}": t[1] / c if c else None, f"eps_mse_{i}": t[2] / c if c else None,
+                        f"latent_mse_{i}": t[3] / c if c else None})
+        self.reset()
+        return row
+
+def run_header(run: Run, models: Models, images_per_step: int, result: TrainResult) -> str:
+    """What this run is, before its progress bar: where it writes, on what, what trains, how long, where it starts."""
+    config, accelerator = run.config, run.accelerator
+    trainable = sum(p.numel() for p in models.trainable)
+    student = "LoRA on the teacher's own weights" if models.shares_weights else config["STUDENT_ID"]
+    gap = "" if result.gap_before is None else f"{result.gap_before:.4g}"
+    return "\n".join([
+        f"run {run.paths.name}: writing under {run.paths.root}",
+        f"  device {accelerator.device} x {accelerator.num_processes}, mixed precision {run.mixed_precision}, teacher "
+        f"{config['TEACHER_ID']} ({str(models.teacher_dtype).replace('torch.', '')}), student {student}",
+        f"  trainable parameters {trainable:,} ({config['TRAINABLE']})",
+        f"  K = {config['NUM_ROLLOUT_STEPS']} student steps, N = {config['TEACHER_SUBSTEPS']} teacher substeps per step, "
+        f"guidance {config['GUIDANCE_SCALE']}; {config['MAX_STEPS']} optimizer steps of {images_per_step} images"
+        + (f", from step {result.step}" if result.step else ""),
+        f"  held-out gap at step {result.step if run.resume else 0}: {gap or 'n/a'} (latent MSE to the teacher's "
+        f"{config['TEACHER_EVAL_STEPS']}-step guided sample; it should fall)"])
+
+def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelerator):
+    """Weights, optimizer, schedule, scaler; returns (step, skipped steps, gap before). No RNG state: every draw of a
+    step comes from generators seeded by (SEED, step), so a resumed run continues exactly without one."""
+    path, payload = resume
+    student = accelerator.unwrap_model(models.student)
+    missing = set(trainable_state(student)) - set(payload["student"])
+    if missing:
+        raise UserError(f"Checkpoint {path} lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}).")
+    student.load_state_dict(payload["student"], strict=False)
+    optimizer.load_state_dict(payload["optimizer"])
+    lr_scheduler.load_state_dict(payload["lr_scheduler"])
+    if payload["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(payload["scaler"])
+    return payload["step"], payload.get("skipped_steps", 0), payload.get("gap_before")
+
+def student_samples(models: Models, accelerator, cond, sigmas, timesteps, noise):
+    """The student's own K-step deterministic sample (conditional only: guidance is distilled into it)."""
+    import torch
+
+    student = accelerator.unwrap_model(models.student)
+    with torch.no_grad(), accelerator.autocast():
+        return sample_latents(lambda x, t: predict_velocity(student, x, t, cond[0], cond[1], models.student_dtype),
+                              noise, sigmas, timesteps)
+
+def teacher_reference_samples(models: Models, heldout_cond, uncond, config: dict, noise):
+    """The teacher's own sampler (TEACHER_EVAL_STEPS steps, guidance) on the held-out prompts: computed once."""
+    import torch
+
+    sigmas, timesteps = sampler_sigmas(models.scheduler_config, config["TEACHER_EVAL_STEPS"], None, models.image_seq_len)
+    with torch.no_grad(), models.teacher_context():
+        return sample_latents(lambda x, t: teacher_velocity(models.teacher, x, t, heldout_cond, uncond,
+                                                            config["GUIDANCE_SCALE"], models.teacher_dtype),
+                              noise, sigmas, timesteps)
+
+class HeldoutEval:
+    """The held-out teacher-student gap: latent MSE between the teacher's full guided sample and the
+    student's K-step sample from the same fixed noise, averaged over EVAL_NOISES noises per prompt
+    (sampled one prompt batch at a time, so memory does not grow with it). The teacher's samples (and
+    their images) are made once; each evaluation appends to eval.jsonl and, with a VAE, saves a PNG
+    grid of the first noise."""
+
+    def __init__(self, models: Models, accelerator, text: TextEmbeddings, heldout: list[dict], first_index: int,
+                 config: dict, sigmas, timesteps, paths: "RunPaths", vae=None):
+        import torch
+
+        device = accelerator.device
+        indices = list(range(first_index, first_index + len(heldout)))
+        self.models, self.accelerator, self.sigmas, self.timesteps = models, accelerator, sigmas, timesteps
+        self.prompts, self.paths, self.vae, self.teacher_images = [p["prompt"] for p in heldout], paths, vae, None
+        self.cond = text.batch(indices, device, models.teacher_dtype)
+        self.noise = torch.randn((config["EVAL_NOISES"] * len(indices), *models.latent_shape),
+                                 generator=torch.Generator().manual_seed(config["SEED"] + 12345)).to(device)
+        uncond = text.empty_batch(len(indices), device, models.teacher_dtype)
+        self.teacher = torch.cat([teacher_reference_samples(models, self.cond, uncond, config, noise)
+                                  for noise in self.noise.split(len(indices))])
+        self.num_steps, self.noises = config["NUM_ROLLOUT_STEPS"], config["EVAL_NOISES"]
+
+    def __call__(self, step: int) -> float:
+        import torch
+
+        samples = torch.cat([student_samples(self.models, self.accelerator, self.cond, self.sigmas, self.timesteps, noise)
+                             for noise in self.noise.split(len(self.prompts))])
+        per_sample = (samples - self.teacher).square().flatten(1).mean(1)
+        per_prompt = per_sample.view(self.noises, len(self.prompts)).mean(0).tolist()
+        gap = sum(per_prompt) / len(per_prompt)
+        if self.accelerator.is_main_process:
+            row = {"step": step, "eval_gap": gap, "per_prompt": per_prompt, "prompts": self.prompts,
+                   "noises_per_prompt": self.noises}
+            append_line(self.paths.metrics / "eval.jsonl", json.dumps(row))
+            if self.vae is not None:
+                first = slice(0, len(self.prompts))
+                if self.teacher_images is None:
+                    self.teacher_images = decode_latents(self.vae, self.teacher[first])
+                grid = sample_grid(self.teacher_images, decode_latents(self.vae, samples[first]), self.prompts,
+                                   per_sample[first].tolist(), self.num_steps)
+                atomic_write(self.paths.samples / f"step_{step}.png", lambda tmp: grid.save(tmp, format="PNG"))
+        return gap
+
+# =================================================================================================
+# main(): the story of a run.
+# =================================================================================================
+
+def main(argv: list[str] | None = None) -> int:
+    """The story of a run: settings, prompts, models, text embeddings, training, the exported student."""
+    config = None
+    try:
+        argv = sys.argv[1:] if argv is None else argv
+        if "--help" in argv or "-h" in argv:
+            try:
+                print(help_text(), flush=True)
+            except BrokenPipeError:  # --help | head: the reader left; say nothing more (as Python's docs advise)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        config = parse_args(argv)
+        if config["PRINT_COLAB_SETUP"]:
+            print(colab_setup_text())
+            return 0
+        validate_config(config)
+        if config["INSTALL_DEPS"]:
+            dep_install()
+        quiet_libraries()
+
+        run = start_run(config)
+        if run.finished:
+            print(finished_run_report(run))
+            return 0
+        train_prompts, heldout_prompts = prepare_prompts(run)
+        models, teacher_path = load_run_models(run)
+        text = cache_text_embeddings(run, train_prompts + heldout_prompts, models, teacher_path)
+        training = setup_training(run, models, text, train_prompts, heldout_prompts, teacher_path)
+        result = train(run, models, text, len(train_prompts), training)
+        interrupted = result.status == "interrupted"
+        if run.config["EXPORT_DIFFUSERS"] and run.accelerator.is_main_process and not interrupted:
+            export_student(models, run.accelerator, run.config, teacher_path, run.paths, result.gap_before,
+                           result.gap_last)
+        # Every process leaves together: a process that tore down the process group while the main one was still
+        # exporting left it hanging at exit, now and then, with gloo.
+        run.accelerator.wait_for_everyone()
+        run.accelerator.end_training()  # trackers closed; with several GPUs, the process group too
+        if interrupted:
+            return 130
+        if run.accelerator.is_main_process:
+            print(json.dumps({"status": result.status, "run_name": run.paths.name, "step": result.step,
+                              "eval_gap_before": result.gap_before, "eval_gap_last": result.gap_last}))
+        return 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if type(err).__name__ != "OutOfMemoryError":
+            raise
+        print(f"error: {out_of_memory_advice(config)}", file=sys.stderr)
+        return 2
+
+# =================================================================================================
+# Nothing below changes what is learned: the command line and its checks, run folders and resume, devices,
+# prompts, model loading, files and checkpoints, writers, the built-in tiny SD3, Colab and Hub helpers.
+#
+# Command line and validation.
+# =================================================================================================
 
 class UserError(Exception):
     """A problem the user can fix; printed as one paragraph, without a traceback."""
 
-
 def default_config() -> dict:
     return {name: globals()[name] for name in CONFIG_NAMES}
-
 
 def parse_value(name: str, text: str, default):
     """Parse --NAME=VALUE to the type of the constant's default."""
@@ -171,10 +859,8 @@ def parse_value(name: str, text: str, default):
             raise UserError(f"--{name}={text}: expected a number{' or none' if default is None else ''}.") from None
     return text
 
-
 PRECEDENCE = ("Precedence: the constants at the top of the script, then --preset NAME (it sets the values it names, "
               "over the file's, and prints each one), then each --NAME=VALUE, which wins over both.")
-
 
 def parse_args(argv: list[str]) -> dict:
     """Config = constants, then --preset NAME, then each --NAME=VALUE, in that order of precedence (PRECEDENCE)."""
@@ -216,7 +902,6 @@ def parse_args(argv: list[str]) -> dict:
         config["PROMPTS_JSONL"] = str(Path(config["OUTPUT_ROOT"]) / "prompts.jsonl")
     return config
 
-
 def help_text() -> str:
     """Every setting by block, with its default and its comment, read from this file's config block."""
     import re
@@ -234,7 +919,6 @@ def help_text() -> str:
             lines[-1] += " " + line[4:].strip()
     lines += ["", f"Presets: {', '.join(f'--preset {name}' for name in PRESETS)} (the built-in tiny SD3 on a CPU)."]
     return "\n".join(lines)
-
 
 def validate_config(c: dict) -> None:
     """Check every setting before anything heavy runs; report all problems at once, each with its fix."""
@@ -310,17 +994,14 @@ def validate_config(c: dict) -> None:
     if problems:
         raise UserError("Config has %d problem(s):\n  - " % len(problems) + "\n  - ".join(problems))
 
-
 def models_to_check(c: dict) -> list[str]:
     """TEACHER, and STUDENT where it is another model."""
     same = (c["STUDENT_ID"], c["STUDENT_REVISION"]) == (c["TEACHER_ID"], c["TEACHER_REVISION"])
     return ["TEACHER"] if same else ["TEACHER", "STUDENT"]
 
-
 def looks_like_a_path(model_id: str) -> bool:
     """A Hub id is "owner/name"; anything else (absolute, relative with ./, ~, deeper folders) is a local folder."""
     return model_id.startswith(("/", ".", "~")) or model_id.count("/") != 1 or "\\" in model_id
-
 
 def cached_config(model_id: str, revision: str, cache_dir: str, filename: str) -> dict | None:
     """A config file of a local folder, or of a Hub model already in the local cache; None if neither."""
@@ -334,7 +1015,6 @@ def cached_config(model_id: str, revision: str, cache_dir: str, filename: str) -
     path = try_to_load_from_cache(model_id, filename, cache_dir=cache_dir or None, revision=revision)
     return json.loads(Path(path).read_text()) if isinstance(path, str) else None
 
-
 def image_multiple(model_id: str, revision: str, cache_dir: str) -> tuple[int, int]:
     """(VAE factor, patch size) from the model's config files where they can be read without loading weights;
     the built-in tiny model's (2, 2); SD3's (8, 2) otherwise (every SD3 and SD3.5 model has them)."""
@@ -343,7 +1023,6 @@ def image_multiple(model_id: str, revision: str, cache_dir: str) -> tuple[int, i
     vae = cached_config(model_id, revision, cache_dir, "vae/config.json")
     transformer = cached_config(model_id, revision, cache_dir, "transformer/config.json")
     return (2 ** (len(vae["block_out_channels"]) - 1) if vae else 8), (transformer["patch_size"] if transformer else 2)
-
 
 def hub_answers(timeout: float = 3.0) -> bool:
     """Whether the Hub's host accepts a connection within `timeout` seconds (name lookup included)."""
@@ -364,7 +1043,6 @@ def hub_answers(timeout: float = 3.0) -> bool:
     thread.join(timeout)
     return bool(answered)
 
-
 def model_source_problem(model_id: str, revision: str, cache_dir: str, who: str) -> str | None:
     """Why TEACHER_ID/STUDENT_ID cannot be loaded, found in seconds and before any weights: a local folder
     that does not exist, or a Hub model that is not cached while the Hub cannot be reached."""
@@ -383,18 +1061,175 @@ def model_source_problem(model_id: str, revision: str, cache_dir: str, who: str)
                 f"diffusers folder.")
     return None
 
-
 def parse_block_slice(text: str) -> slice:
     parts = text.split(":")
     if len(parts) != 2:
         raise ValueError(text)
     return slice(*(int(p) if p.strip() else None for p in parts))
 
+# =================================================================================================
+# Runs: names, folders, where a run resumes.
+# =================================================================================================
+
+@dataclasses.dataclass
+class RunPaths:
+    root: Path
+    name: str
+
+    @property
+    def metrics(self):
+        return self.root / "metrics" / self.name
+
+    @property
+    def checkpoints(self):
+        return self.root / "checkpoints" / self.name
+
+    @property
+    def run(self):
+        return self.root / "runs" / self.name
+
+    @property
+    def samples(self):
+        return self.root / "samples" / self.name
+
+    @property
+    def export(self):
+        return self.root / "export" / self.name
+
+@dataclasses.dataclass
+class Run:
+    """What every stage of a run shares: its config, accelerate, where its files go, where it resumes from."""
+
+    config: dict
+    accelerator: object
+    mixed_precision: str
+    paths: RunPaths
+    checkpoints: CheckpointDir
+    resume: tuple | None  # (path, payload) of the checkpoint to continue, or None
+    timings: dict
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.resume) and self.resume[1]["step"] >= self.config["MAX_STEPS"]
+
+def start_run(config: dict) -> Run:
+    """accelerate, the run's name (the same in every process), and its resume point: decided before any
+    model is loaded, so a wrong setting costs nothing."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+
+    started = time.time()
+    mixed_precision = resolve_mixed_precision(config["MIXED_PRECISION"])
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=config["REPORT_TO"] or None,
+                              project_dir=str(Path(config["OUTPUT_ROOT"]) / "trackers"))
+    run_name = [choose_run_name(config) if accelerator.is_main_process else None]
+    broadcast_object_list(run_name)  # every process writes under, and resumes, the main process's run
+    paths = RunPaths(Path(config["OUTPUT_ROOT"]), run_name[0])
+    config = {**config, "RUN_NAME": paths.name}
+    checkpoints = CheckpointDir(paths.checkpoints, config["KEEP_LAST_CHECKPOINTS"])
+    if accelerator.is_main_process:
+        for folder in (paths.metrics, paths.checkpoints, paths.run):
+            remove_stale_temporaries(folder)
+    resume = find_resume_point(config, paths, checkpoints)
+    torch.manual_seed(config["SEED"])
+    # fp32 matmuls and convolutions (MIXED_PRECISION="no" runs, VAE decoding) on the tensor cores, as diffusers' --allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return Run(config, accelerator, mixed_precision, paths, checkpoints, resume, {"started": started})
+
+def choose_run_name(config: dict) -> str:
+    """RUN_NAME; else, with RESUME="auto", the newest run of this same config (an unfinished one is
+    continued, a finished one reported); else a new timestamped name."""
+    if config["RUN_NAME"]:
+        return config["RUN_NAME"]
+    if config["RESUME"] == "auto":
+        found = find_run_of_config(Path(config["OUTPUT_ROOT"]), config_fingerprint(config))
+        if found:
+            if found[1] != "finished":
+                print(f"resuming unfinished run {found[0]} (same config); set RUN_NAME to start another.")
+            return found[0]
+    return time.strftime("run-%Y%m%d-%H%M%S")
+
+def finished_run_report(run: "Run") -> str:
+    """What a finished run of this config left, for a re-run that has nothing to do."""
+    summary_path = run.paths.run / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    gap_before, gap_last = summary.get("eval_gap_before"), summary.get("eval_gap_last")
+    gaps = f"; held-out gap {gap_before:.4g} -> {gap_last:.4g}" if gap_before is not None and gap_last is not None else ""
+    export = f"; export {run.paths.export}" if run.paths.export.is_dir() else ""
+    return (f"run {run.paths.name} of this config already finished at step {run.resume[1]['step']}{gaps}{export}. "
+            f"Nothing to do. To train again: RESUME='never' (a new run) or a new RUN_NAME.")
+
+def find_run_of_config(output_root: Path, fingerprint: str) -> tuple[str, str] | None:
+    """With RUN_NAME empty: (name, status) of the newest run of exactly this config, finished or not."""
+    best = None
+    for pointer in (output_root / "checkpoints").glob("*/latest.json"):
+        try:
+            info = json.loads(pointer.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if info.get("fingerprint") == fingerprint and (best is None or info.get("time", 0) > best[0]):
+            best = (info.get("time", 0), pointer.parent.name, info.get("status"))
+    return best[1:] if best else None
+
+def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointDir"):
+    """(path, payload) of the checkpoint to continue from, or None for a fresh run."""
+    resume = None
+    if config["RESUME"] == "auto":
+        resume = checkpoints.newest_valid()
+    elif config["RESUME"] != "never":
+        try:
+            resume = (Path(config["RESUME"]), load_checkpoint(Path(config["RESUME"])))
+        except Exception as err:
+            raise UserError(f"RESUME={config['RESUME']!r} cannot be read ({type(err).__name__}: {str(err)[:200]}); "
+                            f"give another checkpoint or RESUME='auto'.") from err
+    elif checkpoints.step_files() or (paths.checkpoints / "final.pt").exists():
+        raise UserError(f"Run {paths.name} already has checkpoints in {paths.checkpoints} and RESUME='never' would "
+                        f"overwrite them. Set RESUME='auto' to continue it, or a new RUN_NAME.")
+    if resume and resume[1]["fingerprint"] != config_fingerprint(config):
+        raise UserError(f"Checkpoint {resume[0]} was written with different settings; resuming would mix two runs. "
+                        f"Use a new RUN_NAME, or restore the settings of that run (its config is in the checkpoint).")
+    return resume
+
+def config_fingerprint(config: dict) -> str:
+    """What makes two runs the same run: every setting except where outputs go and how often."""
+    volatile = {"RUN_NAME", "RESUME", "OUTPUT_ROOT", "LOG_EVERY", "CHECKPOINT_EVERY", "CHECKPOINT_EVERY_MINUTES",
+                "KEEP_LAST_CHECKPOINTS", "EVAL_EVERY", "PRINT_COLAB_SETUP", "INSTALL_DEPS", "PREFETCH_MODELS",
+                "COLAB_MODEL_CACHE", "MAX_CONSECUTIVE_SKIPS", "SAVE_SAMPLE_GRIDS", "REPORT_TO", "EXPORT_DIFFUSERS",
+                "PUSH_TO_HUB"}
+    kept = {k: v for k, v in sorted(config.items()) if k not in volatile}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+# =================================================================================================
+# Devices, precision, attention kernels.
+# =================================================================================================
+
+DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+def resolve_dtype(name: str, device):
+    """'auto' -> bf16 on a GPU that has it, fp16 on an older GPU, fp32 on the CPU."""
+    import torch
+
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, name)
+
+def resolve_mixed_precision(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa4")
-SDPA_SWITCHES = {"cudnn": "cudnn", "flash": "flash", "efficient": "mem_efficient", "math": "math"}
-FLASH_ATTENTION_4_INSTALL = "pip install flash-attn-4==4.0.0b36"  # the version measured (README, Speed)
 
+SDPA_SWITCHES = {"cudnn": "cudnn", "flash": "flash", "efficient": "mem_efficient", "math": "math"}
+
+FLASH_ATTENTION_4_INSTALL = "pip install flash-attn-4==4.0.0b36"  # the version measured (README, Speed)
 
 def set_attention_backend(name: str) -> None:
     """Allow only the named scaled-dot-product attention kernel, or all of them for "auto" (global
@@ -409,7 +1244,6 @@ def set_attention_backend(name: str) -> None:
         torch.nn.attention.restore_flash_attention_impl()
     for backend, switch in SDPA_SWITCHES.items():
         getattr(torch.backends.cuda, f"enable_{switch}_sdp")(name in ("auto", backend) or (name, backend) == ("fa4", "flash"))
-
 
 def flash_attention_4_problem() -> str | None:
     """Why ATTENTION_BACKEND="fa4" cannot run here, with the fix; None if it can."""
@@ -432,13 +1266,11 @@ def flash_attention_4_problem() -> str | None:
         return f"ATTENTION_BACKEND='fa4' runs on H100/H200 or B200 GPUs only ({gpu} here); use 'cudnn' or 'auto'."
     return None
 
-
 def flash_attention_4_gpu(device=None) -> bool:
     """Whether the (current) CUDA GPU is one FlashAttention-4 has kernels for: Hopper (9.x) or Blackwell (10.x)."""
     import torch
 
     return torch.cuda.get_device_capability(device)[0] in (9, 10)
-
 
 def attention_hint(backend: str, device) -> str | None:
     """One line for a GPU where FlashAttention-4 would run but another attention kernel was chosen."""
@@ -446,7 +1278,6 @@ def attention_hint(backend: str, device) -> str | None:
         return None
     how = "set it" if flash_attention_4_problem() is None else f"{FLASH_ATTENTION_4_INSTALL} and set it"
     return f"note: ATTENTION_BACKEND='fa4' made steps 7-9% faster on an H100 (README, Speed); {how} to use it here."
-
 
 def activate_flash_attention_4() -> None:
     """Route PyTorch's flash-attention kernel to FlashAttention-4 (the flash-attn-4 package's CuTe
@@ -466,30 +1297,422 @@ def activate_flash_attention_4() -> None:
     register_flash_attention_impl("FA4", register_fn=lambda: _fa4.register_flash_attention_fa4(adapter.__name__))
     activate_flash_attention_impl("FA4")
 
+def quiet_libraries() -> None:
+    """Keep the console to what this script says: no per-file progress bars or deprecation chatter."""
+    import warnings
 
-DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
+    warnings.filterwarnings("ignore", message="Argument aux_data .* cannot be converted to a JitArgument")  # FA4, per kernel
+    import diffusers
+    import transformers
 
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
-def resolve_dtype(name: str, device):
-    """'auto' -> bf16 on a GPU that has it, fp16 on an older GPU, fp32 on the CPU."""
+def out_of_memory_advice(config: dict) -> str:
+    """What lowers memory, most effective first, with this run's current values."""
+    return (f"The GPU ran out of memory (the last checkpoint is intact). To fit: BATCH_SIZE={config['BATCH_SIZE']} -> 1 "
+            f"(raise GRAD_ACCUM_STEPS instead); GRADIENT_CHECKPOINTING={config['GRADIENT_CHECKPOINTING']} -> True; "
+            f"TRAINABLE={config['TRAINABLE']!r} -> 'lora' (with STUDENT_ID = TEACHER_ID the two share one copy of the "
+            f"weights); IMAGE_SIZE={config['IMAGE_SIZE']} -> 512; USE_T5={config['USE_T5']} -> False; a smaller "
+            f"teacher; SUPERVISED_STATES -> 1 or 2. The README's memory table lists what fits each Colab GPU.")
+
+def free_accelerator_memory() -> None:
+    import gc
+
     import torch
 
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return getattr(torch, name)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
+# =================================================================================================
+# Prompts: a deterministic generator (categories x templates x attributes), a checked reader, the order.
+# =================================================================================================
 
-def resolve_mixed_precision(name: str) -> str:
+PROMPT_CATEGORIES = {
+    "animal": ["a cat", "a dog", "a fox", "an owl", "a horse", "a red panda", "a whale", "a tiger"],
+    "landscape": ["a mountain lake", "a desert canyon", "a snowy forest", "a rocky coast", "a rice terrace", "a volcano"],
+    "object": ["a teapot", "a vintage camera", "a pair of sneakers", "a glass bottle", "an old clock", "a guitar"],
+    "food": ["a bowl of ramen", "a slice of cake", "a plate of sushi", "a basket of apples", "a cup of coffee"],
+    "vehicle": ["a red bicycle", "a steam train", "a sailboat", "a vintage car", "a hot air balloon"],
+    "architecture": ["a lighthouse", "a gothic cathedral", "a wooden cabin", "a glass skyscraper", "a stone bridge"],
+    "person": ["an astronaut", "a chef", "a knight in armor", "a street musician", "a painter"],
+}
+
+PROMPT_TEMPLATES = [
+    "{style} of {subject}, {light}",
+    "{subject} in {setting}, {style}",
+    "{style}: {subject} at {setting}, {light}",
+    "close-up {style} of {subject}, {light}",
+]
+
+PROMPT_ATTRIBUTES = {
+    "style": ["a photo", "an oil painting", "a watercolor", "a pencil sketch", "a 3d render", "a pixel art image"],
+    "light": ["golden hour light", "soft morning light", "neon lights", "dramatic shadows", "overcast sky"],
+    "setting": ["the city", "the countryside", "a quiet studio", "the night", "the seaside", "a misty valley"],
+}
+
+def generate_prompts(num_prompts: int, seed: int) -> list[dict]:
+    """Draw `num_prompts` distinct prompts, deterministically from `seed`, balanced over categories.
+
+    Each is {"id", "prompt", "category"}; the same (num_prompts, seed) always gives the same list."""
+    rng = random.Random(seed)
+    per_category = {}
+    for category, subjects in PROMPT_CATEGORIES.items():
+        combos = [(s, t, st, li, se) for s in subjects for t in PROMPT_TEMPLATES for st in PROMPT_ATTRIBUTES["style"]
+                  for li in PROMPT_ATTRIBUTES["light"] for se in PROMPT_ATTRIBUTES["setting"]]
+        rng.shuffle(combos)
+        per_category[category] = combos
+    capacity = sum(len(v) for v in per_category.values())
+    if num_prompts > capacity:
+        raise UserError(f"NUM_PROMPTS={num_prompts} exceeds the {capacity} distinct prompts the generator can make.")
+    prompts, seen, cursor = [], set(), 0
+    categories = list(PROMPT_CATEGORIES)
+    while len(prompts) < num_prompts:
+        category = categories[cursor % len(categories)]
+        combos = per_category[category]
+        if combos:
+            subject, template, style, light, setting = combos.pop()
+            text = template.format(subject=subject, style=style, light=light, setting=setting)
+            if text not in seen:
+                seen.add(text)
+                prompts.append({"id": len(prompts), "prompt": text, "category": category})
+        cursor += 1
+    return prompts
+
+def write_prompts_jsonl(path: Path, prompts: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in prompts))
+
+def read_prompts_jsonl(path: Path) -> list[dict]:
+    """Read and check a prompts file; every problem names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Prompts file {path} not found. Set GENERATE_PROMPTS=True to write one, "
+                        f"or point PROMPTS_JSONL at a file with one {{\"prompt\": ...}} per line.")
+    prompts, problems = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(f"{path}:{number}: not valid JSON ({err.msg}).")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"{path}:{number}: expected an object like {{\"prompt\": \"a cat\"}}.")
+            continue
+        text = row.get("prompt")
+        if not isinstance(text, str):
+            problems.append(f"{path}:{number}: missing \"prompt\" string.")
+            continue
+        if not text.strip():
+            problems.append(f"{path}:{number}: empty \"prompt\".")
+            continue
+        prompts.append({"id": row.get("id", len(prompts)), "prompt": text, "category": row.get("category", "")})
+    if problems:
+        raise UserError("Prompts file has %d problem(s):\n  - " % len(problems) + "\n  - ".join(problems[:20]))
+    if not prompts:
+        raise UserError(f"Prompts file {path} has no prompts; add lines like {{\"prompt\": \"a cat\"}}.")
+    return prompts
+
+def split_heldout(prompts: list[dict], heldout: int) -> tuple[list[dict], list[dict]]:
+    """The last `heldout` prompts are for evaluation only."""
+    if heldout >= len(prompts):
+        raise UserError(f"HELDOUT_PROMPTS={heldout} leaves none of the {len(prompts)} prompts for training.")
+    return prompts[: len(prompts) - heldout], prompts[len(prompts) - heldout:]
+
+def prepare_prompts(run: Run) -> tuple[list[dict], list[dict]]:
+    """Write the generated prompts (main process), read them back through the checked reader, split."""
+    config, accelerator = run.config, run.accelerator
+    if config["GENERATE_PROMPTS"] and accelerator.is_main_process:
+        write_prompts_jsonl(Path(config["PROMPTS_JSONL"]), generate_prompts(config["NUM_PROMPTS"], config["PROMPT_SEED"]))
+    accelerator.wait_for_everyone()
+    return split_heldout(read_prompts_jsonl(Path(config["PROMPTS_JSONL"])), config["HELDOUT_PROMPTS"])
+
+def prompt_indices(step: int, micro: int, rank: int, world: int, batch: int, accum: int, n: int, seed: int) -> list[int]:
+    """Which training prompts one rollout uses: a fresh permutation each epoch, the stream cut into
+    batches, batches dealt to (step, micro-batch, process). A pure function of the step, so a resumed
+    run continues exactly where it stopped."""
+    start = ((step * accum + micro) * world + rank) * batch
+    out = []
+    for position in range(start, start + batch):
+        epoch, offset = divmod(position, n)
+        out.append(epoch_permutation(n, seed, epoch)[offset])
+    return out
+
+_PERMUTATIONS: dict = {}
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    key = (n, seed, epoch)
+    if key not in _PERMUTATIONS:
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        _PERMUTATIONS.clear()
+        _PERMUTATIONS[key] = order
+    return _PERMUTATIONS[key]
+
+# =================================================================================================
+# Models: teacher and student through diffusers, what trains, the cached text embeddings.
+# =================================================================================================
+
+def resolve_model_path(model_id: str, output_root: str) -> str:
+    """The built-in tiny model is built once under OUTPUT_ROOT/cache; anything else passes through."""
+    if model_id != TINY_MODEL_ID:
+        return model_id
+    path = Path(output_root) / "cache" / TINY_MODEL_ID
+    if not (path / "model_index.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_tiny_sd3(path)
+    return str(path)
+
+def explain_load_error(model_id: str, err: Exception) -> UserError:
+    """Turn a Hub or folder loading failure into the one-paragraph fix. diffusers wraps the Hub's
+    errors in OSError, so the original is found along the exception's cause chain."""
+    causes, cause = [], err
+    while cause is not None and len(causes) < 10:
+        causes.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    text = str(err)
+    if Path(model_id).exists():
+        return UserError(f"{model_id} is a local folder but not a diffusers SD3 folder (it needs model_index.json "
+                         f"and transformer/, vae/, text_encoder*/ and tokenizer*/ subfolders): {text[:300]}")
+    if "GatedRepoError" in causes:
+        if not os.environ.get("HF_TOKEN"):
+            return UserError(f"{model_id} is gated and no Hugging Face token is set. Create a token at "
+                             f"https://huggingface.co/settings/tokens and set HF_TOKEN (in Colab: from Secrets, "
+                             f"see PRINT_COLAB_SETUP), then run again.")
+        return UserError(f"{model_id} is gated and your token's account has not accepted its licence. Open "
+                         f"https://huggingface.co/{model_id} while logged in, accept the licence, then run again.")
+    if "RevisionNotFoundError" in causes:
+        return UserError(f"Revision not found for {model_id}: check TEACHER_REVISION/STUDENT_REVISION against "
+                         f"https://huggingface.co/{model_id}/tree/main, or use 'main'.")
+    if "RepositoryNotFoundError" in causes:
+        return UserError(f"{model_id} was not found on the Hugging Face Hub. Check the spelling, e.g. "
+                         f"stabilityai/stable-diffusion-3.5-medium, or give a local diffusers folder.")
+    return UserError(f"Could not load {model_id}: {type(err).__name__}: {text[:400]}. If you are offline, run once "
+                     f"online with PREFETCH_MODELS=True, or point TEACHER_ID/STUDENT_ID at a local diffusers folder.")
+
+def load_transformer(model_path: str, revision: str, dtype, cache_dir: str):
+    from diffusers import SD3Transformer2DModel
+
+    try:
+        return SD3Transformer2DModel.from_pretrained(model_path, subfolder="transformer", revision=revision,
+                                                     torch_dtype=dtype, cache_dir=cache_dir or None)
+    except Exception as err:  # any failure here is the user's model id, folder, network or token
+        raise explain_load_error(model_path, err) from err
+
+def check_compatible(teacher_config, student_config, image_size: int, vae_factor: int) -> None:
+    """Teacher and student must read the same latents and the same text embeddings."""
+    problems = []
+    for key in ("in_channels", "out_channels", "joint_attention_dim", "pooled_projection_dim"):
+        if teacher_config[key] != student_config[key]:
+            problems.append(f"{key}: teacher {teacher_config[key]}, student {student_config[key]}")
+    if problems:
+        raise UserError("Teacher and student are not compatible (" + "; ".join(problems) + "). Pick models of one "
+                        "family: SD3-medium, SD3.5-medium and SD3.5-large all share 16 latent channels and 4096/2048 "
+                        "text sizes.")
+    for who, cfg in (("teacher", teacher_config), ("student", student_config)):
+        multiple = vae_factor * cfg["patch_size"]
+        patches = image_size // multiple
+        if image_size % multiple:
+            raise UserError(f"IMAGE_SIZE={image_size} must be a multiple of {multiple} (VAE factor {vae_factor} x "
+                            f"{who} patch size {cfg['patch_size']}).")
+        if patches > cfg["pos_embed_max_size"]:
+            raise UserError(f"IMAGE_SIZE={image_size} is too large for the {who}: at most "
+                            f"{cfg['pos_embed_max_size'] * multiple} pixels.")
+
+def set_trainable(student, config: dict) -> list:
+    """Freeze the student except the part TRAINABLE names; return the trainable parameters (fp32)."""
     import torch
 
-    if name != "auto":
-        return name
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    mode = config["TRAINABLE"]
+    student.requires_grad_(mode == "all")
+    if mode == "lora":
+        from peft import LoraConfig
 
+        targets = [t.strip() for t in config["LORA_TARGET_MODULES"].split(",") if t.strip()]
+        student.add_adapter(LoraConfig(r=config["LORA_RANK"], lora_alpha=config["LORA_ALPHA"],
+                                       init_lora_weights="gaussian", target_modules=targets))
+    elif mode == "blocks":
+        for block in student.transformer_blocks[parse_block_slice(config["TRAIN_BLOCKS"])]:
+            block.requires_grad_(True)
+    elif mode == "norms":
+        for name, param in student.named_parameters():
+            if "norm" in name:
+                param.requires_grad_(True)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise UserError(f"TRAINABLE={mode!r} (TRAIN_BLOCKS={config['TRAIN_BLOCKS']!r}) selects no weights of the student.")
+    for p in params:  # master weights in fp32, as diffusers' cast_training_params does
+        p.data = p.data.to(torch.float32)
+    return params
+
+def load_models(config: dict, device) -> tuple[Models, str]:
+    """Teacher and student SD3 transformers through diffusers' from_pretrained, checked for
+    compatibility, the teacher frozen, the student's trainable part chosen; returns the models and the
+    teacher's folder (where the text encoders, VAE and scheduler come from)."""
+    from diffusers import AutoencoderKL
+
+    teacher_path = resolve_model_path(config["TEACHER_ID"], config["OUTPUT_ROOT"])
+    student_path = resolve_model_path(config["STUDENT_ID"], config["OUTPUT_ROOT"])
+    if config["PREFETCH_MODELS"]:
+        teacher_path = prefetch_model(teacher_path, config["TEACHER_REVISION"], config["USE_T5"], config["COLAB_MODEL_CACHE"])
+        student_path = prefetch_model(student_path, config["STUDENT_REVISION"], False, config["COLAB_MODEL_CACHE"])
+    teacher_dtype = resolve_dtype(config["TEACHER_DTYPE"], device)
+    # One copy of the transformer when the student is LoRA on the teacher's own weights.
+    shares_weights = config["TRAINABLE"] == "lora" and (config["TEACHER_ID"], config["TEACHER_REVISION"]) == (
+        config["STUDENT_ID"], config["STUDENT_REVISION"])
+    teacher = load_transformer(teacher_path, config["TEACHER_REVISION"], teacher_dtype, config["COLAB_MODEL_CACHE"])
+    if shares_weights:
+        student, student_dtype = teacher, teacher_dtype
+    else:
+        student_dtype = resolve_dtype(config["STUDENT_DTYPE"], device)
+        student = load_transformer(student_path, config["STUDENT_REVISION"], student_dtype, config["COLAB_MODEL_CACHE"])
+    vae_config = AutoencoderKL.load_config(teacher_path, subfolder="vae", revision=config["TEACHER_REVISION"],
+                                           cache_dir=config["COLAB_MODEL_CACHE"] or None)
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    models = make_models(teacher, student, shares_weights, teacher_dtype, student_dtype, config, vae_factor,
+                         load_scheduler_config(teacher_path, config), device)
+    return models, teacher_path
+
+def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_dtype, config: dict, vae_factor: int,
+                scheduler_config: dict, device) -> Models:
+    """Check compatibility, freeze the teacher, choose what of the student trains, place both on the device."""
+    check_compatible(teacher.config, student.config, config["IMAGE_SIZE"], vae_factor)
+    teacher.requires_grad_(False)
+    teacher.eval().to(device)
+    trainable = set_trainable(student, config)
+    student.to(device).train()
+    if config["GRADIENT_CHECKPOINTING"]:
+        student.enable_gradient_checkpointing()
+    if config["COMPILE"] and device.type == "cuda":
+        # Regional compilation: the blocks share one code object, so it compiles once, not per block;
+        # rollout, teacher and evaluation batches and the adapter switch each add a variant.
+        import torch._dynamo
+        import torch._functorch.config
+
+        # The on-disk AOTAutograd cache keys a block's graph from before the attention kernel is chosen,
+        # so it would hand back a compile made under another ATTENTION_BACKEND (seen on an H200: "fa4"
+        # ran exactly as fast as "cudnn" until that cache was off). Inductor's cache, keyed after the
+        # choice, still saves most of a repeated run's compile time.
+        torch._functorch.config.enable_autograd_cache = False
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+        for model in {id(teacher): teacher, id(student): student}.values():
+            for block in model.transformer_blocks:
+                block.compile()
+    latent_size = config["IMAGE_SIZE"] // vae_factor
+    return Models(student, teacher, shares_weights, teacher_dtype, student_dtype,
+                  (teacher.config.in_channels, latent_size, latent_size), trainable, scheduler_config,
+                  teacher.config.patch_size)
+
+def load_scheduler_config(model_path: str, config: dict) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return dict(FlowMatchEulerDiscreteScheduler.load_config(model_path, subfolder="scheduler",
+                                                            revision=config["TEACHER_REVISION"],
+                                                            cache_dir=config["COLAB_MODEL_CACHE"] or None))
+
+def load_run_models(run: Run) -> tuple[Models, str]:
+    t0 = time.time()
+    with run.accelerator.main_process_first():  # the first process builds or downloads, the others read
+        models, teacher_path = load_models(run.config, run.accelerator.device)
+    run.timings["model_load_seconds"] = time.time() - t0
+    return models, teacher_path
+
+@dataclasses.dataclass
+class TextEmbeddings:
+    """Cached encoder outputs for every prompt: (N, L, D) token embeddings and (N, P) pooled ones."""
+
+    embeds: "torch.Tensor"
+    pooled: "torch.Tensor"
+    empty_embeds: "torch.Tensor"  # the empty prompt, the unconditional branch of guidance
+    empty_pooled: "torch.Tensor"
+
+    def batch(self, indices, device, dtype):
+        return (self.embeds[indices].to(device, dtype, non_blocking=True),
+                self.pooled[indices].to(device, dtype, non_blocking=True))
+
+    def empty_batch(self, size, device, dtype):
+        return (self.empty_embeds.to(device, dtype).expand(size, -1, -1),
+                self.empty_pooled.to(device, dtype).expand(size, -1))
+
+def text_cache_path(cache_root: Path, model_path: str, revision: str, dtype_name: str, use_t5: bool, t5_len: int) -> Path:
+    key = json.dumps([model_path, revision, dtype_name, use_t5, t5_len])
+    return cache_root / "text_embeddings" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".pt")
+
+def encode_prompts_cached(texts: list[str], model_path: str, config: dict, device, transformer, cache_root: Path):
+    """Encode each prompt once with CLIP-L, CLIP-G and (unless USE_T5 is off) T5, through diffusers'
+    own StableDiffusion3Pipeline.encode_prompt; reuse earlier results from a cache on disk keyed by
+    model, revision, dtype, T5 switch and length, and prompt. Text encoders are loaded only on a cache
+    miss, and deleted (off the accelerator) before training starts."""
+    import torch
+
+    dtype = resolve_dtype(config["TEXT_ENCODER_DTYPE"], device)
+    path = text_cache_path(cache_root, model_path, config["TEACHER_REVISION"], str(dtype), config["USE_T5"],
+                           config["T5_MAX_LENGTH"])
+    cache = {}
+    if path.is_file():
+        try:
+            cache = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            print(f"warning: text-embedding cache {path} is unreadable ({type(err).__name__}); re-encoding.")
+    wanted = list(dict.fromkeys([""] + texts))
+    missing = [t for t in wanted if t not in cache]
+    if missing:
+        from diffusers import StableDiffusion3Pipeline
+
+        extra = {} if config["USE_T5"] else {"text_encoder_3": None, "tokenizer_3": None}
+        try:
+            pipe = StableDiffusion3Pipeline.from_pretrained(
+                model_path, revision=config["TEACHER_REVISION"], torch_dtype=dtype, transformer=transformer, vae=None,
+                cache_dir=config["COLAB_MODEL_CACHE"] or None, **extra)
+        except Exception as err:
+            raise explain_load_error(model_path, err) from err
+        for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            if module is not None:
+                module.to(device)
+        warn_truncation(pipe, missing, config)
+        with torch.no_grad():
+            for start in range(0, len(missing), 16):
+                chunk = missing[start:start + 16]
+                embeds, _, pooled, _ = pipe.encode_prompt(
+                    prompt=chunk, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+                    max_sequence_length=config["T5_MAX_LENGTH"])
+                for i, text in enumerate(chunk):
+                    cache[text] = (embeds[i].cpu().clone(), pooled[i].cpu().clone())
+        del pipe
+        free_accelerator_memory()
+        atomic_write(path, lambda tmp: torch.save(cache, tmp))
+    embeds = torch.stack([cache[t][0] for t in texts])
+    pooled = torch.stack([cache[t][1] for t in texts])
+    return TextEmbeddings(embeds, pooled, cache[""][0][None], cache[""][1][None])
+
+def warn_truncation(pipe, texts: list[str], config: dict) -> None:
+    """Name prompts longer than the tokenizers keep, once, instead of per batch."""
+    limits = [(pipe.tokenizer, 77, "CLIP")]
+    if pipe.tokenizer_3 is not None:
+        limits.append((pipe.tokenizer_3, config["T5_MAX_LENGTH"], "T5"))
+    for tokenizer, limit, name in limits:
+        long = [t for t in texts if len(tokenizer(t).input_ids) > limit]
+        if long:
+            print(f"warning: {len(long)} prompt(s) exceed {name}'s {limit} tokens and are truncated, e.g. {long[0][:80]!r}")
+
+def cache_text_embeddings(run: Run, prompts: list[dict], models: Models, teacher_path: str) -> TextEmbeddings:
+    t0 = time.time()
+    with run.accelerator.main_process_first():
+        text = encode_prompts_cached([p["prompt"] for p in prompts], teacher_path, run.config, run.accelerator.device,
+                                     models.teacher, Path(run.config["OUTPUT_ROOT"]) / "cache")
+    run.timings["text_embedding_seconds"] = time.time() - t0
+    return text
+
+# =================================================================================================
+# Files and checkpoints: atomic writes, what a checkpoint holds, the checkpoint folder.
+# =================================================================================================
 
 def atomic_write(path: Path, write, local_first: bool | None = None) -> None:
     """write(tmp_path) into a temporary file beside `path`, fsync it, then rename it into place.
@@ -526,10 +1749,8 @@ def atomic_write(path: Path, write, local_first: bool | None = None) -> None:
             if leftover.exists():
                 leftover.unlink()
 
-
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
 
 def remove_stale_temporaries(folder: Path) -> None:
     """A run killed mid-write leaves .tmp-* files; they are never valid, so remove them at start."""
@@ -537,264 +1758,272 @@ def remove_stale_temporaries(folder: Path) -> None:
         for tmp in folder.glob(".tmp-*"):
             tmp.unlink(missing_ok=True)
 
+def trainable_state(student) -> dict:
+    """Only what trains: all weights, the chosen blocks, or just the LoRA adapters."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in student.named_parameters() if p.requires_grad}
 
-def config_fingerprint(config: dict) -> str:
-    """What makes two runs the same run: every setting except where outputs go and how often."""
-    volatile = {"RUN_NAME", "RESUME", "OUTPUT_ROOT", "LOG_EVERY", "CHECKPOINT_EVERY", "CHECKPOINT_EVERY_MINUTES",
-                "KEEP_LAST_CHECKPOINTS", "EVAL_EVERY", "PRINT_COLAB_SETUP", "INSTALL_DEPS", "PREFETCH_MODELS",
-                "COLAB_MODEL_CACHE", "MAX_CONSECUTIVE_SKIPS", "SAVE_SAMPLE_GRIDS", "REPORT_TO", "EXPORT_DIFFUSERS",
-                "PUSH_TO_HUB"}
-    kept = {k: v for k, v in sorted(config.items()) if k not in volatile}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+def save_checkpoint(path: Path, student, optimizer, lr_scheduler, accelerator, step: int, config: dict, extra: dict) -> None:
+    import torch
 
+    payload = {"format": "onpolicy-distill-v1", "step": step, "student": trainable_state(accelerator.unwrap_model(student)),
+               "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+               "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+               "config": config, "fingerprint": config_fingerprint(config), **extra}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
-def quiet_libraries() -> None:
-    """Keep the console to what this script says: no per-file progress bars or deprecation chatter."""
-    import warnings
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """weights_only=True: a checkpoint holds only tensors and plain values, so loading one runs no code.
+    mmap=True leaves the tensors on disk (enough to verify a freshly written file)."""
+    import torch
 
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
-    warnings.filterwarnings("ignore", message="Argument aux_data .* cannot be converted to a JitArgument")  # FA4, per kernel
-    import diffusers
-    import transformers
+    payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    if payload.get("format") != "onpolicy-distill-v1":
+        raise ValueError("not a checkpoint of this script")
+    return payload
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+class CheckpointDir:
+    """checkpoints/<run>/: step_<N>.pt, final.pt and latest.json naming the newest complete one."""
 
+    def __init__(self, folder: Path, keep: int):
+        self.folder, self.keep = folder, keep
+        self.pointer = folder / "latest.json"
 
-def out_of_memory_advice(config: dict) -> str:
-    """What lowers memory, most effective first, with this run's current values."""
-    return (f"The GPU ran out of memory (the last checkpoint is intact). To fit: BATCH_SIZE={config['BATCH_SIZE']} -> 1 "
-            f"(raise GRAD_ACCUM_STEPS instead); GRADIENT_CHECKPOINTING={config['GRADIENT_CHECKPOINTING']} -> True; "
-            f"TRAINABLE={config['TRAINABLE']!r} -> 'lora' (with STUDENT_ID = TEACHER_ID the two share one copy of the "
-            f"weights); IMAGE_SIZE={config['IMAGE_SIZE']} -> 512; USE_T5={config['USE_T5']} -> False; a smaller "
-            f"teacher; SUPERVISED_STATES -> 1 or 2. The README's memory table lists what fits each Colab GPU.")
+    def step_files(self) -> list[Path]:
+        files = [p for p in self.folder.glob("step_*.pt") if p.stem[5:].isdigit()]
+        return sorted(files, key=lambda p: int(p.stem[5:]))
 
+    def save(self, name: str, step: int, status: str, fingerprint: str, save_fn) -> Path:
+        """Write, verify (its archive reads back), point latest.json at it, then drop the oldest."""
+        path = self.folder / name
+        save_fn(path)
+        load_checkpoint(path, mmap=True)  # reads the archive's index and values, not the tensors
+        atomic_write_text(self.pointer, json.dumps({"checkpoint": name, "step": step, "status": status,
+                                                    "fingerprint": fingerprint, "time": time.time()}))
+        if name.startswith("step_"):
+            for old in self.step_files()[: -self.keep]:
+                old.unlink(missing_ok=True)
+        return path
 
-REQUIREMENTS = {  # the ranges of requirements.txt, for dep_install()
-    "torch": ">=2.4", "diffusers": ">=0.32", "transformers": ">=4.45", "accelerate": ">=0.34",
-    "huggingface_hub": ">=0.25", "sentencepiece": ">=0.2", "protobuf": ">=3.20", "tqdm": ">=4.60", "peft": ">=0.13",
-}
+    def newest_valid(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that loads; a truncated or corrupt one is named and skipped."""
+        candidates = self.step_files()[::-1]
+        final = self.folder / "final.pt"
+        if final.is_file():
+            candidates.insert(0, final)
+        for path in candidates:
+            try:
+                return path, load_checkpoint(path)
+            except Exception as err:
+                print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}: {str(err)[:120]}); "
+                      f"falling back to an older one.")
+        return None
 
+# =================================================================================================
+# Writers: metrics, sample grids and curves, the summary, the exported student.
+# =================================================================================================
 
-def colab_setup_text() -> str:
-    return """\
-# Cell 1: install (skips what is already there)
-!pip install -q "diffusers>=0.32" "transformers>=4.45" "accelerate>=0.34" "peft>=0.13" sentencepiece protobuf
-# Cell 2: Hugging Face token. Add HF_TOKEN under Colab's key icon (Secrets) first; a !python process
-# cannot read secrets itself, so hand it over through the environment:
-from google.colab import userdata; import os; os.environ["HF_TOKEN"] = userdata.get("HF_TOKEN")
-# SD3 models are gated: accept the licence on each model page while logged in, e.g.
-#   https://huggingface.co/stabilityai/stable-diffusion-3-medium-diffusers
-# Cell 3 (recommended): keep outputs and downloads on Drive, so a disconnect loses nothing
-from google.colab import drive; drive.mount("/content/drive")
-# Cell 4: run (edit the constants at the top of the script, or pass --NAME=VALUE). Without Drive (no Cell 3),
-# leave out both flags: outputs then go to /content/outputs_colab, which a disconnect deletes.
-!python run_onpolicy_distill_colab.py --OUTPUT_ROOT=/content/drive/MyDrive/distill --COLAB_MODEL_CACHE=/content/drive/MyDrive/hf_cache
-"""
+def metric_columns(num_steps: int) -> list[str]:
+    columns = ["step", "loss", "kl", "eps_mse", "latent_mse", "kl_weight", "lr", "grad_norm", "sec_per_step",
+               "images_per_sec", "peak_mem_gb", "skipped_steps", "eval_gap"]
+    for i in range(num_steps):
+        columns += [f"kl_{i}", f"eps_mse_{i}", f"latent_mse_{i}"]
+    return columns
 
+class MetricsWriter:
+    """metrics.jsonl and metrics.csv, a row per logged step, flushed as written (eval.jsonl beside
+    them is written by HeldoutEval). On resume, rows past the restored step are dropped first from
+    all three, so each step appears once; the CSV header stays that of the run."""
 
-def dep_install() -> list[str]:
-    """pip-install each requirement that is missing or older than its range; return what was installed."""
-    import importlib.metadata as md
-    import subprocess
+    def __init__(self, folder: Path, columns: list[str], resume_step: int | None):
+        self.jsonl, self.csv, self.columns = folder / "metrics.jsonl", folder / "metrics.csv", columns
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = rows_through(self.jsonl, resume_step)
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(self.csv, ",".join(columns) + "\n" + "".join(self._csv_line(r) for r in rows))
+        evals = rows_through(folder / "eval.jsonl", resume_step)
+        atomic_write_text(folder / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in evals))
 
-    from packaging.specifiers import SpecifierSet
+    def _csv_line(self, row: dict) -> str:
+        import io
 
-    wanted = []
-    for package, spec in REQUIREMENTS.items():
-        try:
-            if md.version(package) in SpecifierSet(spec):
-                continue
-        except md.PackageNotFoundError:
-            pass
-        wanted.append(package + spec)
-    if wanted:
-        print("installing:", " ".join(wanted))
-        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *wanted])
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerow(["" if row.get(c) is None else row.get(c) for c in self.columns])
+        return out.getvalue()
+
+    def write(self, row: dict) -> None:
+        append_line(self.jsonl, json.dumps(row))
+        append_line(self.csv, self._csv_line(row).rstrip("\n"))
+
+def rows_through(path: Path, last_step: int | None) -> list[dict]:
+    """The rows of a JSONL file up to and including `last_step` (none for a fresh run); a line cut by a kill is dropped."""
+    rows = []
+    if last_step is not None and path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                if row.get("step", math.inf) <= last_step:
+                    rows.append(row)
+    return rows
+
+def append_line(path: Path, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+def load_vae(model_path: str, config: dict, dtype, device):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", revision=config["TEACHER_REVISION"],
+                                        torch_dtype=dtype, cache_dir=config["COLAB_MODEL_CACHE"] or None)
+    return vae.requires_grad_(False).eval().to(device)
+
+def decode_latents(vae, latents) -> list:
+    """Latents to PIL images exactly as StableDiffusion3Pipeline decodes them, one at a time (memory)."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+    images = []
+    for latent in latents:
+        z = latent[None].to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        with torch.no_grad():
+            images += processor.postprocess(vae.decode(z, return_dict=False)[0].float(), output_type="pil")
+    return images
+
+def sample_grid(teacher_images: list, student_images: list, prompts: list[str], gaps: list[float], num_steps: int):
+    """One row per held-out prompt: teacher | student, the prompt and its gap underneath."""
+    from PIL import Image, ImageDraw
+
+    side = max(teacher_images[0].width, 160)  # small (tiny-model) images are enlarged to be seen
+    caption, header = 30, 18
+    grid = Image.new("RGB", (2 * side, header + len(prompts) * (side + caption)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 3), "teacher (guided, full sampler)", fill="black")
+    draw.text((side + 4, 3), f"student ({num_steps} steps)", fill="black")
+    for row, (t, s, prompt, gap) in enumerate(zip(teacher_images, student_images, prompts, gaps, strict=True)):
+        top = header + row * (side + caption)
+        grid.paste(t.resize((side, side), Image.NEAREST), (0, top))
+        grid.paste(s.resize((side, side), Image.NEAREST), (side, top))
+        text = prompt if len(prompt) <= 2 * side // 6 else prompt[: 2 * side // 6 - 1] + "…"
+        draw.text((4, top + side + 2), text, fill="black")
+        draw.text((4, top + side + 15), f"gap {gap:.4g}", fill="black")
+    return grid
+
+def plot_curves(metrics_jsonl: Path, path: Path) -> None:
+    """Loss terms and the held-out gap over steps, as a PNG (matplotlib where installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed, so no {path.name}; the numbers are in {metrics_jsonl}.")
+        return
+    rows = rows_through(metrics_jsonl, math.inf)
+    if not rows:
+        return
+    fig, (losses, gap) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("loss", "kl", "eps_mse", "latent_mse"):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            losses.plot(*zip(*points, strict=True), label=key)
+    losses.set(xlabel="step", yscale="log", title="training loss terms")
+    losses.legend()
+    evals = rows_through(metrics_jsonl.with_name("eval.jsonl"), math.inf)  # from step 0, before any training
+    points = [(r["step"], r["eval_gap"]) for r in evals]
+    if points:
+        gap.plot(*zip(*points, strict=True), marker="o")
+    gap.set(xlabel="step", title="held-out teacher-student gap (latent MSE)")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+def write_summary(run: Run, result: TrainResult, models: Models) -> dict:
+    """runs/<run>/train_summary.json (and the curves plot), from the main process."""
+    if not run.accelerator.is_main_process:
+        return {}
+    config, paths, now = run.config, run.paths, time.time()
+    plot_curves(paths.metrics / "metrics.jsonl", paths.run / "curves.png")
+    summary = {
+        "status": result.status, "run_name": paths.name, "step": result.step, "max_steps": config["MAX_STEPS"],
+        "skipped_steps": result.skipped_steps, "eval_gap_before": result.gap_before, "eval_gap_last": result.gap_last,
+        "final_metrics": result.last_row,
+        "timings": {"total_seconds": now - run.timings["started"],
+                    "model_load_seconds": run.timings.get("model_load_seconds"),
+                    "text_embedding_seconds": run.timings.get("text_embedding_seconds"),
+                    "train_seconds": now - run.timings.get("train_started", now)},
+        "device": str(run.accelerator.device), "mixed_precision": run.mixed_precision,
+        "num_processes": run.accelerator.num_processes,
+        "trainable_parameters": sum(p.numel() for p in models.trainable), "shares_teacher_weights": models.shares_weights,
+        "paths": {"metrics_jsonl": str(paths.metrics / "metrics.jsonl"), "metrics_csv": str(paths.metrics / "metrics.csv"),
+                  "eval_jsonl": str(paths.metrics / "eval.jsonl"), "checkpoints": str(paths.checkpoints),
+                  "final": str(paths.checkpoints / "final.pt"), "prompts": config["PROMPTS_JSONL"],
+                  "samples": str(paths.samples), "curves": str(paths.run / "curves.png"),
+                  "export": str(paths.export) if config["EXPORT_DIFFUSERS"] else None},
+        "config": config,
+    }
+    atomic_write_text(paths.run / "train_summary.json", json.dumps(summary, indent=2))
+    return summary
+
+def export_student(models: Models, accelerator, config: dict, teacher_path: str, paths: "RunPaths", gap_before,
+                   gap_last) -> None:
+    """The student in the form diffusers users load: LoRA weights for pipe.load_lora_weights in LoRA
+    mode, else a whole StableDiffusion3Pipeline folder (without T5 when it was trained without it);
+    a model card beside it; optionally pushed to the Hub."""
+    import shutil
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    student = accelerator.unwrap_model(models.student)
+    staging = paths.export.with_name(f".tmp-{paths.export.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    if config["TRAINABLE"] == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        StableDiffusion3Pipeline.save_lora_weights(staging, transformer_lora_layers=get_peft_model_state_dict(student))
+        base = teacher_path if config["STUDENT_ID"] == TINY_MODEL_ID else config["STUDENT_ID"]  # the built-in one's folder
+        usage = (f"pipe = StableDiffusion3Pipeline.from_pretrained({base!r})\n"
+                 f"pipe.load_lora_weights({str(paths.export)!r})\n")
     else:
-        print("all requirements already installed")
-    return wanted
+        extra = {} if config["USE_T5"] else {"text_encoder_3": None, "tokenizer_3": None}
+        pipe = StableDiffusion3Pipeline.from_pretrained(teacher_path, transformer=student, revision=config["TEACHER_REVISION"],
+                                                        cache_dir=config["COLAB_MODEL_CACHE"] or None, **extra)
+        if config["SAMPLER_SHIFT"] is not None:
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=config["SAMPLER_SHIFT"])
+        pipe.save_pretrained(staging)
+        usage = f"pipe = StableDiffusion3Pipeline.from_pretrained({str(paths.export)!r})\n"
+    card = f"""# {paths.name}: a {config['NUM_ROLLOUT_STEPS']}-step SD3 student
 
+On-policy distilled from `{config['TEACHER_ID']}` into `{config['STUDENT_ID']}` ({config['TRAINABLE']}) by
+run_onpolicy_distill_colab.py: {config['MAX_STEPS']} steps, teacher guidance {config['GUIDANCE_SCALE']}, losses
+KL x {config['KL_WEIGHT']} + epsilon MSE x {config['EPS_MSE_WEIGHT']} + latent MSE x {config['LATENT_MSE_WEIGHT']}.
+Held-out teacher-student gap (latent MSE): {gap_before} before, {gap_last} after.
 
-def prefetch_patterns(use_t5: bool) -> list[str]:
-    """The files of a diffusers SD3 folder that a run reads: configs, tokenizers and safetensors weights."""
-    folders = ["transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
-    if use_t5:
-        folders += ["text_encoder_3", "tokenizer_3"]
-    patterns = ["model_index.json"]
-    for folder in folders:
-        patterns += [f"{folder}/*.json", f"{folder}/*.safetensors", f"{folder}/*.txt", f"{folder}/*.model"]
-    return patterns
+```python
+from diffusers import StableDiffusion3Pipeline
+{usage}image = pipe("a photo of a cat", num_inference_steps={config['NUM_ROLLOUT_STEPS']}, guidance_scale=1.0).images[0]
+```
+Guidance is distilled into the student: sample with guidance_scale=1.0.
+"""
+    (staging / "README.md").write_text(card)
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in staging.rglob("*"):  # diffusers writes its weights 0600 (through a temporary file); others 0644
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
+    shutil.rmtree(paths.export, ignore_errors=True)
+    os.replace(staging, paths.export)
+    if config["PUSH_TO_HUB"]:
+        from huggingface_hub import create_repo, upload_folder
 
-
-def download_size(files: list[tuple[str, int]], patterns: list[str]) -> int:
-    """Bytes of the repository files (name, size) that the patterns select."""
-    import fnmatch
-
-    return sum(size or 0 for name, size in files if any(fnmatch.fnmatch(name, p) for p in patterns))
-
-
-def prefetch_model(model_id: str, revision: str, use_t5: bool, cache_dir: str) -> str:
-    """Say how much will be downloaded, then download once (huggingface_hub skips files already
-    cached); return the local folder."""
-    from huggingface_hub import HfApi, snapshot_download
-
-    patterns = prefetch_patterns(use_t5)
-    if not Path(model_id).exists():
-        try:
-            info = HfApi().model_info(model_id, revision=revision, files_metadata=True)
-            size = download_size([(f.rfilename, f.size) for f in info.siblings], patterns)
-            print(f"prefetching {model_id}: {size / 2**30:.1f} GiB (less what is already cached)")
-        except Exception as err:
-            raise explain_load_error(model_id, err) from err
-    return snapshot_download(model_id, revision=revision, cache_dir=cache_dir or None, allow_patterns=patterns)
-
+        create_repo(config["PUSH_TO_HUB"], exist_ok=True)
+        upload_folder(repo_id=config["PUSH_TO_HUB"], folder_path=str(paths.export))
+        print(f"pushed {paths.export} to https://huggingface.co/{config['PUSH_TO_HUB']}")
 
 # =================================================================================================
-# Prompts: a deterministic generator (categories x templates x attributes) and a checked reader.
+# The built-in tiny SD3: every component made in code, saved and loaded as a Hub model is.
 # =================================================================================================
-
-
-PROMPT_CATEGORIES = {
-    "animal": ["a cat", "a dog", "a fox", "an owl", "a horse", "a red panda", "a whale", "a tiger"],
-    "landscape": ["a mountain lake", "a desert canyon", "a snowy forest", "a rocky coast", "a rice terrace", "a volcano"],
-    "object": ["a teapot", "a vintage camera", "a pair of sneakers", "a glass bottle", "an old clock", "a guitar"],
-    "food": ["a bowl of ramen", "a slice of cake", "a plate of sushi", "a basket of apples", "a cup of coffee"],
-    "vehicle": ["a red bicycle", "a steam train", "a sailboat", "a vintage car", "a hot air balloon"],
-    "architecture": ["a lighthouse", "a gothic cathedral", "a wooden cabin", "a glass skyscraper", "a stone bridge"],
-    "person": ["an astronaut", "a chef", "a knight in armor", "a street musician", "a painter"],
-}
-
-
-PROMPT_TEMPLATES = [
-    "{style} of {subject}, {light}",
-    "{subject} in {setting}, {style}",
-    "{style}: {subject} at {setting}, {light}",
-    "close-up {style} of {subject}, {light}",
-]
-
-
-PROMPT_ATTRIBUTES = {
-    "style": ["a photo", "an oil painting", "a watercolor", "a pencil sketch", "a 3d render", "a pixel art image"],
-    "light": ["golden hour light", "soft morning light", "neon lights", "dramatic shadows", "overcast sky"],
-    "setting": ["the city", "the countryside", "a quiet studio", "the night", "the seaside", "a misty valley"],
-}
-
-
-def generate_prompts(num_prompts: int, seed: int) -> list[dict]:
-    """Draw `num_prompts` distinct prompts, deterministically from `seed`, balanced over categories.
-
-    Each is {"id", "prompt", "category"}; the same (num_prompts, seed) always gives the same list."""
-    rng = random.Random(seed)
-    per_category = {}
-    for category, subjects in PROMPT_CATEGORIES.items():
-        combos = [(s, t, st, li, se) for s in subjects for t in PROMPT_TEMPLATES for st in PROMPT_ATTRIBUTES["style"]
-                  for li in PROMPT_ATTRIBUTES["light"] for se in PROMPT_ATTRIBUTES["setting"]]
-        rng.shuffle(combos)
-        per_category[category] = combos
-    capacity = sum(len(v) for v in per_category.values())
-    if num_prompts > capacity:
-        raise UserError(f"NUM_PROMPTS={num_prompts} exceeds the {capacity} distinct prompts the generator can make.")
-    prompts, seen, cursor = [], set(), 0
-    categories = list(PROMPT_CATEGORIES)
-    while len(prompts) < num_prompts:
-        category = categories[cursor % len(categories)]
-        combos = per_category[category]
-        if combos:
-            subject, template, style, light, setting = combos.pop()
-            text = template.format(subject=subject, style=style, light=light, setting=setting)
-            if text not in seen:
-                seen.add(text)
-                prompts.append({"id": len(prompts), "prompt": text, "category": category})
-        cursor += 1
-    return prompts
-
-
-def write_prompts_jsonl(path: Path, prompts: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in prompts))
-
-
-def read_prompts_jsonl(path: Path) -> list[dict]:
-    """Read and check a prompts file; every problem names the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Prompts file {path} not found. Set GENERATE_PROMPTS=True to write one, "
-                        f"or point PROMPTS_JSONL at a file with one {{\"prompt\": ...}} per line.")
-    prompts, problems = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(f"{path}:{number}: not valid JSON ({err.msg}).")
-            continue
-        if not isinstance(row, dict):
-            problems.append(f"{path}:{number}: expected an object like {{\"prompt\": \"a cat\"}}.")
-            continue
-        text = row.get("prompt")
-        if not isinstance(text, str):
-            problems.append(f"{path}:{number}: missing \"prompt\" string.")
-            continue
-        if not text.strip():
-            problems.append(f"{path}:{number}: empty \"prompt\".")
-            continue
-        prompts.append({"id": row.get("id", len(prompts)), "prompt": text, "category": row.get("category", "")})
-    if problems:
-        raise UserError("Prompts file has %d problem(s):\n  - " % len(problems) + "\n  - ".join(problems[:20]))
-    if not prompts:
-        raise UserError(f"Prompts file {path} has no prompts; add lines like {{\"prompt\": \"a cat\"}}.")
-    return prompts
-
-
-def split_heldout(prompts: list[dict], heldout: int) -> tuple[list[dict], list[dict]]:
-    """The last `heldout` prompts are for evaluation only."""
-    if heldout >= len(prompts):
-        raise UserError(f"HELDOUT_PROMPTS={heldout} leaves none of the {len(prompts)} prompts for training.")
-    return prompts[: len(prompts) - heldout], prompts[len(prompts) - heldout:]
-
-
-def prepare_prompts(run: Run) -> tuple[list[dict], list[dict]]:
-    """Write the generated prompts (main process), read them back through the checked reader, split."""
-    config, accelerator = run.config, run.accelerator
-    if config["GENERATE_PROMPTS"] and accelerator.is_main_process:
-        write_prompts_jsonl(Path(config["PROMPTS_JSONL"]), generate_prompts(config["NUM_PROMPTS"], config["PROMPT_SEED"]))
-    accelerator.wait_for_everyone()
-    return split_heldout(read_prompts_jsonl(Path(config["PROMPTS_JSONL"])), config["HELDOUT_PROMPTS"])
-
-
-def prompt_indices(step: int, micro: int, rank: int, world: int, batch: int, accum: int, n: int, seed: int) -> list[int]:
-    """Which training prompts one rollout uses: a fresh permutation each epoch, the stream cut into
-    batches, batches dealt to (step, micro-batch, process). A pure function of the step, so a resumed
-    run continues exactly where it stopped."""
-    start = ((step * accum + micro) * world + rank) * batch
-    out = []
-    for position in range(start, start + batch):
-        epoch, offset = divmod(position, n)
-        out.append(epoch_permutation(n, seed, epoch)[offset])
-    return out
-
-
-_PERMUTATIONS: dict = {}
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
-    key = (n, seed, epoch)
-    if key not in _PERMUTATIONS:
-        order = list(range(n))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        _PERMUTATIONS.clear()
-        _PERMUTATIONS[key] = order
-    return _PERMUTATIONS[key]
-
-
-# =================================================================================================
-# Models: the built-in tiny SD3, teacher and student, what trains, the cached text embeddings.
-# =================================================================================================
-
 
 def build_tiny_sd3(path: Path) -> None:
     """Make a tiny random SD3 (every component, tokenizers included) and save it as a diffusers folder.
@@ -871,1400 +2100,83 @@ def build_tiny_sd3(path: Path) -> None:
         pipe.save_pretrained(staging)
         os.replace(staging, path)
 
-
-def resolve_model_path(model_id: str, output_root: str) -> str:
-    """The built-in tiny model is built once under OUTPUT_ROOT/cache; anything else passes through."""
-    if model_id != TINY_MODEL_ID:
-        return model_id
-    path = Path(output_root) / "cache" / TINY_MODEL_ID
-    if not (path / "model_index.json").is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        build_tiny_sd3(path)
-    return str(path)
-
-
-def explain_load_error(model_id: str, err: Exception) -> UserError:
-    """Turn a Hub or folder loading failure into the one-paragraph fix. diffusers wraps the Hub's
-    errors in OSError, so the original is found along the exception's cause chain."""
-    causes, cause = [], err
-    while cause is not None and len(causes) < 10:
-        causes.append(type(cause).__name__)
-        cause = cause.__cause__ or cause.__context__
-    text = str(err)
-    if Path(model_id).exists():
-        return UserError(f"{model_id} is a local folder but not a diffusers SD3 folder (it needs model_index.json "
-                         f"and transformer/, vae/, text_encoder*/ and tokenizer*/ subfolders): {text[:300]}")
-    if "GatedRepoError" in causes:
-        if not os.environ.get("HF_TOKEN"):
-            return UserError(f"{model_id} is gated and no Hugging Face token is set. Create a token at "
-                             f"https://huggingface.co/settings/tokens and set HF_TOKEN (in Colab: from Secrets, "
-                             f"see PRINT_COLAB_SETUP), then run again.")
-        return UserError(f"{model_id} is gated and your token's account has not accepted its licence. Open "
-                         f"https://huggingface.co/{model_id} while logged in, accept the licence, then run again.")
-    if "RevisionNotFoundError" in causes:
-        return UserError(f"Revision not found for {model_id}: check TEACHER_REVISION/STUDENT_REVISION against "
-                         f"https://huggingface.co/{model_id}/tree/main, or use 'main'.")
-    if "RepositoryNotFoundError" in causes:
-        return UserError(f"{model_id} was not found on the Hugging Face Hub. Check the spelling, e.g. "
-                         f"stabilityai/stable-diffusion-3.5-medium, or give a local diffusers folder.")
-    return UserError(f"Could not load {model_id}: {type(err).__name__}: {text[:400]}. If you are offline, run once "
-                     f"online with PREFETCH_MODELS=True, or point TEACHER_ID/STUDENT_ID at a local diffusers folder.")
-
-
-def load_transformer(model_path: str, revision: str, dtype, cache_dir: str):
-    from diffusers import SD3Transformer2DModel
-
-    try:
-        return SD3Transformer2DModel.from_pretrained(model_path, subfolder="transformer", revision=revision,
-                                                     torch_dtype=dtype, cache_dir=cache_dir or None)
-    except Exception as err:  # any failure here is the user's model id, folder, network or token
-        raise explain_load_error(model_path, err) from err
-
-
-def check_compatible(teacher_config, student_config, image_size: int, vae_factor: int) -> None:
-    """Teacher and student must read the same latents and the same text embeddings."""
-    problems = []
-    for key in ("in_channels", "out_channels", "joint_attention_dim", "pooled_projection_dim"):
-        if teacher_config[key] != student_config[key]:
-            problems.append(f"{key}: teacher {teacher_config[key]}, student {student_config[key]}")
-    if problems:
-        raise UserError("Teacher and student are not compatible (" + "; ".join(problems) + "). Pick models of one "
-                        "family: SD3-medium, SD3.5-medium and SD3.5-large all share 16 latent channels and 4096/2048 "
-                        "text sizes.")
-    for who, cfg in (("teacher", teacher_config), ("student", student_config)):
-        multiple = vae_factor * cfg["patch_size"]
-        patches = image_size // multiple
-        if image_size % multiple:
-            raise UserError(f"IMAGE_SIZE={image_size} must be a multiple of {multiple} (VAE factor {vae_factor} x "
-                            f"{who} patch size {cfg['patch_size']}).")
-        if patches > cfg["pos_embed_max_size"]:
-            raise UserError(f"IMAGE_SIZE={image_size} is too large for the {who}: at most "
-                            f"{cfg['pos_embed_max_size'] * multiple} pixels.")
-
-
-def set_trainable(student, config: dict) -> list:
-    """Freeze the student except the part TRAINABLE names; return the trainable parameters (fp32)."""
-    import torch
-
-    mode = config["TRAINABLE"]
-    student.requires_grad_(mode == "all")
-    if mode == "lora":
-        from peft import LoraConfig
-
-        targets = [t.strip() for t in config["LORA_TARGET_MODULES"].split(",") if t.strip()]
-        student.add_adapter(LoraConfig(r=config["LORA_RANK"], lora_alpha=config["LORA_ALPHA"],
-                                       init_lora_weights="gaussian", target_modules=targets))
-    elif mode == "blocks":
-        for block in student.transformer_blocks[parse_block_slice(config["TRAIN_BLOCKS"])]:
-            block.requires_grad_(True)
-    elif mode == "norms":
-        for name, param in student.named_parameters():
-            if "norm" in name:
-                param.requires_grad_(True)
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
-        raise UserError(f"TRAINABLE={mode!r} (TRAIN_BLOCKS={config['TRAIN_BLOCKS']!r}) selects no weights of the student.")
-    for p in params:  # master weights in fp32, as diffusers' cast_training_params does
-        p.data = p.data.to(torch.float32)
-    return params
-
-
-@contextlib.contextmanager
-def adapters_disabled(model):
-    """The shared-weights teacher: the LoRA student with its adapters switched off."""
-    model.disable_adapters()
-    try:
-        yield model
-    finally:
-        model.enable_adapters()
-
-
-@dataclasses.dataclass
-class Models:
-    """Everything the step needs; `teacher` is the student itself when the two share LoRA base weights."""
-
-    student: object  # after accelerator.prepare: may be wrapped for data parallelism
-    teacher: object
-    shares_weights: bool
-    teacher_dtype: object
-    student_dtype: object
-    latent_shape: tuple  # (C, H, W) of one latent
-    trainable: list  # the student's trainable parameters (fp32)
-    scheduler_config: dict  # the teacher's FlowMatchEulerDiscreteScheduler config
-    patch_size: int
-
-    def teacher_context(self):
-        return adapters_disabled(self.teacher) if self.shares_weights else contextlib.nullcontext()
-
-    @property
-    def image_seq_len(self) -> int:
-        return (self.latent_shape[1] // self.patch_size) * (self.latent_shape[2] // self.patch_size)
-
-
-def load_models(config: dict, device) -> tuple[Models, str]:
-    """Teacher and student SD3 transformers through diffusers' from_pretrained, checked for
-    compatibility, the teacher frozen, the student's trainable part chosen; returns the models and the
-    teacher's folder (where the text encoders, VAE and scheduler come from)."""
-    from diffusers import AutoencoderKL
-
-    teacher_path = resolve_model_path(config["TEACHER_ID"], config["OUTPUT_ROOT"])
-    student_path = resolve_model_path(config["STUDENT_ID"], config["OUTPUT_ROOT"])
-    if config["PREFETCH_MODELS"]:
-        teacher_path = prefetch_model(teacher_path, config["TEACHER_REVISION"], config["USE_T5"], config["COLAB_MODEL_CACHE"])
-        student_path = prefetch_model(student_path, config["STUDENT_REVISION"], False, config["COLAB_MODEL_CACHE"])
-    teacher_dtype = resolve_dtype(config["TEACHER_DTYPE"], device)
-    # One copy of the transformer when the student is LoRA on the teacher's own weights.
-    shares_weights = config["TRAINABLE"] == "lora" and (config["TEACHER_ID"], config["TEACHER_REVISION"]) == (
-        config["STUDENT_ID"], config["STUDENT_REVISION"])
-    teacher = load_transformer(teacher_path, config["TEACHER_REVISION"], teacher_dtype, config["COLAB_MODEL_CACHE"])
-    if shares_weights:
-        student, student_dtype = teacher, teacher_dtype
-    else:
-        student_dtype = resolve_dtype(config["STUDENT_DTYPE"], device)
-        student = load_transformer(student_path, config["STUDENT_REVISION"], student_dtype, config["COLAB_MODEL_CACHE"])
-    vae_config = AutoencoderKL.load_config(teacher_path, subfolder="vae", revision=config["TEACHER_REVISION"],
-                                           cache_dir=config["COLAB_MODEL_CACHE"] or None)
-    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    models = make_models(teacher, student, shares_weights, teacher_dtype, student_dtype, config, vae_factor,
-                         load_scheduler_config(teacher_path, config), device)
-    return models, teacher_path
-
-
-def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_dtype, config: dict, vae_factor: int,
-                scheduler_config: dict, device) -> Models:
-    """Check compatibility, freeze the teacher, choose what of the student trains, place both on the device."""
-    check_compatible(teacher.config, student.config, config["IMAGE_SIZE"], vae_factor)
-    teacher.requires_grad_(False)
-    teacher.eval().to(device)
-    trainable = set_trainable(student, config)
-    student.to(device).train()
-    if config["GRADIENT_CHECKPOINTING"]:
-        student.enable_gradient_checkpointing()
-    if config["COMPILE"] and device.type == "cuda":
-        # Regional compilation: the blocks share one code object, so it compiles once, not per block;
-        # rollout, teacher and evaluation batches and the adapter switch each add a variant.
-        import torch._dynamo
-        import torch._functorch.config
-
-        # The on-disk AOTAutograd cache keys a block's graph from before the attention kernel is chosen,
-        # so it would hand back a compile made under another ATTENTION_BACKEND (seen on an H200: "fa4"
-        # ran exactly as fast as "cudnn" until that cache was off). Inductor's cache, keyed after the
-        # choice, still saves most of a repeated run's compile time.
-        torch._functorch.config.enable_autograd_cache = False
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-        for model in {id(teacher): teacher, id(student): student}.values():
-            for block in model.transformer_blocks:
-                block.compile()
-    latent_size = config["IMAGE_SIZE"] // vae_factor
-    return Models(student, teacher, shares_weights, teacher_dtype, student_dtype,
-                  (teacher.config.in_channels, latent_size, latent_size), trainable, scheduler_config,
-                  teacher.config.patch_size)
-
-
-def load_scheduler_config(model_path: str, config: dict) -> dict:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return dict(FlowMatchEulerDiscreteScheduler.load_config(model_path, subfolder="scheduler",
-                                                            revision=config["TEACHER_REVISION"],
-                                                            cache_dir=config["COLAB_MODEL_CACHE"] or None))
-
-
-def load_run_models(run: Run) -> tuple[Models, str]:
-    t0 = time.time()
-    with run.accelerator.main_process_first():  # the first process builds or downloads, the others read
-        models, teacher_path = load_models(run.config, run.accelerator.device)
-    run.timings["model_load_seconds"] = time.time() - t0
-    return models, teacher_path
-
-
-@dataclasses.dataclass
-class TextEmbeddings:
-    """Cached encoder outputs for every prompt: (N, L, D) token embeddings and (N, P) pooled ones."""
-
-    embeds: "torch.Tensor"
-    pooled: "torch.Tensor"
-    empty_embeds: "torch.Tensor"  # the empty prompt, the unconditional branch of guidance
-    empty_pooled: "torch.Tensor"
-
-    def batch(self, indices, device, dtype):
-        return (self.embeds[indices].to(device, dtype, non_blocking=True),
-                self.pooled[indices].to(device, dtype, non_blocking=True))
-
-    def empty_batch(self, size, device, dtype):
-        return (self.empty_embeds.to(device, dtype).expand(size, -1, -1),
-                self.empty_pooled.to(device, dtype).expand(size, -1))
-
-
-def text_cache_path(cache_root: Path, model_path: str, revision: str, dtype_name: str, use_t5: bool, t5_len: int) -> Path:
-    key = json.dumps([model_path, revision, dtype_name, use_t5, t5_len])
-    return cache_root / "text_embeddings" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".pt")
-
-
-def encode_prompts_cached(texts: list[str], model_path: str, config: dict, device, transformer, cache_root: Path):
-    """Encode each prompt once with CLIP-L, CLIP-G and (unless USE_T5 is off) T5, through diffusers'
-    own StableDiffusion3Pipeline.encode_prompt; reuse earlier results from a cache on disk keyed by
-    model, revision, dtype, T5 switch and length, and prompt. Text encoders are loaded only on a cache
-    miss, and deleted (off the accelerator) before training starts."""
-    import torch
-
-    dtype = resolve_dtype(config["TEXT_ENCODER_DTYPE"], device)
-    path = text_cache_path(cache_root, model_path, config["TEACHER_REVISION"], str(dtype), config["USE_T5"],
-                           config["T5_MAX_LENGTH"])
-    cache = {}
-    if path.is_file():
-        try:
-            cache = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            print(f"warning: text-embedding cache {path} is unreadable ({type(err).__name__}); re-encoding.")
-    wanted = list(dict.fromkeys([""] + texts))
-    missing = [t for t in wanted if t not in cache]
-    if missing:
-        from diffusers import StableDiffusion3Pipeline
-
-        extra = {} if config["USE_T5"] else {"text_encoder_3": None, "tokenizer_3": None}
-        try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(
-                model_path, revision=config["TEACHER_REVISION"], torch_dtype=dtype, transformer=transformer, vae=None,
-                cache_dir=config["COLAB_MODEL_CACHE"] or None, **extra)
-        except Exception as err:
-            raise explain_load_error(model_path, err) from err
-        for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            if module is not None:
-                module.to(device)
-        warn_truncation(pipe, missing, config)
-        with torch.no_grad():
-            for start in range(0, len(missing), 16):
-                chunk = missing[start:start + 16]
-                embeds, _, pooled, _ = pipe.encode_prompt(
-                    prompt=chunk, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
-                    max_sequence_length=config["T5_MAX_LENGTH"])
-                for i, text in enumerate(chunk):
-                    cache[text] = (embeds[i].cpu().clone(), pooled[i].cpu().clone())
-        del pipe
-        free_accelerator_memory()
-        atomic_write(path, lambda tmp: torch.save(cache, tmp))
-    embeds = torch.stack([cache[t][0] for t in texts])
-    pooled = torch.stack([cache[t][1] for t in texts])
-    return TextEmbeddings(embeds, pooled, cache[""][0][None], cache[""][1][None])
-
-
-def warn_truncation(pipe, texts: list[str], config: dict) -> None:
-    """Name prompts longer than the tokenizers keep, once, instead of per batch."""
-    limits = [(pipe.tokenizer, 77, "CLIP")]
-    if pipe.tokenizer_3 is not None:
-        limits.append((pipe.tokenizer_3, config["T5_MAX_LENGTH"], "T5"))
-    for tokenizer, limit, name in limits:
-        long = [t for t in texts if len(tokenizer(t).input_ids) > limit]
-        if long:
-            print(f"warning: {len(long)} prompt(s) exceed {name}'s {limit} tokens and are truncated, e.g. {long[0][:80]!r}")
-
-
-def cache_text_embeddings(run: Run, prompts: list[dict], models: Models, teacher_path: str) -> TextEmbeddings:
-    t0 = time.time()
-    with run.accelerator.main_process_first():
-        text = encode_prompts_cached([p["prompt"] for p in prompts], teacher_path, run.config, run.accelerator.device,
-                                     models.teacher, Path(run.config["OUTPUT_ROOT"]) / "cache")
-    run.timings["text_embedding_seconds"] = time.time() - t0
-    return text
-
-
-def free_accelerator_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # =================================================================================================
-# Rollout and losses. Flow matching, as SD3 is trained: x_t = (1 - sigma) x0 + sigma eps, and the
-# transformer predicts the velocity v = eps - x0. Each formula is a small pure function.
+# Colab and Hub helpers: the notebook cells, installing what is missing, prefetching only what a run reads.
 # =================================================================================================
 
-
-def sampler_sigmas(scheduler_config: dict, num_steps: int, shift: float | None, image_seq_len: int):
-    """Sigmas sigma_0 = 1 > ... > sigma_K = 0 and timesteps t_i = 1000 sigma_i of a K-step sampler.
-
-    Exactly diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps: sigma = linspace(1, 1/T..)
-    then shifted, sigma' = s sigma / (1 + (s - 1) sigma), with shift s (or the resolution-dependent
-    mu of the SD3 pipeline when the scheduler uses dynamic shifting)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-    overrides = {} if shift is None else {"shift": shift}
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, **overrides)
-    kwargs = {}
-    if scheduler.config.get("use_dynamic_shifting", False):
-        kwargs["mu"] = calculate_shift(image_seq_len, scheduler.config.get("base_image_seq_len", 256),
-                                       scheduler.config.get("max_image_seq_len", 4096),
-                                       scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.16))
-    scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
-    return scheduler.sigmas.clone(), scheduler.timesteps.clone()
-
-
-def epsilon_from_velocity(x_t, sigma, velocity):
-    """eps_hat = x_t + (1 - sigma) v   (from x_t = (1 - sigma) x0 + sigma eps and v = eps - x0)."""
-    return x_t + (1 - sigma) * velocity
-
-
-def x0_from_velocity(x_t, sigma, velocity):
-    """x0_hat = x_t - sigma v."""
-    return x_t - sigma * velocity
-
-
-def guided_velocity(v_uncond, v_cond, guidance_scale: float):
-    """Classifier-free guidance: v = v_uncond + w (v_cond - v_uncond)."""
-    return v_uncond + guidance_scale * (v_cond - v_uncond)
-
-
-def euler_step(x, velocity, sigma, sigma_next):
-    """The deterministic flow sampler (diffusers' FlowMatchEulerDiscreteScheduler.step):
-    x' = x + (sigma_next - sigma) v."""
-    return x + (sigma_next - sigma) * velocity
-
-
-def ddim_noise_fraction(sigma: float, sigma_next: float, eta: float) -> float:
-    """rho = eta sqrt(1 - SNR(sigma) / SNR(sigma_next)), SNR(sigma) = ((1 - sigma) / sigma)^2.
-
-    With eta = 1 this is the exact posterior q(x_sigma' | x_sigma, x0) of the forward process
-    (ancestral sampling, as DDPM's in variance-preserving form); eta = 0 is the deterministic sampler.
-    rho = eta at sigma = 1 (SNR 0) and where sigma_next = 0 (SNR infinite; the step has no noise then)."""
-    if sigma >= 1 or sigma_next <= 0:
-        return eta
-    snr_ratio = ((1 - sigma) * sigma_next / ((1 - sigma_next) * sigma)) ** 2
-    return eta * math.sqrt(max(0.0, 1 - snr_ratio))
-
-
-def ddim_transition_mean(x, velocity, sigma: float, sigma_next: float, eta: float):
-    """Mean of the flow-DDIM transition from sigma to sigma_next:
-    mu(v) = (1 - sigma') x0_hat(v) + sigma' sqrt(1 - rho^2) eps_hat(v); its variance is (sigma' rho)^2.
-
-    With an exact prediction the next state is (1 - sigma') x0 + sigma' (sqrt(1 - rho^2) eps + rho z):
-    noise of std sigma' exactly, whatever the step size. rho = 0 gives euler_step."""
-    rho = ddim_noise_fraction(sigma, sigma_next, eta)
-    return ((1 - sigma_next) * x0_from_velocity(x, sigma, velocity)
-            + sigma_next * math.sqrt(1 - rho * rho) * epsilon_from_velocity(x, sigma, velocity))
-
-
-def ddim_step(x, velocity, sigma: float, sigma_next: float, eta: float, noise):
-    """Draw x' ~ N(mu(v), (sigma' rho)^2) with the given standard-normal noise."""
-    rho = ddim_noise_fraction(sigma, sigma_next, eta)
-    return ddim_transition_mean(x, velocity, sigma, sigma_next, eta) + sigma_next * rho * noise
-
-
-def epsilon_mse(x_t, sigma: float, v_student, v_teacher):
-    """mean || eps_hat(v_student) - eps_hat(v_teacher) ||^2, the mean over all elements."""
-    return (epsilon_from_velocity(x_t, sigma, v_student) - epsilon_from_velocity(x_t, sigma, v_teacher)).square().mean()
-
-
-def latent_mse(x_t, sigma: float, v_student, v_teacher):
-    """mean || x0_hat(v_student) - x0_hat(v_teacher) ||^2, the mean over all elements."""
-    return (x0_from_velocity(x_t, sigma, v_student) - x0_from_velocity(x_t, sigma, v_teacher)).square().mean()
-
-
-def transition_kl(x_t, sigma: float, sigma_next: float, eta: float, v_student, v_teacher):
-    """KL( N(mu(v_student), (sigma' rho)^2 I) || N(mu(v_teacher), (sigma' rho)^2 I) ) = || mu_s - mu_t ||^2 / (2 (sigma' rho)^2),
-    between the flow-DDIM transitions of the two velocities.
-
-    Reduction: the mean over latent elements (the per-dimension KL; the KL of the whole latent is
-    this times C*H*W), then the mean over the batch, so its scale matches the two MSE terms.
-    The last step, to sigma' = 0, has no variance: both transitions are point masses, whose KL is
-    infinite unless they agree, so there it is 0 and the latent MSE (the squared distance of the two
-    deterministic next states) supervises the step."""
-    variance = (sigma_next * ddim_noise_fraction(sigma, sigma_next, eta)) ** 2
-    if variance == 0:
-        return v_student.new_zeros(())
-    mean_gap = ddim_transition_mean(x_t, v_student, sigma, sigma_next, eta) - ddim_transition_mean(
-        x_t, v_teacher, sigma, sigma_next, eta)
-    return mean_gap.square().mean() / (2 * variance)
-
-
-def kl_weight_at(step: int, kl_weight: float, warmup_steps: int) -> float:
-    """Linear warmup: w(step) = KL_WEIGHT * min(1, step / KL_WARMUP_STEPS); KL_WEIGHT at once if no warmup."""
-    if warmup_steps <= 0:
-        return kl_weight
-    return kl_weight * min(1.0, step / warmup_steps)
-
-
-def predict_velocity(transformer, x, timestep, embeds, pooled, dtype):
-    """One SD3 transformer call: the velocity at state x and timestep t = 1000 sigma, in fp32.
-    The timestep goes in as float32, as StableDiffusion3Pipeline passes it, whatever the model's dtype."""
-    import torch
-
-    t = torch.as_tensor(timestep, dtype=torch.float32, device=x.device).expand(x.shape[0])
-    return transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=embeds.to(dtype),
-                       pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
-
-
-def teacher_velocity(teacher, x, timestep, cond, uncond, guidance_scale: float, dtype):
-    """The teacher's guided velocity; conditional and unconditional in one batched call."""
-    if guidance_scale == 1:
-        return predict_velocity(teacher, x, timestep, cond[0], cond[1], dtype)
-    import torch
-
-    v_uncond, v_cond = predict_velocity(teacher, torch.cat([x, x]), timestep, torch.cat([uncond[0], cond[0]]),
-                                        torch.cat([uncond[1], cond[1]]), dtype).chunk(2)
-    return guided_velocity(v_uncond, v_cond, guidance_scale)
-
-
-def substep_sigmas(sigmas, i: int, num_substeps: int, shift: float):
-    """N + 1 sigmas from sigma_i down to sigma_{i+1} (float32, ends exact): uniform in the unshifted
-    coordinate u = sigma / (s - (s - 1) sigma), then shifted back, sigma = s u / (1 + (s - 1) u), as the
-    scheduler spaces its own steps; s = 1 is uniform in sigma."""
-    import torch
-
-    ends = sigmas[i:i + 2].double()
-    u = ends / (shift - (shift - 1) * ends)
-    grid = torch.linspace(float(u[0]), float(u[1]), num_substeps + 1, dtype=torch.float64)
-    inner = (shift * grid / (1 + (shift - 1) * grid)).float()
-    inner[0], inner[-1] = sigmas[i], sigmas[i + 1]
-    return inner
-
-
-def teacher_target_velocity(velocity_fn, x, sigmas, i: int, num_substeps: int, shift: float):
-    """The target over student step i: the teacher's own solve of its guided flow from (x, sigma_i) to
-    sigma_{i+1} in N Euler substeps, x^T, as an average velocity:
-
-        v* = (x - x^T) / (sigma_i - sigma_{i+1}),   x^T = Euler over substep_sigmas, t = 1000 sigma.
-
-    A student step with v* lands where the teacher's N-step solve lands. N = 1: the teacher's
-    instantaneous velocity velocity_fn(x, t_i) itself."""
-    if num_substeps == 1:
-        return velocity_fn(x, sigmas[i] * 1000)
-    grid = substep_sigmas(sigmas, i, num_substeps, shift)
-    y = x
-    for a, b in zip(grid[:-1], grid[1:]):
-        y = euler_step(y, velocity_fn(y, a * 1000), float(a), float(b))
-    return (x - y) / (float(sigmas[i]) - float(sigmas[i + 1]))
-
-
-def sample_latents(velocity_fn, noise, sigmas, timesteps):
-    """The deterministic flow sampler from noise: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) velocity_fn(x_i, t_i)."""
-    x = noise.float()
-    for i in range(len(timesteps)):
-        x = euler_step(x, velocity_fn(x, timesteps[i]), float(sigmas[i]), float(sigmas[i + 1]))
-    return x
-
-
-def step_generator(seed: int, step: int, micro: int, rank: int, device):
-    """Noise for one rollout depends only on (seed, step, micro-batch, process): resumes are exact."""
-    import torch
-
-    generator = torch.Generator(device=device)
-    generator.manual_seed((seed * 1_000_003 + step) * 1_009 + micro * 101 + rank)
-    return generator
-
-
-def choose_supervised(num_steps: int, num_supervised: int, rng: random.Random) -> set[int]:
-    """All K states, or a random M of them (0 = all)."""
-    if num_supervised == 0 or num_supervised >= num_steps:
-        return set(range(num_steps))
-    return set(rng.sample(range(num_steps), num_supervised))
-
-
-def choose_student_leads(num_steps: int, on_policy_fraction: float, rng: random.Random) -> set[int]:
-    """The rollout steps at which the student's own velocity moves the state: all of them on-policy
-    (1.0), none off-policy (0.0: the states are the teacher's trajectory), else each with that probability."""
-    if on_policy_fraction >= 1:
-        return set(range(num_steps))
-    return {i for i in range(num_steps) if rng.random() < on_policy_fraction}
-
-
-def teacher_substep_shift(config: dict, models: Models) -> float:
-    """The spacing of the teacher's substeps: TEACHER_SUBSTEP_SHIFT, or the shift its own scheduler uses."""
-    if config["TEACHER_SUBSTEP_SHIFT"] is not None:
-        return config["TEACHER_SUBSTEP_SHIFT"]
-    scheduler = models.scheduler_config
-    if scheduler.get("use_dynamic_shifting", False):
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-        return math.exp(calculate_shift(models.image_seq_len, scheduler.get("base_image_seq_len", 256),
-                                        scheduler.get("max_image_seq_len", 4096), scheduler.get("base_shift", 0.5),
-                                        scheduler.get("max_shift", 1.16)))
-    return scheduler.get("shift", 1.0)
-
-
-def distill_rollout(models: Models, accelerator, cond, uncond, sigmas, timesteps, supervised: set[int],
-                    student_leads: set[int], config: dict, kl_weight: float, generator, loss_scale: float,
-                    sync_gradients: bool):
-    """One rollout with its losses; gradients are accumulated into the student.
-
-    From noise the student integrates its own K-step sampler. At a supervised state x_i (one the
-    student actually visits) the teacher solves its guided flow to sigma_{i+1} in TEACHER_SUBSTEPS
-    substeps (teacher_target_velocity), the student predicts with gradients, the losses are taken
-    against that target and backpropagated at once (no backpropagation through the rollout), and the
-    same student prediction, detached, moves the rollout on, by the flow-DDIM transition (ddim_step)
-    or, with STOCHASTIC_ROLLOUT off, the ODE. At steps not in `student_leads` the teacher's target
-    moves it instead (ON_POLICY_FRACTION < 1: off-policy or DAgger-style mixes).
-    Gradients are synchronised across processes only at the last backward when `sync_gradients`.
-    Returns per-step loss terms (fp32, detached) as a (K, 4) tensor: total, kl, eps_mse, latent_mse
-    (zeros where not supervised)."""
-    import torch
-
-    batch = cond[0].shape[0]
-    device = accelerator.device
-    x = torch.randn((batch, *models.latent_shape), generator=generator, device=device)
-    terms = torch.zeros(len(timesteps), 4, device=device)
-    plain_student = accelerator.unwrap_model(models.student)
-    eta, last_supervised = config["SAMPLER_ETA"], max(supervised)
-    substeps, shift = config["TEACHER_SUBSTEPS"], teacher_substep_shift(config, models)
-
-    def guided_teacher(y, t):
-        return teacher_velocity(models.teacher, y, t, cond, uncond, config["GUIDANCE_SCALE"], models.teacher_dtype)
-
-    for i in range(len(timesteps)):
-        sigma, sigma_next, t = float(sigmas[i]), float(sigmas[i + 1]), timesteps[i]
-        v_teacher = None
-        if i in supervised or i not in student_leads:
-            with torch.no_grad(), models.teacher_context():
-                v_teacher = teacher_target_velocity(guided_teacher, x, sigmas, i, substeps, shift)
-        if i in supervised:
-            sync = sync_gradients and i == last_supervised
-            with contextlib.nullcontext() if sync else accelerator.no_sync(models.student):
-                with accelerator.autocast():
-                    v_student = predict_velocity(models.student, x, t, cond[0], cond[1], models.student_dtype)
-                kl = transition_kl(x, sigma, sigma_next, eta, v_student, v_teacher) if eta > 0 else v_student.new_zeros(())
-                eps = epsilon_mse(x, sigma, v_student, v_teacher)
-                lat = latent_mse(x, sigma, v_student, v_teacher)
-                total = kl_weight * kl + config["EPS_MSE_WEIGHT"] * eps + config["LATENT_MSE_WEIGHT"] * lat
-                accelerator.backward(total * loss_scale)
-            terms[i] = torch.stack([total, kl, eps, lat]).detach()
-            v_student = v_student.detach()
-        elif i in student_leads:
-            with torch.no_grad(), accelerator.autocast():
-                v_student = predict_velocity(plain_student, x, t, cond[0], cond[1], models.student_dtype)
-        v_next = v_student if i in student_leads else v_teacher
-        if config["STOCHASTIC_ROLLOUT"] and eta > 0:
-            noise = torch.randn(x.shape, generator=generator, device=device)
-            x = ddim_step(x, v_next, sigma, sigma_next, eta, noise)
-        else:
-            x = euler_step(x, v_next, sigma, sigma_next)
-    return terms
-
-
-def distill_step(models: Models, accelerator, text: "TextEmbeddings", step: int, config: dict, sigmas, timesteps,
-                 num_train_prompts: int):
-    """GRAD_ACCUM_STEPS on-policy rollouts of BATCH_SIZE training prompts, gradients accumulated (and
-    synchronised across processes only on the last). Returns the summed (K, 4) loss terms and how
-    often each rollout step was supervised."""
-    import torch
-
-    K, accum, batch = len(timesteps), config["GRAD_ACCUM_STEPS"], config["BATCH_SIZE"]
-    kl_weight = kl_weight_at(step, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"])
-    terms = torch.zeros(K, 4, device=accelerator.device)
-    counts = torch.zeros(K, device=accelerator.device)
-    for micro in range(accum):
-        idx = prompt_indices(step, micro, accelerator.process_index, accelerator.num_processes, batch, accum,
-                             num_train_prompts, config["SEED"])
-        cond = text.batch(idx, accelerator.device, models.teacher_dtype)
-        uncond = text.empty_batch(batch, accelerator.device, models.teacher_dtype)
-        generator = step_generator(config["SEED"], step, micro, accelerator.process_index, accelerator.device)
-        rng = random.Random(config["SEED"] * 7919 + step * 31 + micro)
-        supervised = choose_supervised(K, config["SUPERVISED_STATES"], rng)
-        student_leads = choose_student_leads(K, config["ON_POLICY_FRACTION"], rng)
-        terms += distill_rollout(models, accelerator, cond, uncond, sigmas, timesteps, supervised, student_leads,
-                                 config, kl_weight, generator, 1.0 / (len(supervised) * accum), micro == accum - 1)
-        for i in supervised:
-            counts[i] += 1
-    return terms, counts
-
-
-# =================================================================================================
-# Training loop: the guarded optimizer step, the loop itself, the held-out evaluation.
-# =================================================================================================
-
-
-def build_optimizer(params: list, config: dict, device, num_processes: int):
-    """AdamW (fused on CUDA) and diffusers' learning-rate schedule. accelerate steps a prepared
-    schedule once per process, hence the factor."""
-    import torch
-    from diffusers.optimization import get_scheduler
-
-    optimizer = torch.optim.AdamW(params, lr=config["LEARNING_RATE"], betas=(config["ADAM_BETA1"], config["ADAM_BETA2"]),
-                                  weight_decay=config["ADAM_WEIGHT_DECAY"], eps=config["ADAM_EPS"],
-                                  **({"fused": True} if device.type == "cuda" else {}))
-    lr_scheduler = get_scheduler(config["LR_SCHEDULER"], optimizer, num_warmup_steps=config["LR_WARMUP_STEPS"] * num_processes,
-                                 num_training_steps=config["MAX_STEPS"] * num_processes)
-    return optimizer, lr_scheduler
-
-
-def apply_update(models: Models, accelerator, optimizer, lr_scheduler, terms, counts, config: dict, mixed_precision: str):
-    """Clip, then step, unless the loss or the gradient is not finite: then the weights and the
-    optimizer state stay exactly as they were. (Under fp16 the gradient scaler handles overflowing
-    gradients itself, by skipping and lowering its scale.) One host sync per step, for that check."""
-    import torch
-
-    loss = terms[:, 0].sum() / counts.sum()
-    grad_norm = accelerator.clip_grad_norm_(models.trainable, config["MAX_GRAD_NORM"] or float("inf"))
-    finite = bool(torch.isfinite(loss) and (mixed_precision == "fp16" or torch.isfinite(grad_norm)))
-    if finite:
-        optimizer.step()
-        lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm, finite
-
-
-class LogWindow:
-    """Loss terms, supervision counts and gradient norms summed on the device since the last metrics row."""
-
-    def __init__(self, num_steps: int, device):
-        self.num_steps, self.device = num_steps, device
-        self.reset()
-
-    def reset(self):
-        import torch
-
-        num_steps, device = self.num_steps, self.device
-        self.terms = torch.zeros(num_steps, 4, device=device)
-        self.counts = torch.zeros(num_steps, device=device)
-        self.grad = torch.zeros((), device=device)
-        self.steps, self.start = 0, time.time()
-
-    def add(self, terms, counts, grad_norm):
-        self.terms += terms
-        self.counts += counts
-        self.grad += grad_norm.detach().float()
-        self.steps += 1
-
-    def row(self, accelerator, step, kl_weight, lr, images_per_step, skipped, gap) -> dict:
-        """Means over the window and all processes, read from the device once; then the window starts again."""
-        import torch
-
-        elapsed, steps = time.time() - self.start, max(self.steps, 1)
-        terms, counts = accelerator.reduce(self.terms, "sum").tolist(), accelerator.reduce(self.counts, "sum").tolist()
-        total = sum(counts)
-
-        def mean(col):
-            return sum(t[col] for t in terms) / total if total else None
-
-        row = {"step": step, "loss": mean(0), "kl": mean(1), "eps_mse": mean(2), "latent_mse": mean(3),
-               "kl_weight": kl_weight, "lr": lr, "grad_norm": float(accelerator.reduce(self.grad, "mean")) / steps, "sec_per_step": elapsed / steps,
-               "images_per_sec": images_per_step * steps / elapsed if elapsed > 0 else None,
-               "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-               "skipped_steps": skipped, "eval_gap": gap}
-        for i, (t, c) in enumerate(zip(terms, counts, strict=True)):
-            row.update({f"kl_{i}": t[1] / c if c else None, f"eps_mse_{i}": t[2] / c if c else None,
-                        f"latent_mse_{i}": t[3] / c if c else None})
-        self.reset()
-        return row
-
-
-def main_process_decides(accelerator, flag: bool) -> bool:
-    """The main process's flag, on every process. A checkpoint is collective (all processes wait for
-    it), so a decision taken on each process's own clock could differ by a step and hang them all."""
-    if accelerator.num_processes == 1:
-        return flag
-    from accelerate.utils import broadcast_object_list
-
-    return bool(broadcast_object_list([flag])[0])
-
-
-@dataclasses.dataclass
-class TrainResult:
-    status: str = "running"  # finished | interrupted | failed
-    step: int = 0
-    skipped_steps: int = 0
-    gap_before: float | None = None
-    gap_last: float | None = None
-    last_row: dict = dataclasses.field(default_factory=dict)
-
-
-def train(run: Run, models: Models, text: TextEmbeddings, train_prompts: list[dict], heldout_prompts: list[dict],
-          teacher_path: str) -> TrainResult:
-    """The distillation loop: one optimizer step per iteration, metrics rows, held-out evaluations,
-    checkpoints by steps and by minutes; a summary is written however it ends."""
-    import torch
-    from tqdm.auto import tqdm
-
-    config, accelerator, paths, device = run.config, run.accelerator, run.paths, run.accelerator.device
-    set_attention_backend(config["ATTENTION_BACKEND"])  # after the text encoders, whose masked attention needs others
-    if accelerator.is_main_process and (hint := attention_hint(config["ATTENTION_BACKEND"], device)):
-        print(hint)
-    optimizer, lr_scheduler = build_optimizer(models.trainable, config, device, accelerator.num_processes)
-    models.student, optimizer, lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
-    sigmas, timesteps = sampler_sigmas(models.scheduler_config, config["NUM_ROLLOUT_STEPS"], config["SAMPLER_SHIFT"],
-                                       models.image_seq_len)
-    vae = None
-    if config["SAVE_SAMPLE_GRIDS"] and accelerator.is_main_process:
-        vae = load_vae(teacher_path, config, models.teacher_dtype, device)
-    eval_gap = HeldoutEval(models, accelerator, text, heldout_prompts, len(train_prompts), config, sigmas, timesteps,
-                           paths, vae)
-
-    # Restore, last: weights, optimizer, schedule, then RNG states (after everything that draws randomness).
-    result = TrainResult()
-    if run.resume:
-        result.step, result.skipped_steps, result.gap_before = restore_checkpoint(
-            run.resume, models, optimizer, lr_scheduler, accelerator)
-        print(f"resumed {paths.name} from {run.resume[0].name} at step {result.step}")
-    metrics = None
-    if accelerator.is_main_process:
-        metrics = MetricsWriter(paths.metrics, metric_columns(config["NUM_ROLLOUT_STEPS"]),
-                                result.step if run.resume else None)
-        atomic_write_text(paths.run / "config.json", json.dumps(config, indent=2))
-    if config["REPORT_TO"]:
-        accelerator.init_trackers(paths.name, config={k: v for k, v in config.items() if v is not None})
-    if not run.resume:
-        result.gap_before = eval_gap(0)
-    result.gap_last = result.gap_before
-
-    def checkpoint(name, status):
-        if accelerator.is_main_process:
-            extra = {"skipped_steps": result.skipped_steps, "gap_before": result.gap_before}
-            run.checkpoints.save(name, result.step, status, config_fingerprint(config),
-                                 lambda path: save_checkpoint(path, models.student, optimizer, lr_scheduler, accelerator,
-                                                              result.step, config, extra))
-        accelerator.wait_for_everyone()
-
-    K, max_steps = config["NUM_ROLLOUT_STEPS"], config["MAX_STEPS"]
-    images_per_step = config["BATCH_SIZE"] * config["GRAD_ACCUM_STEPS"] * accelerator.num_processes
-    if accelerator.is_main_process:
-        print(run_header(run, models, images_per_step, result))
-    window, last_checkpoint_time, consecutive_skips = LogWindow(K, device), time.time(), 0
-    bar = tqdm(total=max_steps, initial=result.step, disable=not accelerator.is_local_main_process, desc="distill",
-               dynamic_ncols=True)
-    run.timings["train_started"] = time.time()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        while result.step < max_steps:
-            terms, counts = distill_step(models, accelerator, text, result.step, config, sigmas, timesteps,
-                                         len(train_prompts))
-            grad_norm, finite = apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config,
-                                             run.mixed_precision)
-            if finite:
-                consecutive_skips = 0
-                window.add(terms, counts, grad_norm)
-            else:
-                result.skipped_steps += 1
-                consecutive_skips += 1
-                if consecutive_skips >= config["MAX_CONSECUTIVE_SKIPS"]:
-                    raise UserError(f"{consecutive_skips} steps in a row had a non-finite loss or gradient (last at "
-                                    f"step {result.step}); stopped. The last good checkpoint is intact. Lower "
-                                    f"LEARNING_RATE, use MIXED_PRECISION='bf16' or 'no', or lower GUIDANCE_SCALE.")
-            result.step += 1
-            step = result.step
-            bar.update(1)
-
-            evaluate_now = step == max_steps or (config["EVAL_EVERY"] and step % config["EVAL_EVERY"] == 0)
-            if evaluate_now:
-                result.gap_last = eval_gap(step)
-            if step % config["LOG_EVERY"] == 0 or step == max_steps or evaluate_now:
-                row = window.row(accelerator, step, kl_weight_at(step - 1, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
-                                 lr_scheduler.get_last_lr()[0], images_per_step, result.skipped_steps,
-                                 result.gap_last if evaluate_now else None)
-                if metrics:
-                    metrics.write(row)
-                if config["REPORT_TO"]:
-                    accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
-                result.last_row = row
-                bar.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "nan",
-                                s_it=f"{row['sec_per_step']:.2f}")
-            due = step % config["CHECKPOINT_EVERY"] == 0
-            if not due and config["CHECKPOINT_EVERY_MINUTES"] and step % config["LOG_EVERY"] == 0:
-                minutes = (time.time() - last_checkpoint_time) / 60
-                due = main_process_decides(accelerator, minutes >= config["CHECKPOINT_EVERY_MINUTES"])
-            if step < max_steps and due:
-                checkpoint(f"step_{step}.pt", "running")
-                last_checkpoint_time = time.time()
-        checkpoint("final.pt", "finished")
-        result.status = "finished"
-    except KeyboardInterrupt:
-        result.status = "interrupted"
-        checkpoint(f"step_{result.step}.pt", "interrupted")
-        print(f"\ninterrupted: saved {paths.checkpoints / f'step_{result.step}.pt'}; run again to continue.")
-    except BaseException:
-        result.status = "failed"
-        raise
-    finally:
-        bar.close()
-        write_summary(run, result, models)
-    return result
-
-
-def run_header(run: Run, models: Models, images_per_step: int, result: TrainResult) -> str:
-    """What this run is, before its progress bar: where it writes, on what, what trains, how long, where it starts."""
-    config, accelerator = run.config, run.accelerator
-    trainable = sum(p.numel() for p in models.trainable)
-    student = "LoRA on the teacher's own weights" if models.shares_weights else config["STUDENT_ID"]
-    gap = "" if result.gap_before is None else f"{result.gap_before:.4g}"
-    return "\n".join([
-        f"run {run.paths.name}: writing under {run.paths.root}",
-        f"  device {accelerator.device} x {accelerator.num_processes}, mixed precision {run.mixed_precision}, teacher "
-        f"{config['TEACHER_ID']} ({str(models.teacher_dtype).replace('torch.', '')}), student {student}",
-        f"  trainable parameters {trainable:,} ({config['TRAINABLE']})",
-        f"  K = {config['NUM_ROLLOUT_STEPS']} student steps, N = {config['TEACHER_SUBSTEPS']} teacher substeps per step, "
-        f"guidance {config['GUIDANCE_SCALE']}; {config['MAX_STEPS']} optimizer steps of {images_per_step} images"
-        + (f", from step {result.step}" if result.step else ""),
-        f"  held-out gap at step {result.step if run.resume else 0}: {gap or 'n/a'} (latent MSE to the teacher's "
-        f"{config['TEACHER_EVAL_STEPS']}-step guided sample; it should fall)"])
-
-
-def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelerator):
-    """Weights, optimizer, schedule, scaler, then the RNG states; returns (step, skipped steps, gap before)."""
-    path, payload = resume
-    student = accelerator.unwrap_model(models.student)
-    missing = set(trainable_state(student)) - set(payload["student"])
-    if missing:
-        raise UserError(f"Checkpoint {path} lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}).")
-    student.load_state_dict(payload["student"], strict=False)
-    optimizer.load_state_dict(payload["optimizer"])
-    lr_scheduler.load_state_dict(payload["lr_scheduler"])
-    if payload["scaler"] is not None and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(payload["scaler"])
-    set_rng_state(payload["rng"])
-    return payload["step"], payload.get("skipped_steps", 0), payload.get("gap_before")
-
-
-def student_samples(models: Models, accelerator, cond, sigmas, timesteps, noise):
-    """The student's own K-step deterministic sample (conditional only: guidance is distilled into it)."""
-    import torch
-
-    student = accelerator.unwrap_model(models.student)
-    with torch.no_grad(), accelerator.autocast():
-        return sample_latents(lambda x, t: predict_velocity(student, x, t, cond[0], cond[1], models.student_dtype),
-                              noise, sigmas, timesteps)
-
-
-def teacher_reference_samples(models: Models, heldout_cond, uncond, config: dict, noise):
-    """The teacher's own sampler (TEACHER_EVAL_STEPS steps, guidance) on the held-out prompts: computed once."""
-    import torch
-
-    sigmas, timesteps = sampler_sigmas(models.scheduler_config, config["TEACHER_EVAL_STEPS"], None, models.image_seq_len)
-    with torch.no_grad(), models.teacher_context():
-        return sample_latents(lambda x, t: teacher_velocity(models.teacher, x, t, heldout_cond, uncond,
-                                                            config["GUIDANCE_SCALE"], models.teacher_dtype),
-                              noise, sigmas, timesteps)
-
-
-class HeldoutEval:
-    """The held-out teacher-student gap: latent MSE between the teacher's full guided sample and the
-    student's K-step sample from the same fixed noise, averaged over EVAL_NOISES noises per prompt
-    (sampled one prompt batch at a time, so memory does not grow with it). The teacher's samples (and
-    their images) are made once; each evaluation appends to eval.jsonl and, with a VAE, saves a PNG
-    grid of the first noise."""
-
-    def __init__(self, models: Models, accelerator, text: TextEmbeddings, heldout: list[dict], first_index: int,
-                 config: dict, sigmas, timesteps, paths: "RunPaths", vae=None):
-        import torch
-
-        device = accelerator.device
-        indices = list(range(first_index, first_index + len(heldout)))
-        self.models, self.accelerator, self.sigmas, self.timesteps = models, accelerator, sigmas, timesteps
-        self.prompts, self.paths, self.vae, self.teacher_images = [p["prompt"] for p in heldout], paths, vae, None
-        self.cond = text.batch(indices, device, models.teacher_dtype)
-        self.noise = torch.randn((config["EVAL_NOISES"] * len(indices), *models.latent_shape),
-                                 generator=torch.Generator().manual_seed(config["SEED"] + 12345)).to(device)
-        uncond = text.empty_batch(len(indices), device, models.teacher_dtype)
-        self.teacher = torch.cat([teacher_reference_samples(models, self.cond, uncond, config, noise)
-                                  for noise in self.noise.split(len(indices))])
-        self.num_steps, self.noises = config["NUM_ROLLOUT_STEPS"], config["EVAL_NOISES"]
-
-    def __call__(self, step: int) -> float:
-        import torch
-
-        samples = torch.cat([student_samples(self.models, self.accelerator, self.cond, self.sigmas, self.timesteps, noise)
-                             for noise in self.noise.split(len(self.prompts))])
-        per_sample = (samples - self.teacher).square().flatten(1).mean(1)
-        per_prompt = per_sample.view(self.noises, len(self.prompts)).mean(0).tolist()
-        gap = sum(per_prompt) / len(per_prompt)
-        if self.accelerator.is_main_process:
-            row = {"step": step, "eval_gap": gap, "per_prompt": per_prompt, "prompts": self.prompts,
-                   "noises_per_prompt": self.noises}
-            append_line(self.paths.metrics / "eval.jsonl", json.dumps(row))
-            if self.vae is not None:
-                first = slice(0, len(self.prompts))
-                if self.teacher_images is None:
-                    self.teacher_images = decode_latents(self.vae, self.teacher[first])
-                grid = sample_grid(self.teacher_images, decode_latents(self.vae, samples[first]), self.prompts,
-                                   per_sample[first].tolist(), self.num_steps)
-                atomic_write(self.paths.samples / f"step_{step}.png", lambda tmp: grid.save(tmp, format="PNG"))
-        return gap
-
-
-# =================================================================================================
-# Writers: metrics, sample grids and curves, checkpoints, the summary, the exported student.
-# =================================================================================================
-
-
-def metric_columns(num_steps: int) -> list[str]:
-    columns = ["step", "loss", "kl", "eps_mse", "latent_mse", "kl_weight", "lr", "grad_norm", "sec_per_step",
-               "images_per_sec", "peak_mem_gb", "skipped_steps", "eval_gap"]
-    for i in range(num_steps):
-        columns += [f"kl_{i}", f"eps_mse_{i}", f"latent_mse_{i}"]
-    return columns
-
-
-class MetricsWriter:
-    """metrics.jsonl and metrics.csv, a row per logged step, flushed as written (eval.jsonl beside
-    them is written by HeldoutEval). On resume, rows past the restored step are dropped first from
-    all three, so each step appears once; the CSV header stays that of the run."""
-
-    def __init__(self, folder: Path, columns: list[str], resume_step: int | None):
-        self.jsonl, self.csv, self.columns = folder / "metrics.jsonl", folder / "metrics.csv", columns
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = rows_through(self.jsonl, resume_step)
-        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write_text(self.csv, ",".join(columns) + "\n" + "".join(self._csv_line(r) for r in rows))
-        evals = rows_through(folder / "eval.jsonl", resume_step)
-        atomic_write_text(folder / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in evals))
-
-    def _csv_line(self, row: dict) -> str:
-        import io
-
-        out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerow(["" if row.get(c) is None else row.get(c) for c in self.columns])
-        return out.getvalue()
-
-    def write(self, row: dict) -> None:
-        append_line(self.jsonl, json.dumps(row))
-        append_line(self.csv, self._csv_line(row).rstrip("\n"))
-
-
-def rows_through(path: Path, last_step: int | None) -> list[dict]:
-    """The rows of a JSONL file up to and including `last_step` (none for a fresh run); a line cut by a kill is dropped."""
-    rows = []
-    if last_step is not None and path.is_file():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                row = json.loads(line)
-                if row.get("step", math.inf) <= last_step:
-                    rows.append(row)
-    return rows
-
-
-def append_line(path: Path, line: str) -> None:
-    with open(path, "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def load_vae(model_path: str, config: dict, dtype, device):
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", revision=config["TEACHER_REVISION"],
-                                        torch_dtype=dtype, cache_dir=config["COLAB_MODEL_CACHE"] or None)
-    return vae.requires_grad_(False).eval().to(device)
-
-
-def decode_latents(vae, latents) -> list:
-    """Latents to PIL images exactly as StableDiffusion3Pipeline decodes them, one at a time (memory)."""
-    import torch
-    from diffusers.image_processor import VaeImageProcessor
-
-    processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
-    images = []
-    for latent in latents:
-        z = latent[None].to(vae.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        with torch.no_grad():
-            images += processor.postprocess(vae.decode(z, return_dict=False)[0].float(), output_type="pil")
-    return images
-
-
-def sample_grid(teacher_images: list, student_images: list, prompts: list[str], gaps: list[float], num_steps: int):
-    """One row per held-out prompt: teacher | student, the prompt and its gap underneath."""
-    from PIL import Image, ImageDraw
-
-    side = max(teacher_images[0].width, 160)  # small (tiny-model) images are enlarged to be seen
-    caption, header = 30, 18
-    grid = Image.new("RGB", (2 * side, header + len(prompts) * (side + caption)), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((4, 3), "teacher (guided, full sampler)", fill="black")
-    draw.text((side + 4, 3), f"student ({num_steps} steps)", fill="black")
-    for row, (t, s, prompt, gap) in enumerate(zip(teacher_images, student_images, prompts, gaps, strict=True)):
-        top = header + row * (side + caption)
-        grid.paste(t.resize((side, side), Image.NEAREST), (0, top))
-        grid.paste(s.resize((side, side), Image.NEAREST), (side, top))
-        text = prompt if len(prompt) <= 2 * side // 6 else prompt[: 2 * side // 6 - 1] + "…"
-        draw.text((4, top + side + 2), text, fill="black")
-        draw.text((4, top + side + 15), f"gap {gap:.4g}", fill="black")
-    return grid
-
-
-def plot_curves(metrics_jsonl: Path, path: Path) -> None:
-    """Loss terms and the held-out gap over steps, as a PNG (matplotlib where installed)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"note: matplotlib is not installed, so no {path.name}; the numbers are in {metrics_jsonl}.")
-        return
-    rows = rows_through(metrics_jsonl, math.inf)
-    if not rows:
-        return
-    fig, (losses, gap) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("loss", "kl", "eps_mse", "latent_mse"):
-        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if points:
-            losses.plot(*zip(*points, strict=True), label=key)
-    losses.set(xlabel="step", yscale="log", title="training loss terms")
-    losses.legend()
-    evals = rows_through(metrics_jsonl.with_name("eval.jsonl"), math.inf)  # from step 0, before any training
-    points = [(r["step"], r["eval_gap"]) for r in evals]
-    if points:
-        gap.plot(*zip(*points, strict=True), marker="o")
-    gap.set(xlabel="step", title="held-out teacher-student gap (latent MSE)")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-
-
-def rng_state() -> dict:
-    import numpy as np
-    import torch
-
-    state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)), "numpy_pos": int(np.random.get_state()[2]),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trainable_state(student) -> dict:
-    """Only what trains: all weights, the chosen blocks, or just the LoRA adapters."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in student.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(path: Path, student, optimizer, lr_scheduler, accelerator, step: int, config: dict, extra: dict) -> None:
-    import torch
-
-    payload = {"format": "onpolicy-distill-v1", "step": step, "student": trainable_state(accelerator.unwrap_model(student)),
-               "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-               "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-               "rng": rng_state(), "config": config, "fingerprint": config_fingerprint(config), **extra}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
-
-def load_checkpoint(path: Path, mmap: bool = False) -> dict:
-    """weights_only=True: a checkpoint holds only tensors and plain values, so loading one runs no code.
-    mmap=True leaves the tensors on disk (enough to verify a freshly written file)."""
-    import torch
-
-    payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    if payload.get("format") != "onpolicy-distill-v1":
-        raise ValueError("not a checkpoint of this script")
-    return payload
-
-
-class CheckpointDir:
-    """checkpoints/<run>/: step_<N>.pt, final.pt and latest.json naming the newest complete one."""
-
-    def __init__(self, folder: Path, keep: int):
-        self.folder, self.keep = folder, keep
-        self.pointer = folder / "latest.json"
-
-    def step_files(self) -> list[Path]:
-        files = [p for p in self.folder.glob("step_*.pt") if p.stem[5:].isdigit()]
-        return sorted(files, key=lambda p: int(p.stem[5:]))
-
-    def save(self, name: str, step: int, status: str, fingerprint: str, save_fn) -> Path:
-        """Write, verify (its archive reads back), point latest.json at it, then drop the oldest."""
-        path = self.folder / name
-        save_fn(path)
-        load_checkpoint(path, mmap=True)  # reads the archive's index and values, not the tensors
-        atomic_write_text(self.pointer, json.dumps({"checkpoint": name, "step": step, "status": status,
-                                                    "fingerprint": fingerprint, "time": time.time()}))
-        if name.startswith("step_"):
-            for old in self.step_files()[: -self.keep]:
-                old.unlink(missing_ok=True)
-        return path
-
-    def newest_valid(self) -> tuple[Path, dict] | None:
-        """The newest checkpoint that loads; a truncated or corrupt one is named and skipped."""
-        candidates = self.step_files()[::-1]
-        final = self.folder / "final.pt"
-        if final.is_file():
-            candidates.insert(0, final)
-        for path in candidates:
-            try:
-                return path, load_checkpoint(path)
-            except Exception as err:
-                print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}: {str(err)[:120]}); "
-                      f"falling back to an older one.")
-        return None
-
-
-def find_run_of_config(output_root: Path, fingerprint: str) -> tuple[str, str] | None:
-    """With RUN_NAME empty: (name, status) of the newest run of exactly this config, finished or not."""
-    best = None
-    for pointer in (output_root / "checkpoints").glob("*/latest.json"):
-        try:
-            info = json.loads(pointer.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if info.get("fingerprint") == fingerprint and (best is None or info.get("time", 0) > best[0]):
-            best = (info.get("time", 0), pointer.parent.name, info.get("status"))
-    return best[1:] if best else None
-
-
-def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointDir"):
-    """(path, payload) of the checkpoint to continue from, or None for a fresh run."""
-    resume = None
-    if config["RESUME"] == "auto":
-        resume = checkpoints.newest_valid()
-    elif config["RESUME"] != "never":
-        try:
-            resume = (Path(config["RESUME"]), load_checkpoint(Path(config["RESUME"])))
-        except Exception as err:
-            raise UserError(f"RESUME={config['RESUME']!r} cannot be read ({type(err).__name__}: {str(err)[:200]}); "
-                            f"give another checkpoint or RESUME='auto'.") from err
-    elif checkpoints.step_files() or (paths.checkpoints / "final.pt").exists():
-        raise UserError(f"Run {paths.name} already has checkpoints in {paths.checkpoints} and RESUME='never' would "
-                        f"overwrite them. Set RESUME='auto' to continue it, or a new RUN_NAME.")
-    if resume and resume[1]["fingerprint"] != config_fingerprint(config):
-        raise UserError(f"Checkpoint {resume[0]} was written with different settings; resuming would mix two runs. "
-                        f"Use a new RUN_NAME, or restore the settings of that run (its config is in the checkpoint).")
-    return resume
-
-
-def write_summary(run: Run, result: TrainResult, models: Models) -> dict:
-    """runs/<run>/train_summary.json (and the curves plot), from the main process."""
-    if not run.accelerator.is_main_process:
-        return {}
-    config, paths, now = run.config, run.paths, time.time()
-    plot_curves(paths.metrics / "metrics.jsonl", paths.run / "curves.png")
-    summary = {
-        "status": result.status, "run_name": paths.name, "step": result.step, "max_steps": config["MAX_STEPS"],
-        "skipped_steps": result.skipped_steps, "eval_gap_before": result.gap_before, "eval_gap_last": result.gap_last,
-        "final_metrics": result.last_row,
-        "timings": {"total_seconds": now - run.timings["started"],
-                    "model_load_seconds": run.timings.get("model_load_seconds"),
-                    "text_embedding_seconds": run.timings.get("text_embedding_seconds"),
-                    "train_seconds": now - run.timings.get("train_started", now)},
-        "device": str(run.accelerator.device), "mixed_precision": run.mixed_precision,
-        "num_processes": run.accelerator.num_processes,
-        "trainable_parameters": sum(p.numel() for p in models.trainable), "shares_teacher_weights": models.shares_weights,
-        "paths": {"metrics_jsonl": str(paths.metrics / "metrics.jsonl"), "metrics_csv": str(paths.metrics / "metrics.csv"),
-                  "eval_jsonl": str(paths.metrics / "eval.jsonl"), "checkpoints": str(paths.checkpoints),
-                  "final": str(paths.checkpoints / "final.pt"), "prompts": config["PROMPTS_JSONL"],
-                  "samples": str(paths.samples), "curves": str(paths.run / "curves.png"),
-                  "export": str(paths.export) if config["EXPORT_DIFFUSERS"] else None},
-        "config": config,
-    }
-    atomic_write_text(paths.run / "train_summary.json", json.dumps(summary, indent=2))
-    return summary
-
-
-def export_student(models: Models, accelerator, config: dict, teacher_path: str, paths: "RunPaths", gap_before,
-                   gap_last) -> None:
-    """The student in the form diffusers users load: LoRA weights for pipe.load_lora_weights in LoRA
-    mode, else a whole StableDiffusion3Pipeline folder (without T5 when it was trained without it);
-    a model card beside it; optionally pushed to the Hub."""
-    import shutil
-
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    student = accelerator.unwrap_model(models.student)
-    staging = paths.export.with_name(f".tmp-{paths.export.name}")
-    shutil.rmtree(staging, ignore_errors=True)
-    if config["TRAINABLE"] == "lora":
-        from peft.utils import get_peft_model_state_dict
-
-        StableDiffusion3Pipeline.save_lora_weights(staging, transformer_lora_layers=get_peft_model_state_dict(student))
-        base = teacher_path if config["STUDENT_ID"] == TINY_MODEL_ID else config["STUDENT_ID"]  # the built-in one's folder
-        usage = (f"pipe = StableDiffusion3Pipeline.from_pretrained({base!r})\n"
-                 f"pipe.load_lora_weights({str(paths.export)!r})\n")
-    else:
-        extra = {} if config["USE_T5"] else {"text_encoder_3": None, "tokenizer_3": None}
-        pipe = StableDiffusion3Pipeline.from_pretrained(teacher_path, transformer=student, revision=config["TEACHER_REVISION"],
-                                                        cache_dir=config["COLAB_MODEL_CACHE"] or None, **extra)
-        if config["SAMPLER_SHIFT"] is not None:
-            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=config["SAMPLER_SHIFT"])
-        pipe.save_pretrained(staging)
-        usage = f"pipe = StableDiffusion3Pipeline.from_pretrained({str(paths.export)!r})\n"
-    card = f"""# {paths.name}: a {config['NUM_ROLLOUT_STEPS']}-step SD3 student
-
-On-policy distilled from `{config['TEACHER_ID']}` into `{config['STUDENT_ID']}` ({config['TRAINABLE']}) by
-run_onpolicy_distill_colab.py: {config['MAX_STEPS']} steps, teacher guidance {config['GUIDANCE_SCALE']}, losses
-KL x {config['KL_WEIGHT']} + epsilon MSE x {config['EPS_MSE_WEIGHT']} + latent MSE x {config['LATENT_MSE_WEIGHT']}.
-Held-out teacher-student gap (latent MSE): {gap_before} before, {gap_last} after.
-
-```python
-from diffusers import StableDiffusion3Pipeline
-{usage}image = pipe("a photo of a cat", num_inference_steps={config['NUM_ROLLOUT_STEPS']}, guidance_scale=1.0).images[0]
-```
-Guidance is distilled into the student: sample with guidance_scale=1.0.
+REQUIREMENTS = {  # the ranges of requirements.txt, for dep_install()
+    "torch": ">=2.4", "diffusers": ">=0.32", "transformers": ">=4.45", "accelerate": ">=0.34",
+    "huggingface_hub": ">=0.25", "sentencepiece": ">=0.2", "protobuf": ">=3.20", "tqdm": ">=4.60", "peft": ">=0.13",
+}
+
+def colab_setup_text() -> str:
+    return """\
+# Cell 1: install (skips what is already there)
+!pip install -q "diffusers>=0.32" "transformers>=4.45" "accelerate>=0.34" "peft>=0.13" sentencepiece protobuf
+# Cell 2: Hugging Face token. Add HF_TOKEN under Colab's key icon (Secrets) first; a !python process
+# cannot read secrets itself, so hand it over through the environment:
+from google.colab import userdata; import os; os.environ["HF_TOKEN"] = userdata.get("HF_TOKEN")
+# SD3 models are gated: accept the licence on each model page while logged in, e.g.
+#   https://huggingface.co/stabilityai/stable-diffusion-3-medium-diffusers
+# Cell 3 (recommended): keep outputs and downloads on Drive, so a disconnect loses nothing
+from google.colab import drive; drive.mount("/content/drive")
+# Cell 4: run (edit the constants at the top of the script, or pass --NAME=VALUE). Without Drive (no Cell 3),
+# leave out both flags: outputs then go to /content/outputs_colab, which a disconnect deletes.
+!python run_onpolicy_distill_colab.py --OUTPUT_ROOT=/content/drive/MyDrive/distill --COLAB_MODEL_CACHE=/content/drive/MyDrive/hf_cache
 """
-    (staging / "README.md").write_text(card)
-    umask = os.umask(0)
-    os.umask(umask)
-    for file in staging.rglob("*"):  # diffusers writes its weights 0600 (through a temporary file); others 0644
-        if file.is_file():
-            file.chmod(0o666 & ~umask)
-    shutil.rmtree(paths.export, ignore_errors=True)
-    os.replace(staging, paths.export)
-    if config["PUSH_TO_HUB"]:
-        from huggingface_hub import create_repo, upload_folder
 
-        create_repo(config["PUSH_TO_HUB"], exist_ok=True)
-        upload_folder(repo_id=config["PUSH_TO_HUB"], folder_path=str(paths.export))
-        print(f"pushed {paths.export} to https://huggingface.co/{config['PUSH_TO_HUB']}")
+def dep_install() -> list[str]:
+    """pip-install each requirement that is missing or older than its range; return what was installed."""
+    import importlib.metadata as md
+    import subprocess
 
+    from packaging.specifiers import SpecifierSet
 
-# =================================================================================================
-# main(): the story of a run.
-# =================================================================================================
+    wanted = []
+    for package, spec in REQUIREMENTS.items():
+        try:
+            if md.version(package) in SpecifierSet(spec):
+                continue
+        except md.PackageNotFoundError:
+            pass
+        wanted.append(package + spec)
+    if wanted:
+        print("installing:", " ".join(wanted))
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *wanted])
+    else:
+        print("all requirements already installed")
+    return wanted
 
+def prefetch_patterns(use_t5: bool) -> list[str]:
+    """The files of a diffusers SD3 folder that a run reads: configs, tokenizers and safetensors weights."""
+    folders = ["transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+    if use_t5:
+        folders += ["text_encoder_3", "tokenizer_3"]
+    patterns = ["model_index.json"]
+    for folder in folders:
+        patterns += [f"{folder}/*.json", f"{folder}/*.safetensors", f"{folder}/*.txt", f"{folder}/*.model"]
+    return patterns
 
-@dataclasses.dataclass
-class RunPaths:
-    root: Path
-    name: str
+def download_size(files: list[tuple[str, int]], patterns: list[str]) -> int:
+    """Bytes of the repository files (name, size) that the patterns select."""
+    import fnmatch
 
-    @property
-    def metrics(self):
-        return self.root / "metrics" / self.name
+    return sum(size or 0 for name, size in files if any(fnmatch.fnmatch(name, p) for p in patterns))
 
-    @property
-    def checkpoints(self):
-        return self.root / "checkpoints" / self.name
+def prefetch_model(model_id: str, revision: str, use_t5: bool, cache_dir: str) -> str:
+    """Say how much will be downloaded, then download once (huggingface_hub skips files already
+    cached); return the local folder."""
+    from huggingface_hub import HfApi, snapshot_download
 
-    @property
-    def run(self):
-        return self.root / "runs" / self.name
-
-    @property
-    def samples(self):
-        return self.root / "samples" / self.name
-
-    @property
-    def export(self):
-        return self.root / "export" / self.name
-
-
-def choose_run_name(config: dict) -> str:
-    """RUN_NAME; else, with RESUME="auto", the newest run of this same config (an unfinished one is
-    continued, a finished one reported); else a new timestamped name."""
-    if config["RUN_NAME"]:
-        return config["RUN_NAME"]
-    if config["RESUME"] == "auto":
-        found = find_run_of_config(Path(config["OUTPUT_ROOT"]), config_fingerprint(config))
-        if found:
-            if found[1] != "finished":
-                print(f"resuming unfinished run {found[0]} (same config); set RUN_NAME to start another.")
-            return found[0]
-    return time.strftime("run-%Y%m%d-%H%M%S")
-
-
-def finished_run_report(run: "Run") -> str:
-    """What a finished run of this config left, for a re-run that has nothing to do."""
-    summary_path = run.paths.run / "train_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    gap_before, gap_last = summary.get("eval_gap_before"), summary.get("eval_gap_last")
-    gaps = f"; held-out gap {gap_before:.4g} -> {gap_last:.4g}" if gap_before is not None and gap_last is not None else ""
-    export = f"; export {run.paths.export}" if run.paths.export.is_dir() else ""
-    return (f"run {run.paths.name} of this config already finished at step {run.resume[1]['step']}{gaps}{export}. "
-            f"Nothing to do. To train again: RESUME='never' (a new run) or a new RUN_NAME.")
-
-
-@dataclasses.dataclass
-class Run:
-    """What every stage of a run shares: its config, accelerate, where its files go, where it resumes from."""
-
-    config: dict
-    accelerator: object
-    mixed_precision: str
-    paths: RunPaths
-    checkpoints: CheckpointDir
-    resume: tuple | None  # (path, payload) of the checkpoint to continue, or None
-    timings: dict
-
-    @property
-    def finished(self) -> bool:
-        return bool(self.resume) and self.resume[1]["step"] >= self.config["MAX_STEPS"]
-
-
-def start_run(config: dict) -> Run:
-    """accelerate, the run's name (the same in every process), and its resume point: decided before any
-    model is loaded, so a wrong setting costs nothing."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list
-
-    started = time.time()
-    mixed_precision = resolve_mixed_precision(config["MIXED_PRECISION"])
-    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=config["REPORT_TO"] or None,
-                              project_dir=str(Path(config["OUTPUT_ROOT"]) / "trackers"))
-    run_name = [choose_run_name(config) if accelerator.is_main_process else None]
-    broadcast_object_list(run_name)  # every process writes under, and resumes, the main process's run
-    paths = RunPaths(Path(config["OUTPUT_ROOT"]), run_name[0])
-    config = {**config, "RUN_NAME": paths.name}
-    checkpoints = CheckpointDir(paths.checkpoints, config["KEEP_LAST_CHECKPOINTS"])
-    if accelerator.is_main_process:
-        for folder in (paths.metrics, paths.checkpoints, paths.run):
-            remove_stale_temporaries(folder)
-    resume = find_resume_point(config, paths, checkpoints)
-    torch.manual_seed(config["SEED"])
-    # fp32 matmuls and convolutions (MIXED_PRECISION="no" runs, VAE decoding) on the tensor cores, as diffusers' --allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return Run(config, accelerator, mixed_precision, paths, checkpoints, resume, {"started": started})
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The story of a run: settings, prompts, models, text embeddings, training, the exported student."""
-    config = None
-    try:
-        argv = sys.argv[1:] if argv is None else argv
-        if "--help" in argv or "-h" in argv:
-            print(help_text())
-            return 0
-        config = parse_args(argv)
-        if config["PRINT_COLAB_SETUP"]:
-            print(colab_setup_text())
-            return 0
-        validate_config(config)
-        if config["INSTALL_DEPS"]:
-            dep_install()
-        quiet_libraries()
-
-        run = start_run(config)
-        if run.finished:
-            print(finished_run_report(run))
-            return 0
-        train_prompts, heldout_prompts = prepare_prompts(run)
-        models, teacher_path = load_run_models(run)
-        text = cache_text_embeddings(run, train_prompts + heldout_prompts, models, teacher_path)
-        result = train(run, models, text, train_prompts, heldout_prompts, teacher_path)
-        interrupted = result.status == "interrupted"
-        if run.config["EXPORT_DIFFUSERS"] and run.accelerator.is_main_process and not interrupted:
-            export_student(models, run.accelerator, run.config, teacher_path, run.paths, result.gap_before,
-                           result.gap_last)
-        # Every process leaves together: a process that tore down the process group while the main one was still
-        # exporting left it hanging at exit, now and then, with gloo.
-        run.accelerator.wait_for_everyone()
-        run.accelerator.end_training()  # trackers closed; with several GPUs, the process group too
-        if interrupted:
-            return 130
-        if run.accelerator.is_main_process:
-            print(json.dumps({"status": result.status, "run_name": run.paths.name, "step": result.step,
-                              "eval_gap_before": result.gap_before, "eval_gap_last": result.gap_last}))
-        return 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:
-        if type(err).__name__ != "OutOfMemoryError":
-            raise
-        print(f"error: {out_of_memory_advice(config)}", file=sys.stderr)
-        return 2
-
+    patterns = prefetch_patterns(use_t5)
+    if not Path(model_id).exists():
+        try:
+            info = HfApi().model_info(model_id, revision=revision, files_metadata=True)
+            size = download_size([(f.rfilename, f.size) for f in info.siblings], patterns)
+            print(f"prefetching {model_id}: {size / 2**30:.1f} GiB (less what is already cached)")
+        except Exception as err:
+            raise explain_load_error(model_id, err) from err
+    return snapshot_download(model_id, revision=revision, cache_dir=cache_dir or None, allow_patterns=patterns)
 
 if __name__ == "__main__":
     sys.exit(main())

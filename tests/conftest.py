@@ -1,6 +1,5 @@
 """Shared fixtures: the script imported as a module, and the built-in tiny SD3 built once per session."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,20 +8,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "run_onpolicy_distill_colab.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("run_onpolicy_distill_colab", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(REPO / "scripts"))
+from distill_module import SCRIPT, load_distill  # noqa: E402  (the one loader, shared with the benchmark and experiment)
 
 
 @pytest.fixture(scope="session")
 def distill():
-    return load_script()
+    return load_distill()
 
 
 @pytest.fixture(scope="session")

@@ -181,7 +181,7 @@ def test_prefetch_asks_only_for_needed_files(distill):
 
 def test_import_runs_nothing(distill, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    distill2 = __import__("conftest").load_script()
+    distill2 = __import__("conftest").load_distill()
     assert list(tmp_path.iterdir()) == [] and distill2.MAX_STEPS == distill.MAX_STEPS
 
 
