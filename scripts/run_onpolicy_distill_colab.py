@@ -144,6 +144,7 @@ TINY_MODEL_ID = "tiny-random-sd3"
 # predicts the velocity v = eps - x0. Each is a small pure function, its formula in its docstring.
 # =================================================================================================
 
+
 def sampler_sigmas(scheduler_config: dict, num_steps: int, shift: float | None, image_seq_len: int):
     """Sigmas sigma_0 = 1 > ... > sigma_K = 0 and timesteps t_i = 1000 sigma_i of a K-step sampler.
 
@@ -163,22 +164,27 @@ def sampler_sigmas(scheduler_config: dict, num_steps: int, shift: float | None, 
     scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
     return scheduler.sigmas.clone(), scheduler.timesteps.clone()
 
+
 def epsilon_from_velocity(x_t, sigma, velocity):
     """eps_hat = x_t + (1 - sigma) v   (from x_t = (1 - sigma) x0 + sigma eps and v = eps - x0)."""
     return x_t + (1 - sigma) * velocity
+
 
 def x0_from_velocity(x_t, sigma, velocity):
     """x0_hat = x_t - sigma v."""
     return x_t - sigma * velocity
 
+
 def guided_velocity(v_uncond, v_cond, guidance_scale: float):
     """Classifier-free guidance: v = v_uncond + w (v_cond - v_uncond)."""
     return v_uncond + guidance_scale * (v_cond - v_uncond)
+
 
 def euler_step(x, velocity, sigma, sigma_next):
     """The deterministic flow sampler (diffusers' FlowMatchEulerDiscreteScheduler.step):
     x' = x + (sigma_next - sigma) v."""
     return x + (sigma_next - sigma) * velocity
+
 
 def ddim_noise_fraction(sigma: float, sigma_next: float, eta: float) -> float:
     """rho = eta sqrt(1 - SNR(sigma) / SNR(sigma_next)), SNR(sigma) = ((1 - sigma) / sigma)^2.
@@ -191,6 +197,7 @@ def ddim_noise_fraction(sigma: float, sigma_next: float, eta: float) -> float:
     snr_ratio = ((1 - sigma) * sigma_next / ((1 - sigma_next) * sigma)) ** 2
     return eta * math.sqrt(max(0.0, 1 - snr_ratio))
 
+
 def ddim_transition_mean(x, velocity, sigma: float, sigma_next: float, eta: float):
     """Mean of the flow-DDIM transition from sigma to sigma_next:
     mu(v) = (1 - sigma') x0_hat(v) + sigma' sqrt(1 - rho^2) eps_hat(v); its variance is (sigma' rho)^2.
@@ -201,18 +208,22 @@ def ddim_transition_mean(x, velocity, sigma: float, sigma_next: float, eta: floa
     return ((1 - sigma_next) * x0_from_velocity(x, sigma, velocity)
             + sigma_next * math.sqrt(1 - rho * rho) * epsilon_from_velocity(x, sigma, velocity))
 
+
 def ddim_step(x, velocity, sigma: float, sigma_next: float, eta: float, noise):
     """Draw x' ~ N(mu(v), (sigma' rho)^2) with the given standard-normal noise."""
     rho = ddim_noise_fraction(sigma, sigma_next, eta)
     return ddim_transition_mean(x, velocity, sigma, sigma_next, eta) + sigma_next * rho * noise
 
+
 def epsilon_mse(x_t, sigma: float, v_student, v_teacher):
     """mean || eps_hat(v_student) - eps_hat(v_teacher) ||^2, the mean over all elements."""
     return (epsilon_from_velocity(x_t, sigma, v_student) - epsilon_from_velocity(x_t, sigma, v_teacher)).square().mean()
 
+
 def latent_mse(x_t, sigma: float, v_student, v_teacher):
     """mean || x0_hat(v_student) - x0_hat(v_teacher) ||^2, the mean over all elements."""
     return (x0_from_velocity(x_t, sigma, v_student) - x0_from_velocity(x_t, sigma, v_teacher)).square().mean()
+
 
 def transition_kl(x_t, sigma: float, sigma_next: float, eta: float, v_student, v_teacher):
     """KL( N(mu(v_student), (sigma' rho)^2 I) || N(mu(v_teacher), (sigma' rho)^2 I) ) = || mu_s - mu_t ||^2 / (2 (sigma' rho)^2),
@@ -230,11 +241,13 @@ def transition_kl(x_t, sigma: float, sigma_next: float, eta: float, v_student, v
         x_t, v_teacher, sigma, sigma_next, eta)
     return mean_gap.square().mean() / (2 * variance)
 
+
 def kl_weight_at(step: int, kl_weight: float, warmup_steps: int) -> float:
     """Linear warmup: w(step) = KL_WEIGHT * min(1, step / KL_WARMUP_STEPS); KL_WEIGHT at once if no warmup."""
     if warmup_steps <= 0:
         return kl_weight
     return kl_weight * min(1.0, step / warmup_steps)
+
 
 def predict_velocity(transformer, x, timestep, embeds, pooled, dtype):
     """One SD3 transformer call: the velocity at state x and timestep t = 1000 sigma, in fp32.
@@ -245,6 +258,7 @@ def predict_velocity(transformer, x, timestep, embeds, pooled, dtype):
     return transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=embeds.to(dtype),
                        pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
 
+
 def teacher_velocity(teacher, x, timestep, cond, uncond, guidance_scale: float, dtype):
     """The teacher's guided velocity; conditional and unconditional in one batched call."""
     if guidance_scale == 1:
@@ -254,6 +268,7 @@ def teacher_velocity(teacher, x, timestep, cond, uncond, guidance_scale: float, 
     v_uncond, v_cond = predict_velocity(teacher, torch.cat([x, x]), timestep, torch.cat([uncond[0], cond[0]]),
                                         torch.cat([uncond[1], cond[1]]), dtype).chunk(2)
     return guided_velocity(v_uncond, v_cond, guidance_scale)
+
 
 def substep_sigmas(sigmas, i: int, num_substeps: int, shift: float):
     """N + 1 sigmas from sigma_i down to sigma_{i+1} (float32, ends exact): uniform in the unshifted
@@ -267,6 +282,7 @@ def substep_sigmas(sigmas, i: int, num_substeps: int, shift: float):
     inner = (shift * grid / (1 + (shift - 1) * grid)).float()
     inner[0], inner[-1] = sigmas[i], sigmas[i + 1]
     return inner
+
 
 def teacher_target_velocity(velocity_fn, x, sigmas, i: int, num_substeps: int, shift: float):
     """The target over student step i: the teacher's own solve of its guided flow from (x, sigma_i) to
@@ -284,6 +300,7 @@ def teacher_target_velocity(velocity_fn, x, sigmas, i: int, num_substeps: int, s
         y = euler_step(y, velocity_fn(y, a * 1000), float(a), float(b))
     return (x - y) / (float(sigmas[i]) - float(sigmas[i + 1]))
 
+
 def sample_latents(velocity_fn, noise, sigmas, timesteps):
     """The deterministic flow sampler from noise: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) velocity_fn(x_i, t_i)."""
     x = noise.float()
@@ -294,6 +311,7 @@ def sample_latents(velocity_fn, noise, sigmas, timesteps):
 # =================================================================================================
 # The on-policy step: the student's rollout, the teacher's targets at the states it visits, the losses.
 # =================================================================================================
+
 
 @dataclasses.dataclass
 class Models:
@@ -316,6 +334,7 @@ class Models:
     def image_seq_len(self) -> int:
         return (self.latent_shape[1] // self.patch_size) * (self.latent_shape[2] // self.patch_size)
 
+
 @contextlib.contextmanager
 def adapters_disabled(model):
     """The shared-weights teacher: the LoRA student with its adapters switched off."""
@@ -325,6 +344,7 @@ def adapters_disabled(model):
     finally:
         model.enable_adapters()
 
+
 def step_generator(seed: int, step: int, micro: int, rank: int, device):
     """Noise for one rollout depends only on (seed, step, micro-batch, process): resumes are exact."""
     import torch
@@ -333,11 +353,13 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device):
     generator.manual_seed((seed * 1_000_003 + step) * 1_009 + micro * 101 + rank)
     return generator
 
+
 def choose_supervised(num_steps: int, num_supervised: int, rng: random.Random) -> set[int]:
     """All K states, or a random M of them (0 = all)."""
     if num_supervised == 0 or num_supervised >= num_steps:
         return set(range(num_steps))
     return set(rng.sample(range(num_steps), num_supervised))
+
 
 def choose_student_leads(num_steps: int, on_policy_fraction: float, rng: random.Random) -> set[int]:
     """The rollout steps at which the student's own velocity moves the state: all of them on-policy
@@ -345,6 +367,7 @@ def choose_student_leads(num_steps: int, on_policy_fraction: float, rng: random.
     if on_policy_fraction >= 1:
         return set(range(num_steps))
     return {i for i in range(num_steps) if rng.random() < on_policy_fraction}
+
 
 def teacher_substep_shift(config: dict, models: Models) -> float:
     """The spacing of the teacher's substeps: TEACHER_SUBSTEP_SHIFT, or the shift its own scheduler uses."""
@@ -359,6 +382,7 @@ def teacher_substep_shift(config: dict, models: Models) -> float:
                                         scheduler.get("max_shift", 1.16)))
     return scheduler.get("shift", 1.0)
 
+
 @dataclasses.dataclass
 class RolloutPlan:
     """One rollout's draws: its prompts, its noise, which states the teacher supervises and which the student moves."""
@@ -370,6 +394,7 @@ class RolloutPlan:
     student_leads: set[int]
     loss_scale: float  # 1 / (supervised states x accumulated rollouts)
     sync_gradients: bool  # the last rollout of an optimizer step: synchronise gradients across processes
+
 
 def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps, plan: RolloutPlan, kl_weight: float):
     """One rollout with its losses; gradients are accumulated into the student.
@@ -425,6 +450,7 @@ def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps
             x = euler_step(x, v_next, sigma, sigma_next)
     return terms
 
+
 def distill_step(models: Models, accelerator, text: "TextEmbeddings", step: int, config: dict, sigmas, timesteps,
                  num_train_prompts: int):
     """GRAD_ACCUM_STEPS on-policy rollouts of BATCH_SIZE training prompts, gradients accumulated (and
@@ -455,6 +481,7 @@ def distill_step(models: Models, accelerator, text: "TextEmbeddings", step: int,
 # The training loop, its setup, the held-out evaluation.
 # =================================================================================================
 
+
 def build_optimizer(params: list, config: dict, device, num_processes: int):
     """AdamW (fused on CUDA) and diffusers' learning-rate schedule. accelerate steps a prepared
     schedule once per process, hence the factor."""
@@ -467,6 +494,7 @@ def build_optimizer(params: list, config: dict, device, num_processes: int):
     lr_scheduler = get_scheduler(config["LR_SCHEDULER"], optimizer, num_warmup_steps=config["LR_WARMUP_STEPS"] * num_processes,
                                  num_training_steps=config["MAX_STEPS"] * num_processes)
     return optimizer, lr_scheduler
+
 
 def apply_update(models: Models, accelerator, optimizer, lr_scheduler, terms, counts, config: dict, mixed_precision: str):
     """Clip, then step, unless the loss or the gradient is not finite: then the weights and the
@@ -483,6 +511,7 @@ def apply_update(models: Models, accelerator, optimizer, lr_scheduler, terms, co
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, finite
 
+
 @dataclasses.dataclass
 class TrainResult:
     status: str = "running"  # finished | interrupted | failed
@@ -491,6 +520,7 @@ class TrainResult:
     gap_before: float | None = None
     gap_last: float | None = None
     last_row: dict = dataclasses.field(default_factory=dict)
+
 
 @dataclasses.dataclass
 class Training:
@@ -503,6 +533,7 @@ class Training:
     evaluate: HeldoutEval
     metrics: MetricsWriter | None  # main process only
     result: TrainResult
+
 
 def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts: list[dict],
                    heldout_prompts: list[dict], teacher_path: str) -> Training:
@@ -537,6 +568,7 @@ def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts
         result.gap_before = evaluate(0)
     result.gap_last = result.gap_before
     return Training(optimizer, lr_scheduler, sigmas, timesteps, evaluate, metrics, result)
+
 
 def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int, training: Training) -> TrainResult:
     """The distillation loop: one optimizer step per iteration, metrics rows, held-out evaluations,
@@ -620,6 +652,7 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
         write_summary(run, result, models)
     return result
 
+
 def main_process_decides(accelerator, flag: bool) -> bool:
     """The main process's flag, on every process. A checkpoint is collective (all processes wait for
     it), so a decision taken on each process's own clock could differ by a step and hang them all."""
@@ -628,6 +661,7 @@ def main_process_decides(accelerator, flag: bool) -> bool:
     from accelerate.utils import broadcast_object_list
 
     return bool(broadcast_object_list([flag])[0])
+
 
 class LogWindow:
     """Loss terms, supervision counts and gradient norms summed on the device since the last metrics row."""
@@ -673,6 +707,7 @@ class LogWindow:
         self.reset()
         return row
 
+
 def run_header(run: Run, models: Models, images_per_step: int, result: TrainResult) -> str:
     """What this run is, before its progress bar: where it writes, on what, what trains, how long, where it starts."""
     config, accelerator = run.config, run.accelerator
@@ -690,6 +725,7 @@ def run_header(run: Run, models: Models, images_per_step: int, result: TrainResu
         f"  held-out gap at step {result.step if run.resume else 0}: {gap or 'n/a'} (latent MSE to the teacher's "
         f"{config['TEACHER_EVAL_STEPS']}-step guided sample; it should fall)"])
 
+
 def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelerator):
     """Weights, optimizer, schedule, scaler; returns (step, skipped steps, gap before). No RNG state: every draw of a
     step comes from generators seeded by (SEED, step), so a resumed run continues exactly without one."""
@@ -705,6 +741,7 @@ def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelera
         accelerator.scaler.load_state_dict(payload["scaler"])
     return payload["step"], payload.get("skipped_steps", 0), payload.get("gap_before")
 
+
 def student_samples(models: Models, accelerator, cond, sigmas, timesteps, noise):
     """The student's own K-step deterministic sample (conditional only: guidance is distilled into it)."""
     import torch
@@ -713,6 +750,7 @@ def student_samples(models: Models, accelerator, cond, sigmas, timesteps, noise)
     with torch.no_grad(), accelerator.autocast():
         return sample_latents(lambda x, t: predict_velocity(student, x, t, cond[0], cond[1], models.student_dtype),
                               noise, sigmas, timesteps)
+
 
 def teacher_reference_samples(models: Models, heldout_cond, uncond, config: dict, noise):
     """The teacher's own sampler (TEACHER_EVAL_STEPS steps, guidance) on the held-out prompts: computed once."""
@@ -723,6 +761,7 @@ def teacher_reference_samples(models: Models, heldout_cond, uncond, config: dict
         return sample_latents(lambda x, t: teacher_velocity(models.teacher, x, t, heldout_cond, uncond,
                                                             config["GUIDANCE_SCALE"], models.teacher_dtype),
                               noise, sigmas, timesteps)
+
 
 class HeldoutEval:
     """The held-out teacher-student gap: latent MSE between the teacher's full guided sample and the
@@ -771,6 +810,7 @@ class HeldoutEval:
 # =================================================================================================
 # main(): the story of a run.
 # =================================================================================================
+
 
 def main(argv: list[str] | None = None) -> int:
     """The story of a run: settings, prompts, models, text embeddings, training, the exported student."""
@@ -831,11 +871,14 @@ def main(argv: list[str] | None = None) -> int:
 # Command line and validation.
 # =================================================================================================
 
+
 class UserError(Exception):
     """A problem the user can fix; printed as one paragraph, without a traceback."""
 
+
 def default_config() -> dict:
     return {name: globals()[name] for name in CONFIG_NAMES}
+
 
 def parse_value(name: str, text: str, default):
     """Parse --NAME=VALUE to the type of the constant's default."""
@@ -859,8 +902,10 @@ def parse_value(name: str, text: str, default):
             raise UserError(f"--{name}={text}: expected a number{' or none' if default is None else ''}.") from None
     return text
 
+
 PRECEDENCE = ("Precedence: the constants at the top of the script, then --preset NAME (it sets the values it names, "
               "over the file's, and prints each one), then each --NAME=VALUE, which wins over both.")
+
 
 def parse_args(argv: list[str]) -> dict:
     """Config = constants, then --preset NAME, then each --NAME=VALUE, in that order of precedence (PRECEDENCE)."""
@@ -902,6 +947,7 @@ def parse_args(argv: list[str]) -> dict:
         config["PROMPTS_JSONL"] = str(Path(config["OUTPUT_ROOT"]) / "prompts.jsonl")
     return config
 
+
 def help_text() -> str:
     """Every setting by block, with its default and its comment, read from this file's config block."""
     import re
@@ -919,6 +965,7 @@ def help_text() -> str:
             lines[-1] += " " + line[4:].strip()
     lines += ["", f"Presets: {', '.join(f'--preset {name}' for name in PRESETS)} (the built-in tiny SD3 on a CPU)."]
     return "\n".join(lines)
+
 
 def validate_config(c: dict) -> None:
     """Check every setting before anything heavy runs; report all problems at once, each with its fix."""
@@ -994,14 +1041,17 @@ def validate_config(c: dict) -> None:
     if problems:
         raise UserError("Config has %d problem(s):\n  - " % len(problems) + "\n  - ".join(problems))
 
+
 def models_to_check(c: dict) -> list[str]:
     """TEACHER, and STUDENT where it is another model."""
     same = (c["STUDENT_ID"], c["STUDENT_REVISION"]) == (c["TEACHER_ID"], c["TEACHER_REVISION"])
     return ["TEACHER"] if same else ["TEACHER", "STUDENT"]
 
+
 def looks_like_a_path(model_id: str) -> bool:
     """A Hub id is "owner/name"; anything else (absolute, relative with ./, ~, deeper folders) is a local folder."""
     return model_id.startswith(("/", ".", "~")) or model_id.count("/") != 1 or "\\" in model_id
+
 
 def cached_config(model_id: str, revision: str, cache_dir: str, filename: str) -> dict | None:
     """A config file of a local folder, or of a Hub model already in the local cache; None if neither."""
@@ -1015,6 +1065,7 @@ def cached_config(model_id: str, revision: str, cache_dir: str, filename: str) -
     path = try_to_load_from_cache(model_id, filename, cache_dir=cache_dir or None, revision=revision)
     return json.loads(Path(path).read_text()) if isinstance(path, str) else None
 
+
 def image_multiple(model_id: str, revision: str, cache_dir: str) -> tuple[int, int]:
     """(VAE factor, patch size) from the model's config files where they can be read without loading weights;
     the built-in tiny model's (2, 2); SD3's (8, 2) otherwise (every SD3 and SD3.5 model has them)."""
@@ -1023,6 +1074,7 @@ def image_multiple(model_id: str, revision: str, cache_dir: str) -> tuple[int, i
     vae = cached_config(model_id, revision, cache_dir, "vae/config.json")
     transformer = cached_config(model_id, revision, cache_dir, "transformer/config.json")
     return (2 ** (len(vae["block_out_channels"]) - 1) if vae else 8), (transformer["patch_size"] if transformer else 2)
+
 
 def hub_answers(timeout: float = 3.0) -> bool:
     """Whether the Hub's host accepts a connection within `timeout` seconds (name lookup included)."""
@@ -1043,6 +1095,7 @@ def hub_answers(timeout: float = 3.0) -> bool:
     thread.join(timeout)
     return bool(answered)
 
+
 def model_source_problem(model_id: str, revision: str, cache_dir: str, who: str) -> str | None:
     """Why TEACHER_ID/STUDENT_ID cannot be loaded, found in seconds and before any weights: a local folder
     that does not exist, or a Hub model that is not cached while the Hub cannot be reached."""
@@ -1061,6 +1114,7 @@ def model_source_problem(model_id: str, revision: str, cache_dir: str, who: str)
                 f"diffusers folder.")
     return None
 
+
 def parse_block_slice(text: str) -> slice:
     parts = text.split(":")
     if len(parts) != 2:
@@ -1070,6 +1124,7 @@ def parse_block_slice(text: str) -> slice:
 # =================================================================================================
 # Runs: names, folders, where a run resumes.
 # =================================================================================================
+
 
 @dataclasses.dataclass
 class RunPaths:
@@ -1096,6 +1151,7 @@ class RunPaths:
     def export(self):
         return self.root / "export" / self.name
 
+
 @dataclasses.dataclass
 class Run:
     """What every stage of a run shares: its config, accelerate, where its files go, where it resumes from."""
@@ -1111,6 +1167,7 @@ class Run:
     @property
     def finished(self) -> bool:
         return bool(self.resume) and self.resume[1]["step"] >= self.config["MAX_STEPS"]
+
 
 def start_run(config: dict) -> Run:
     """accelerate, the run's name (the same in every process), and its resume point: decided before any
@@ -1137,6 +1194,7 @@ def start_run(config: dict) -> Run:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return Run(config, accelerator, mixed_precision, paths, checkpoints, resume, {"started": started})
 
+
 def choose_run_name(config: dict) -> str:
     """RUN_NAME; else, with RESUME="auto", the newest run of this same config (an unfinished one is
     continued, a finished one reported); else a new timestamped name."""
@@ -1150,6 +1208,7 @@ def choose_run_name(config: dict) -> str:
             return found[0]
     return time.strftime("run-%Y%m%d-%H%M%S")
 
+
 def finished_run_report(run: "Run") -> str:
     """What a finished run of this config left, for a re-run that has nothing to do."""
     summary_path = run.paths.run / "train_summary.json"
@@ -1159,6 +1218,7 @@ def finished_run_report(run: "Run") -> str:
     export = f"; export {run.paths.export}" if run.paths.export.is_dir() else ""
     return (f"run {run.paths.name} of this config already finished at step {run.resume[1]['step']}{gaps}{export}. "
             f"Nothing to do. To train again: RESUME='never' (a new run) or a new RUN_NAME.")
+
 
 def find_run_of_config(output_root: Path, fingerprint: str) -> tuple[str, str] | None:
     """With RUN_NAME empty: (name, status) of the newest run of exactly this config, finished or not."""
@@ -1171,6 +1231,7 @@ def find_run_of_config(output_root: Path, fingerprint: str) -> tuple[str, str] |
         if info.get("fingerprint") == fingerprint and (best is None or info.get("time", 0) > best[0]):
             best = (info.get("time", 0), pointer.parent.name, info.get("status"))
     return best[1:] if best else None
+
 
 def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointDir"):
     """(path, payload) of the checkpoint to continue from, or None for a fresh run."""
@@ -1191,6 +1252,7 @@ def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointD
                         f"Use a new RUN_NAME, or restore the settings of that run (its config is in the checkpoint).")
     return resume
 
+
 def config_fingerprint(config: dict) -> str:
     """What makes two runs the same run: every setting except where outputs go and how often."""
     volatile = {"RUN_NAME", "RESUME", "OUTPUT_ROOT", "LOG_EVERY", "CHECKPOINT_EVERY", "CHECKPOINT_EVERY_MINUTES",
@@ -1204,7 +1266,9 @@ def config_fingerprint(config: dict) -> str:
 # Devices, precision, attention kernels.
 # =================================================================================================
 
+
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
 
 def resolve_dtype(name: str, device):
     """'auto' -> bf16 on a GPU that has it, fp16 on an older GPU, fp32 on the CPU."""
@@ -1216,6 +1280,7 @@ def resolve_dtype(name: str, device):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return getattr(torch, name)
 
+
 def resolve_mixed_precision(name: str) -> str:
     import torch
 
@@ -1225,11 +1290,13 @@ def resolve_mixed_precision(name: str) -> str:
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
+
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa4")
 
 SDPA_SWITCHES = {"cudnn": "cudnn", "flash": "flash", "efficient": "mem_efficient", "math": "math"}
 
 FLASH_ATTENTION_4_INSTALL = "pip install flash-attn-4==4.0.0b36"  # the version measured (README, Speed)
+
 
 def set_attention_backend(name: str) -> None:
     """Allow only the named scaled-dot-product attention kernel, or all of them for "auto" (global
@@ -1244,6 +1311,7 @@ def set_attention_backend(name: str) -> None:
         torch.nn.attention.restore_flash_attention_impl()
     for backend, switch in SDPA_SWITCHES.items():
         getattr(torch.backends.cuda, f"enable_{switch}_sdp")(name in ("auto", backend) or (name, backend) == ("fa4", "flash"))
+
 
 def flash_attention_4_problem() -> str | None:
     """Why ATTENTION_BACKEND="fa4" cannot run here, with the fix; None if it can."""
@@ -1266,11 +1334,13 @@ def flash_attention_4_problem() -> str | None:
         return f"ATTENTION_BACKEND='fa4' runs on H100/H200 or B200 GPUs only ({gpu} here); use 'cudnn' or 'auto'."
     return None
 
+
 def flash_attention_4_gpu(device=None) -> bool:
     """Whether the (current) CUDA GPU is one FlashAttention-4 has kernels for: Hopper (9.x) or Blackwell (10.x)."""
     import torch
 
     return torch.cuda.get_device_capability(device)[0] in (9, 10)
+
 
 def attention_hint(backend: str, device) -> str | None:
     """One line for a GPU where FlashAttention-4 would run but another attention kernel was chosen."""
@@ -1278,6 +1348,7 @@ def attention_hint(backend: str, device) -> str | None:
         return None
     how = "set it" if flash_attention_4_problem() is None else f"{FLASH_ATTENTION_4_INSTALL} and set it"
     return f"note: ATTENTION_BACKEND='fa4' made steps 7-9% faster on an H100 (README, Speed); {how} to use it here."
+
 
 def activate_flash_attention_4() -> None:
     """Route PyTorch's flash-attention kernel to FlashAttention-4 (the flash-attn-4 package's CuTe
@@ -1297,6 +1368,7 @@ def activate_flash_attention_4() -> None:
     register_flash_attention_impl("FA4", register_fn=lambda: _fa4.register_flash_attention_fa4(adapter.__name__))
     activate_flash_attention_impl("FA4")
 
+
 def quiet_libraries() -> None:
     """Keep the console to what this script says: no per-file progress bars or deprecation chatter."""
     import warnings
@@ -1312,6 +1384,7 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
+
 def out_of_memory_advice(config: dict) -> str:
     """What lowers memory, most effective first, with this run's current values."""
     return (f"The GPU ran out of memory (the last checkpoint is intact). To fit: BATCH_SIZE={config['BATCH_SIZE']} -> 1 "
@@ -1319,6 +1392,7 @@ def out_of_memory_advice(config: dict) -> str:
             f"TRAINABLE={config['TRAINABLE']!r} -> 'lora' (with STUDENT_ID = TEACHER_ID the two share one copy of the "
             f"weights); IMAGE_SIZE={config['IMAGE_SIZE']} -> 512; USE_T5={config['USE_T5']} -> False; a smaller "
             f"teacher; SUPERVISED_STATES -> 1 or 2. The README's memory table lists what fits each Colab GPU.")
+
 
 def free_accelerator_memory() -> None:
     import gc
@@ -1332,6 +1406,7 @@ def free_accelerator_memory() -> None:
 # =================================================================================================
 # Prompts: a deterministic generator (categories x templates x attributes), a checked reader, the order.
 # =================================================================================================
+
 
 PROMPT_CATEGORIES = {
     "animal": ["a cat", "a dog", "a fox", "an owl", "a horse", "a red panda", "a whale", "a tiger"],
@@ -1355,6 +1430,7 @@ PROMPT_ATTRIBUTES = {
     "light": ["golden hour light", "soft morning light", "neon lights", "dramatic shadows", "overcast sky"],
     "setting": ["the city", "the countryside", "a quiet studio", "the night", "the seaside", "a misty valley"],
 }
+
 
 def generate_prompts(num_prompts: int, seed: int) -> list[dict]:
     """Draw `num_prompts` distinct prompts, deterministically from `seed`, balanced over categories.
@@ -1384,8 +1460,10 @@ def generate_prompts(num_prompts: int, seed: int) -> list[dict]:
         cursor += 1
     return prompts
 
+
 def write_prompts_jsonl(path: Path, prompts: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in prompts))
+
 
 def read_prompts_jsonl(path: Path) -> list[dict]:
     """Read and check a prompts file; every problem names the file and line."""
@@ -1419,11 +1497,13 @@ def read_prompts_jsonl(path: Path) -> list[dict]:
         raise UserError(f"Prompts file {path} has no prompts; add lines like {{\"prompt\": \"a cat\"}}.")
     return prompts
 
+
 def split_heldout(prompts: list[dict], heldout: int) -> tuple[list[dict], list[dict]]:
     """The last `heldout` prompts are for evaluation only."""
     if heldout >= len(prompts):
         raise UserError(f"HELDOUT_PROMPTS={heldout} leaves none of the {len(prompts)} prompts for training.")
     return prompts[: len(prompts) - heldout], prompts[len(prompts) - heldout:]
+
 
 def prepare_prompts(run: Run) -> tuple[list[dict], list[dict]]:
     """Write the generated prompts (main process), read them back through the checked reader, split."""
@@ -1432,6 +1512,7 @@ def prepare_prompts(run: Run) -> tuple[list[dict], list[dict]]:
         write_prompts_jsonl(Path(config["PROMPTS_JSONL"]), generate_prompts(config["NUM_PROMPTS"], config["PROMPT_SEED"]))
     accelerator.wait_for_everyone()
     return split_heldout(read_prompts_jsonl(Path(config["PROMPTS_JSONL"])), config["HELDOUT_PROMPTS"])
+
 
 def prompt_indices(step: int, micro: int, rank: int, world: int, batch: int, accum: int, n: int, seed: int) -> list[int]:
     """Which training prompts one rollout uses: a fresh permutation each epoch, the stream cut into
@@ -1444,7 +1525,9 @@ def prompt_indices(step: int, micro: int, rank: int, world: int, batch: int, acc
         out.append(epoch_permutation(n, seed, epoch)[offset])
     return out
 
+
 _PERMUTATIONS: dict = {}
+
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     key = (n, seed, epoch)
@@ -1459,6 +1542,7 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
 # Models: teacher and student through diffusers, what trains, the cached text embeddings.
 # =================================================================================================
 
+
 def resolve_model_path(model_id: str, output_root: str) -> str:
     """The built-in tiny model is built once under OUTPUT_ROOT/cache; anything else passes through."""
     if model_id != TINY_MODEL_ID:
@@ -1468,6 +1552,7 @@ def resolve_model_path(model_id: str, output_root: str) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         build_tiny_sd3(path)
     return str(path)
+
 
 def explain_load_error(model_id: str, err: Exception) -> UserError:
     """Turn a Hub or folder loading failure into the one-paragraph fix. diffusers wraps the Hub's
@@ -1496,6 +1581,7 @@ def explain_load_error(model_id: str, err: Exception) -> UserError:
     return UserError(f"Could not load {model_id}: {type(err).__name__}: {text[:400]}. If you are offline, run once "
                      f"online with PREFETCH_MODELS=True, or point TEACHER_ID/STUDENT_ID at a local diffusers folder.")
 
+
 def load_transformer(model_path: str, revision: str, dtype, cache_dir: str):
     from diffusers import SD3Transformer2DModel
 
@@ -1504,6 +1590,7 @@ def load_transformer(model_path: str, revision: str, dtype, cache_dir: str):
                                                      torch_dtype=dtype, cache_dir=cache_dir or None)
     except Exception as err:  # any failure here is the user's model id, folder, network or token
         raise explain_load_error(model_path, err) from err
+
 
 def check_compatible(teacher_config, student_config, image_size: int, vae_factor: int) -> None:
     """Teacher and student must read the same latents and the same text embeddings."""
@@ -1524,6 +1611,7 @@ def check_compatible(teacher_config, student_config, image_size: int, vae_factor
         if patches > cfg["pos_embed_max_size"]:
             raise UserError(f"IMAGE_SIZE={image_size} is too large for the {who}: at most "
                             f"{cfg['pos_embed_max_size'] * multiple} pixels.")
+
 
 def set_trainable(student, config: dict) -> list:
     """Freeze the student except the part TRAINABLE names; return the trainable parameters (fp32)."""
@@ -1550,6 +1638,7 @@ def set_trainable(student, config: dict) -> list:
     for p in params:  # master weights in fp32, as diffusers' cast_training_params does
         p.data = p.data.to(torch.float32)
     return params
+
 
 def load_models(config: dict, device) -> tuple[Models, str]:
     """Teacher and student SD3 transformers through diffusers' from_pretrained, checked for
@@ -1578,6 +1667,7 @@ def load_models(config: dict, device) -> tuple[Models, str]:
     models = make_models(teacher, student, shares_weights, teacher_dtype, student_dtype, config, vae_factor,
                          load_scheduler_config(teacher_path, config), device)
     return models, teacher_path
+
 
 def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_dtype, config: dict, vae_factor: int,
                 scheduler_config: dict, device) -> Models:
@@ -1610,6 +1700,7 @@ def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_d
                   (teacher.config.in_channels, latent_size, latent_size), trainable, scheduler_config,
                   teacher.config.patch_size)
 
+
 def load_scheduler_config(model_path: str, config: dict) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -1617,12 +1708,14 @@ def load_scheduler_config(model_path: str, config: dict) -> dict:
                                                             revision=config["TEACHER_REVISION"],
                                                             cache_dir=config["COLAB_MODEL_CACHE"] or None))
 
+
 def load_run_models(run: Run) -> tuple[Models, str]:
     t0 = time.time()
     with run.accelerator.main_process_first():  # the first process builds or downloads, the others read
         models, teacher_path = load_models(run.config, run.accelerator.device)
     run.timings["model_load_seconds"] = time.time() - t0
     return models, teacher_path
+
 
 @dataclasses.dataclass
 class TextEmbeddings:
@@ -1641,9 +1734,11 @@ class TextEmbeddings:
         return (self.empty_embeds.to(device, dtype).expand(size, -1, -1),
                 self.empty_pooled.to(device, dtype).expand(size, -1))
 
+
 def text_cache_path(cache_root: Path, model_path: str, revision: str, dtype_name: str, use_t5: bool, t5_len: int) -> Path:
     key = json.dumps([model_path, revision, dtype_name, use_t5, t5_len])
     return cache_root / "text_embeddings" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".pt")
+
 
 def encode_prompts_cached(texts: list[str], model_path: str, config: dict, device, transformer, cache_root: Path):
     """Encode each prompt once with CLIP-L, CLIP-G and (unless USE_T5 is off) T5, through diffusers'
@@ -1692,6 +1787,7 @@ def encode_prompts_cached(texts: list[str], model_path: str, config: dict, devic
     pooled = torch.stack([cache[t][1] for t in texts])
     return TextEmbeddings(embeds, pooled, cache[""][0][None], cache[""][1][None])
 
+
 def warn_truncation(pipe, texts: list[str], config: dict) -> None:
     """Name prompts longer than the tokenizers keep, once, instead of per batch."""
     limits = [(pipe.tokenizer, 77, "CLIP")]
@@ -1701,6 +1797,7 @@ def warn_truncation(pipe, texts: list[str], config: dict) -> None:
         long = [t for t in texts if len(tokenizer(t).input_ids) > limit]
         if long:
             print(f"warning: {len(long)} prompt(s) exceed {name}'s {limit} tokens and are truncated, e.g. {long[0][:80]!r}")
+
 
 def cache_text_embeddings(run: Run, prompts: list[dict], models: Models, teacher_path: str) -> TextEmbeddings:
     t0 = time.time()
@@ -1713,6 +1810,7 @@ def cache_text_embeddings(run: Run, prompts: list[dict], models: Models, teacher
 # =================================================================================================
 # Files and checkpoints: atomic writes, what a checkpoint holds, the checkpoint folder.
 # =================================================================================================
+
 
 def atomic_write(path: Path, write, local_first: bool | None = None) -> None:
     """write(tmp_path) into a temporary file beside `path`, fsync it, then rename it into place.
@@ -1749,8 +1847,10 @@ def atomic_write(path: Path, write, local_first: bool | None = None) -> None:
             if leftover.exists():
                 leftover.unlink()
 
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
 
 def remove_stale_temporaries(folder: Path) -> None:
     """A run killed mid-write leaves .tmp-* files; they are never valid, so remove them at start."""
@@ -1758,9 +1858,11 @@ def remove_stale_temporaries(folder: Path) -> None:
         for tmp in folder.glob(".tmp-*"):
             tmp.unlink(missing_ok=True)
 
+
 def trainable_state(student) -> dict:
     """Only what trains: all weights, the chosen blocks, or just the LoRA adapters."""
     return {name: p.detach().to("cpu", copy=True) for name, p in student.named_parameters() if p.requires_grad}
+
 
 def save_checkpoint(path: Path, student, optimizer, lr_scheduler, accelerator, step: int, config: dict, extra: dict) -> None:
     import torch
@@ -1771,6 +1873,7 @@ def save_checkpoint(path: Path, student, optimizer, lr_scheduler, accelerator, s
                "config": config, "fingerprint": config_fingerprint(config), **extra}
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
+
 def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     """weights_only=True: a checkpoint holds only tensors and plain values, so loading one runs no code.
     mmap=True leaves the tensors on disk (enough to verify a freshly written file)."""
@@ -1780,6 +1883,7 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     if payload.get("format") != "onpolicy-distill-v1":
         raise ValueError("not a checkpoint of this script")
     return payload
+
 
 class CheckpointDir:
     """checkpoints/<run>/: step_<N>.pt, final.pt and latest.json naming the newest complete one."""
@@ -1822,12 +1926,14 @@ class CheckpointDir:
 # Writers: metrics, sample grids and curves, the summary, the exported student.
 # =================================================================================================
 
+
 def metric_columns(num_steps: int) -> list[str]:
     columns = ["step", "loss", "kl", "eps_mse", "latent_mse", "kl_weight", "lr", "grad_norm", "sec_per_step",
                "images_per_sec", "peak_mem_gb", "skipped_steps", "eval_gap"]
     for i in range(num_steps):
         columns += [f"kl_{i}", f"eps_mse_{i}", f"latent_mse_{i}"]
     return columns
+
 
 class MetricsWriter:
     """metrics.jsonl and metrics.csv, a row per logged step, flushed as written (eval.jsonl beside
@@ -1854,6 +1960,7 @@ class MetricsWriter:
         append_line(self.jsonl, json.dumps(row))
         append_line(self.csv, self._csv_line(row).rstrip("\n"))
 
+
 def rows_through(path: Path, last_step: int | None) -> list[dict]:
     """The rows of a JSONL file up to and including `last_step` (none for a fresh run); a line cut by a kill is dropped."""
     rows = []
@@ -1865,11 +1972,13 @@ def rows_through(path: Path, last_step: int | None) -> list[dict]:
                     rows.append(row)
     return rows
 
+
 def append_line(path: Path, line: str) -> None:
     with open(path, "a") as f:
         f.write(line + "\n")
         f.flush()
         os.fsync(f.fileno())
+
 
 def load_vae(model_path: str, config: dict, dtype, device):
     from diffusers import AutoencoderKL
@@ -1877,6 +1986,7 @@ def load_vae(model_path: str, config: dict, dtype, device):
     vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", revision=config["TEACHER_REVISION"],
                                         torch_dtype=dtype, cache_dir=config["COLAB_MODEL_CACHE"] or None)
     return vae.requires_grad_(False).eval().to(device)
+
 
 def decode_latents(vae, latents) -> list:
     """Latents to PIL images exactly as StableDiffusion3Pipeline decodes them, one at a time (memory)."""
@@ -1890,6 +2000,7 @@ def decode_latents(vae, latents) -> list:
         with torch.no_grad():
             images += processor.postprocess(vae.decode(z, return_dict=False)[0].float(), output_type="pil")
     return images
+
 
 def sample_grid(teacher_images: list, student_images: list, prompts: list[str], gaps: list[float], num_steps: int):
     """One row per held-out prompt: teacher | student, the prompt and its gap underneath."""
@@ -1909,6 +2020,7 @@ def sample_grid(teacher_images: list, student_images: list, prompts: list[str], 
         draw.text((4, top + side + 2), text, fill="black")
         draw.text((4, top + side + 15), f"gap {gap:.4g}", fill="black")
     return grid
+
 
 def plot_curves(metrics_jsonl: Path, path: Path) -> None:
     """Loss terms and the held-out gap over steps, as a PNG (matplotlib where installed)."""
@@ -1939,6 +2051,7 @@ def plot_curves(metrics_jsonl: Path, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
+
 def write_summary(run: Run, result: TrainResult, models: Models) -> dict:
     """runs/<run>/train_summary.json (and the curves plot), from the main process."""
     if not run.accelerator.is_main_process:
@@ -1965,6 +2078,7 @@ def write_summary(run: Run, result: TrainResult, models: Models) -> dict:
     }
     atomic_write_text(paths.run / "train_summary.json", json.dumps(summary, indent=2))
     return summary
+
 
 def export_student(models: Models, accelerator, config: dict, teacher_path: str, paths: "RunPaths", gap_before,
                    gap_last) -> None:
@@ -2024,6 +2138,7 @@ Guidance is distilled into the student: sample with guidance_scale=1.0.
 # =================================================================================================
 # The built-in tiny SD3: every component made in code, saved and loaded as a Hub model is.
 # =================================================================================================
+
 
 def build_tiny_sd3(path: Path) -> None:
     """Make a tiny random SD3 (every component, tokenizers included) and save it as a diffusers folder.
@@ -2104,10 +2219,12 @@ def build_tiny_sd3(path: Path) -> None:
 # Colab and Hub helpers: the notebook cells, installing what is missing, prefetching only what a run reads.
 # =================================================================================================
 
+
 REQUIREMENTS = {  # the ranges of requirements.txt, for dep_install()
     "torch": ">=2.4", "diffusers": ">=0.32", "transformers": ">=4.45", "accelerate": ">=0.34",
     "huggingface_hub": ">=0.25", "sentencepiece": ">=0.2", "protobuf": ">=3.20", "tqdm": ">=4.60", "peft": ">=0.13",
 }
+
 
 def colab_setup_text() -> str:
     return """\
@@ -2124,6 +2241,7 @@ from google.colab import drive; drive.mount("/content/drive")
 # leave out both flags: outputs then go to /content/outputs_colab, which a disconnect deletes.
 !python run_onpolicy_distill_colab.py --OUTPUT_ROOT=/content/drive/MyDrive/distill --COLAB_MODEL_CACHE=/content/drive/MyDrive/hf_cache
 """
+
 
 def dep_install() -> list[str]:
     """pip-install each requirement that is missing or older than its range; return what was installed."""
@@ -2147,6 +2265,7 @@ def dep_install() -> list[str]:
         print("all requirements already installed")
     return wanted
 
+
 def prefetch_patterns(use_t5: bool) -> list[str]:
     """The files of a diffusers SD3 folder that a run reads: configs, tokenizers and safetensors weights."""
     folders = ["transformer", "scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
@@ -2157,11 +2276,13 @@ def prefetch_patterns(use_t5: bool) -> list[str]:
         patterns += [f"{folder}/*.json", f"{folder}/*.safetensors", f"{folder}/*.txt", f"{folder}/*.model"]
     return patterns
 
+
 def download_size(files: list[tuple[str, int]], patterns: list[str]) -> int:
     """Bytes of the repository files (name, size) that the patterns select."""
     import fnmatch
 
     return sum(size or 0 for name, size in files if any(fnmatch.fnmatch(name, p) for p in patterns))
+
 
 def prefetch_model(model_id: str, revision: str, use_t5: bool, cache_dir: str) -> str:
     """Say how much will be downloaded, then download once (huggingface_hub skips files already
@@ -2177,6 +2298,7 @@ def prefetch_model(model_id: str, revision: str, use_t5: bool, cache_dir: str) -
         except Exception as err:
             raise explain_load_error(model_id, err) from err
     return snapshot_download(model_id, revision=revision, cache_dir=cache_dir or None, allow_patterns=patterns)
+
 
 if __name__ == "__main__":
     sys.exit(main())
