@@ -530,7 +530,7 @@ class Training:
     lr_scheduler: object
     sigmas: object  # the student's K-step sampler
     timesteps: object
-    evaluate: HeldoutEval
+    evaluate: HeldoutEval | None  # main process only
     metrics: MetricsWriter | None  # main process only
     result: TrainResult
 
@@ -550,8 +550,10 @@ def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts
     vae = None
     if config["SAVE_SAMPLE_GRIDS"] and accelerator.is_main_process:
         vae = load_vae(teacher_path, config, models.teacher_dtype, device)
-    evaluate = HeldoutEval(models, accelerator, text, heldout_prompts, len(train_prompts), config, sigmas, timesteps,
-                           paths, vae)
+    evaluate = None  # on the main process only: the others go on to the next step's gradient all-reduce and wait there
+    if accelerator.is_main_process:
+        evaluate = HeldoutEval(models, accelerator, text, heldout_prompts, len(train_prompts), config, sigmas,
+                               timesteps, paths, vae)
     result = TrainResult()
     if run.resume:
         result.step, result.skipped_steps, result.gap_before = restore_checkpoint(
@@ -565,7 +567,7 @@ def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts
     if config["REPORT_TO"]:
         accelerator.init_trackers(paths.name, config={k: v for k, v in config.items() if v is not None})
     if not run.resume:
-        result.gap_before = evaluate(0)
+        result.gap_before = evaluate(0) if evaluate else None
     result.gap_last = result.gap_before
     return Training(optimizer, lr_scheduler, sigmas, timesteps, evaluate, metrics, result)
 
@@ -581,7 +583,8 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
 
     def checkpoint(name, status):
         if accelerator.is_main_process:
-            extra = {"skipped_steps": result.skipped_steps, "gap_before": result.gap_before}
+            extra = {"skipped_steps": result.skipped_steps, "gap_before": result.gap_before,
+                     "num_processes": accelerator.num_processes}
             run.checkpoints.save(name, result.step, status, config_fingerprint(config),
                                  lambda path: save_checkpoint(path, models.student, optimizer, lr_scheduler, accelerator,
                                                               result.step, config, extra))
@@ -619,7 +622,7 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
 
             evaluate_now = step == max_steps or (config["EVAL_EVERY"] and step % config["EVAL_EVERY"] == 0)
             if evaluate_now:
-                result.gap_last = training.evaluate(step)
+                result.gap_last = training.evaluate(step) if training.evaluate else None
             if step % config["LOG_EVERY"] == 0 or step == max_steps or evaluate_now:
                 row = window.row(accelerator, step, kl_weight_at(step - 1, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
                                  lr_scheduler.get_last_lr()[0], images_per_step, result.skipped_steps,
@@ -1188,7 +1191,7 @@ def start_run(config: dict) -> Run:
     if accelerator.is_main_process:
         for folder in (paths.metrics, paths.checkpoints, paths.run):
             remove_stale_temporaries(folder)
-    resume = find_resume_point(config, paths, checkpoints)
+    resume = find_resume_point(config, paths, checkpoints, accelerator.num_processes)
     torch.manual_seed(config["SEED"])
     # fp32 matmuls and convolutions (MIXED_PRECISION="no" runs, VAE decoding) on the tensor cores, as diffusers' --allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -1233,7 +1236,7 @@ def find_run_of_config(output_root: Path, fingerprint: str) -> tuple[str, str] |
     return best[1:] if best else None
 
 
-def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointDir"):
+def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointDir", num_processes: int):
     """(path, payload) of the checkpoint to continue from, or None for a fresh run."""
     resume = None
     if config["RESUME"] == "auto":
@@ -1250,6 +1253,14 @@ def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointD
     if resume and resume[1]["fingerprint"] != config_fingerprint(config):
         raise UserError(f"Checkpoint {resume[0]} was written with different settings; resuming would mix two runs. "
                         f"Use a new RUN_NAME, or restore the settings of that run (its config is in the checkpoint).")
+    written_by = resume[1].get("num_processes", num_processes) if resume else num_processes
+    finished = resume and resume[1]["step"] >= config["MAX_STEPS"]
+    if written_by != num_processes and not finished:
+        raise UserError(f"Checkpoint {resume[0]} was written by {written_by} process(es) and this run has "
+                        f"{num_processes}. The prompt stream and the learning-rate schedule are laid out per process, so "
+                        f"it would not continue where it stopped. Resume with the same number (accelerate launch "
+                        f"--multi_gpu --num_processes {written_by} ...), or start a new run: RESUME='never' or a new "
+                        f"RUN_NAME.")
     return resume
 
 

@@ -139,6 +139,23 @@ def test_two_processes_write_one_set_of_outputs(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints" / name).glob("*.pt")) == ["final.pt", "step_4.pt", "step_5.pt"]
 
 
+def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(tmp_path):
+    """The prompt stream and the schedule are laid out per process: another process count is refused, not mixed."""
+    args = tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=4", "--CHECKPOINT_EVERY=2", "--EVAL_EVERY=0")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = tmp_path / "checkpoints" / "r" / "step_2.pt"
+    assert torch.load(checkpoint, weights_only=True)["num_processes"] == 2
+    evals = [json.loads(line)["step"] for line in (tmp_path / "metrics" / "r" / "eval.jsonl").read_text().splitlines()]
+    assert evals == [0, 4]  # evaluated once each time, by the main process alone
+    one = run_script(*tiny_args(tmp_path, "--RUN_NAME=r1", "--MAX_STEPS=4", f"--RESUME={checkpoint}"))
+    assert one.returncode == 2 and "Traceback" not in one.stderr
+    assert "written by 2 process(es) and this run has 1" in one.stderr and "--num_processes 2" in one.stderr
+    assert not (tmp_path / "checkpoints" / "r1").exists() or not list((tmp_path / "checkpoints" / "r1").iterdir())
+
+
 def test_dep_install_installs_nothing_when_all_is_present(distill, capsys):
     assert distill.dep_install() == []
     assert "already installed" in capsys.readouterr().out
