@@ -1129,30 +1129,13 @@ def parse_block_slice(text: str) -> slice:
 # =================================================================================================
 
 
-@dataclasses.dataclass
 class RunPaths:
-    root: Path
-    name: str
+    """Where a run's files go: OUTPUT_ROOT/<kind>/<run name>, one folder per kind."""
 
-    @property
-    def metrics(self):
-        return self.root / "metrics" / self.name
-
-    @property
-    def checkpoints(self):
-        return self.root / "checkpoints" / self.name
-
-    @property
-    def run(self):
-        return self.root / "runs" / self.name
-
-    @property
-    def samples(self):
-        return self.root / "samples" / self.name
-
-    @property
-    def export(self):
-        return self.root / "export" / self.name
+    def __init__(self, root: Path, name: str):
+        self.root, self.name = Path(root), name
+        self.metrics, self.checkpoints, self.run, self.samples, self.export = (
+            self.root / kind / name for kind in ("metrics", "checkpoints", "runs", "samples", "export"))
 
 
 @dataclasses.dataclass
