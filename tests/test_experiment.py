@@ -74,4 +74,10 @@ def test_the_grid_in_a_short_configuration(tmp_path):
     # more guided steps are closer to the 28-step reference: the floor at K = 4 is below the 2-step equal-cost teacher
     assert four_1["floor"] < four_1["equal_cost"] and four_1["equal_cost_guided_steps"] == 2
     assert settings[(1, 4)]["gap_on_policy"] == settings[(1, 4)]["gap_off_policy"]
-    assert (tmp_path / "samples.png").is_file() and (tmp_path / "quality_vs_cost.png").is_file()
+    assert (tmp_path / "samples.png").is_file()
+    try:  # the cost plot needs matplotlib (Colab has it; the requirements do not)
+        import matplotlib  # noqa: F401
+
+        assert (tmp_path / "quality_vs_cost.png").is_file()
+    except ImportError:
+        assert "matplotlib is not installed" in result.stdout and not (tmp_path / "quality_vs_cost.png").exists()
