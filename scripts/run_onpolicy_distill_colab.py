@@ -152,17 +152,20 @@ def sampler_sigmas(scheduler_config: dict, num_steps: int, shift: float | None, 
     then shifted, sigma' = s sigma / (1 + (s - 1) sigma), with shift s (or the resolution-dependent
     mu of the SD3 pipeline when the scheduler uses dynamic shifting)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
     overrides = {} if shift is None else {"shift": shift}
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, **overrides)
-    kwargs = {}
-    if scheduler.config.get("use_dynamic_shifting", False):
-        kwargs["mu"] = calculate_shift(image_seq_len, scheduler.config.get("base_image_seq_len", 256),
-                                       scheduler.config.get("max_image_seq_len", 4096),
-                                       scheduler.config.get("base_shift", 0.5), scheduler.config.get("max_shift", 1.16))
+    kwargs = {"mu": dynamic_shift_mu(scheduler.config, image_seq_len)} if scheduler.config.use_dynamic_shifting else {}
     scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
     return scheduler.sigmas.clone(), scheduler.timesteps.clone()
+
+
+def dynamic_shift_mu(scheduler_config, image_seq_len: int) -> float:
+    """The SD3 pipeline's resolution-dependent mu (the shift is e^mu) for a scheduler with use_dynamic_shifting."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    return calculate_shift(image_seq_len, scheduler_config.base_image_seq_len, scheduler_config.max_image_seq_len,
+                           scheduler_config.base_shift, scheduler_config.max_shift)
 
 
 def epsilon_from_velocity(x_t, sigma, velocity):
@@ -373,14 +376,10 @@ def teacher_substep_shift(config: dict, models: Models) -> float:
     """The spacing of the teacher's substeps: TEACHER_SUBSTEP_SHIFT, or the shift its own scheduler uses."""
     if config["TEACHER_SUBSTEP_SHIFT"] is not None:
         return config["TEACHER_SUBSTEP_SHIFT"]
-    scheduler = models.scheduler_config
-    if scheduler.get("use_dynamic_shifting", False):
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-        return math.exp(calculate_shift(models.image_seq_len, scheduler.get("base_image_seq_len", 256),
-                                        scheduler.get("max_image_seq_len", 4096), scheduler.get("base_shift", 0.5),
-                                        scheduler.get("max_shift", 1.16)))
-    return scheduler.get("shift", 1.0)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(models.scheduler_config).config  # defaults filled in
+    return math.exp(dynamic_shift_mu(scheduler, models.image_seq_len)) if scheduler.use_dynamic_shifting else scheduler.shift
 
 
 @dataclasses.dataclass
