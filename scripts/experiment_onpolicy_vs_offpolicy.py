@@ -284,6 +284,13 @@ class FinalEval:
     def teacher(self, steps: int, guidance: float) -> dict:
         return self.measure(pipeline_latents(self.teacher_pipe, self.prompts, self.noise, steps, guidance))
 
+    def baselines(self, steps: int) -> dict:
+        """At K steps: the teacher unguided (the student before training), guided (the floor of N = 1), and guided
+        with as many transformer passes as a K-step student (K / 2 guided steps, at least one)."""
+        equal = max(1, steps // 2)
+        return {"no_training": self.teacher(steps, 1.0), "floor": self.teacher(steps, self.guidance),
+                "equal_cost": self.teacher(equal, self.guidance), "equal_cost_steps": equal}
+
     def student(self, export: Path) -> dict:
         from diffusers import StableDiffusion3Pipeline
 
@@ -461,10 +468,6 @@ def main(argv=None):
                                     for p in prompts[-HELDOUT:] * args.eval_noises]))
     print(f"judge on drawn pictures: {drawn['adherence']}; on the teacher's {REFERENCE_STEPS}-step samples: "
           f"{reference['adherence']}, FD {reference['fd']:.3f}", flush=True)
-    baselines = {K: {"no_training": ev.teacher(K, 1.0), "floor": ev.teacher(K, args.guidance),
-                     "equal_cost": ev.teacher(max(1, K // 2), args.guidance), "equal_cost_steps": max(1, K // 2)}
-                 for K in args.k}
-
     records_dir = root / "records"
     records_dir.mkdir(exist_ok=True)
     runs = grid_runs(args.k, args.n, args.m, args.seeds, args.regimes, args.tag)
@@ -483,10 +486,7 @@ def main(argv=None):
                   f"{record['train_seconds']:.0f} s", flush=True)
     # Every record in the folder, this command's and earlier ones' (other K, N, tags), makes the table.
     records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
-    for K in {r["K"] for r in records} - set(baselines):
-        baselines[K] = {"no_training": ev.teacher(K, 1.0), "floor": ev.teacher(K, args.guidance),
-                        "equal_cost": ev.teacher(max(1, K // 2), args.guidance), "equal_cost_steps": max(1, K // 2)}
-    entries = settings_table(records, baselines, reference)
+    entries = settings_table(records, {K: ev.baselines(K) for K in {r["K"] for r in records}}, reference)
     add_cost_to_reach(entries)
     summary = {
         "command": "python scripts/experiment_onpolicy_vs_offpolicy.py " + " ".join(argv or sys.argv[1:]),
