@@ -1023,16 +1023,14 @@ def validate_config(c: dict) -> None:
         need(c["IMAGE_SIZE"] % (factor * patch) == 0,
              f"IMAGE_SIZE={c['IMAGE_SIZE']} must be a multiple of {factor * patch} for {who}_ID (VAE factor {factor} x "
              f"patch size {patch})" + (", e.g. 512, 768 or 1024." if factor * patch == 16 else "."))
-    try:
-        Path(c["OUTPUT_ROOT"]).mkdir(parents=True, exist_ok=True)
-        need(os.access(c["OUTPUT_ROOT"], os.W_OK), f"OUTPUT_ROOT={c['OUTPUT_ROOT']!r} is not writable; choose a folder "
-             f"you can write to (in Colab, under /content or a mounted Drive).")
-    except OSError as err:
-        problems.append(f"OUTPUT_ROOT={c['OUTPUT_ROOT']!r} cannot be created ({err.strerror}); choose a folder you can "
-                        f"write to (in Colab, under /content or a mounted Drive).")
-    for who in models_to_check(c):
         if problem := model_source_problem(c[f"{who}_ID"], c[f"{who}_REVISION"], c["COLAB_MODEL_CACHE"], who):
             problems.append(problem)
+    writable = "choose a folder you can write to (in Colab, under /content or a mounted Drive)."
+    try:
+        Path(c["OUTPUT_ROOT"]).mkdir(parents=True, exist_ok=True)
+        need(os.access(c["OUTPUT_ROOT"], os.W_OK), f"OUTPUT_ROOT={c['OUTPUT_ROOT']!r} is not writable; {writable}")
+    except OSError as err:
+        problems.append(f"OUTPUT_ROOT={c['OUTPUT_ROOT']!r} cannot be created ({err.strerror}); {writable}")
     need(c["HELDOUT_PROMPTS"] < c["NUM_PROMPTS"] or not c["GENERATE_PROMPTS"],
          f"HELDOUT_PROMPTS={c['HELDOUT_PROMPTS']} leaves no training prompts out of NUM_PROMPTS={c['NUM_PROMPTS']}.")
     need(not (c["RESUME"] not in ("auto", "never") and not Path(c["RESUME"]).is_file()),
