@@ -7,7 +7,8 @@ the FLOPs of one forward pass (counted, and by the per-token formula), the scrip
 images/s, MFU, peak memory) and a straightforward loop doing the same work the plain way. With
 --profile it also records where the step's time goes: matmuls, attention, fused pointwise and the rest.
 
-    python scripts/bench_distill_step.py --suite h100          # on a CUDA GPU: the README's tables
+    python scripts/bench_distill_step.py --suite h200          # on a CUDA GPU: the README's table (defaults, FP8)
+    python scripts/bench_distill_step.py --suite h100          # the earlier levers at N = 1 (lab notes)
     python scripts/bench_distill_step.py --suite tiny          # on the CPU: keeps this file working
 
 Each case's result is appended to --out (JSON) as soon as it is measured.
@@ -48,6 +49,106 @@ def matmul_ceiling_tflops(device, size=8192, repeats=10) -> float:
         if i >= 3:
             times.append(start.elapsed_time(end) / 1e3)
     return 2 * size**3 / statistics.median(times) / 1e12
+
+
+def fp8_matmul_ceiling_tflops(device, size=8192, repeats=10) -> float | None:
+    """Median FP8 (e4m3, row-wise scaled) matmul rate on random data, measured as the bf16 ceiling is."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    distill = sys.modules["run_onpolicy_distill_colab"]
+    if distill.fp8_problem(device):
+        return None
+    a, scale_a = distill.fp8_quantize_rows(torch.randn(size, size, device=device))
+    b, scale_b = distill.fp8_quantize_rows(torch.randn(size, size, device=device))
+    scale_b = scale_b.t().contiguous()
+    times = []
+    for i in range(repeats + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    return 2 * size**3 / statistics.median(times) / 1e12
+
+
+def fp8_teacher_probe(distill, case: dict, device, ceiling: float, with_torchao: bool = False,
+                      kernels: bool = False) -> dict:
+    """The teacher's guided pass (batch = 2 x the rollout's images) in bf16 against FP8: the script's FP8Linear
+    and, where torchao is installed, torchao's float8 dynamic row-wise quantisation of the same layers; each with
+    its blocks compiled as the script compiles them. Forward time, the velocity's error against bf16 (relative
+    MSE), and the matmul kernels the profiler saw (FP8 ones have f8/e4m3 in their names)."""
+    import copy
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = SD3_CONFIGS[case["teacher"]]
+    latent = case["image_size"] // 8
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(case["batch"], cfg["in_channels"], latent, latent, generator=g).to(device, torch.bfloat16)
+    enc = torch.randn(case["batch"], case["text_len"], cfg["joint_attention_dim"], generator=g).to(device, torch.bfloat16)
+    pooled = torch.randn(case["batch"], cfg["pooled_projection_dim"], generator=g).to(device, torch.bfloat16)
+    bf16 = build_transformer(case["teacher"], torch.bfloat16, device).requires_grad_(False).eval()
+    variants = {"bf16": bf16, "fp8 (script)": distill.fp8_copy(bf16)}
+    torchao_error = "not asked for (--torchao)"
+    try:
+        if not with_torchao:
+            raise ImportError(torchao_error)
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        torchao_model = copy.deepcopy(bf16)
+        targets = {id(m) for m in distill.fp8_targets(torchao_model).values()}
+        quantize_(torchao_model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                  filter_fn=lambda module, fqn: id(module) in targets)
+        variants["fp8 (torchao)"] = torchao_model
+    except ImportError as err:
+        torchao_error = str(err)
+    result = {"case": case, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "matmul_ceiling_tflops": ceiling,
+              "fp8_matmul_ceiling_tflops": fp8_matmul_ceiling_tflops(device), "variants": {}}
+    if "fp8 (torchao)" not in variants:
+        result["torchao"] = f"not installed ({torchao_error})"
+    else:
+        import torchao
+
+        result["torchao"] = torchao.__version__
+    reference = None
+    for name, model in variants.items():
+        torch._dynamo.reset()
+        for block in model.transformer_blocks:
+            block.compile()
+
+        def forward():
+            with torch.no_grad():
+                return distill.predict_velocity(model, x, 500.0, enc, pooled, torch.bfloat16)
+
+        started = time.perf_counter()
+        out = forward()
+        synchronize(device)
+        print(f"  {name}: first pass (compiling) {time.perf_counter() - started:.0f} s", flush=True)
+        reference = out if reference is None else reference
+        times = timed(forward, device, 2, 10)
+        result["variants"][name] = {
+            "forward_ms": statistics.median(times) * 1e3,
+            "relative_mse_vs_bf16": float((out - reference).square().mean() / reference.square().mean())}
+        print(f"  {name}: {result['variants'][name]}", flush=True)
+        if kernels:
+            with profile(activities=[ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]) as prof:
+                forward()
+                synchronize(device)
+            result["variants"][name]["matmul_kernels"] = sorted(
+                {e.key[:120] for e in prof.key_averages()
+                 if kernel_kind(e.key) == "matmul" or any(f in e.key.lower() for f in ("f8", "e4m3", "scaled_mm"))})[:12]
+    base = result["variants"]["bf16"]["forward_ms"]
+    for v in result["variants"].values():
+        v["speedup_vs_bf16"] = base / v["forward_ms"]
+    del variants, bf16
+    distill.free_accelerator_memory()
+    return result
 
 
 def formula_forward_flops(cfg: dict, batch: int, image_tokens: int, text_tokens: int) -> float:
@@ -168,14 +269,17 @@ def random_text(distill, num_prompts: int, text_len: int, cfg: dict, device, dty
 
 
 def step_images(case: dict) -> int:
-    """Images per optimizer step: the batch times the rollouts accumulated into it."""
-    return case["batch"] * case.get("accum", 1)
+    """Images per optimizer step (IMAGES_PER_STEP): the batch times the rollouts accumulated into it."""
+    return case.get("images", case["batch"])
 
 
 def case_config(distill, case: dict, device) -> dict:
+    """The script's settings for a case; what a case does not name stays at the script's default."""
     config = distill.default_config()
     config.update(TEACHER_ID=case["teacher"], STUDENT_ID=case["student"], IMAGE_SIZE=case["image_size"],
-                  BATCH_SIZE=case["batch"], GRAD_ACCUM_STEPS=case.get("accum", 1), NUM_ROLLOUT_STEPS=case["steps"],
+                  BATCH_SIZE=case["batch"], IMAGES_PER_STEP=case.get("images", case["batch"]),
+                  NUM_ROLLOUT_STEPS=case["steps"], TEACHER_SUBSTEPS=case.get("substeps", config["TEACHER_SUBSTEPS"]),
+                  TEACHER_FP8=case.get("teacher_fp8", False), STUDENT_FP8=case.get("student_fp8", False),
                   SUPERVISED_STATES=case.get("supervised", 0), TRAINABLE=case["trainable"],
                   GRADIENT_CHECKPOINTING=case.get("checkpointing", False), COMPILE=case.get("compile", False),
                   ATTENTION_BACKEND=case.get("attention", "auto"), LR_WARMUP_STEPS=0, KL_WARMUP_STEPS=0,
@@ -209,6 +313,9 @@ def run_script_step(distill, case: dict, device, warmup: int, repeats: int, coun
     cfg = SD3_CONFIGS[case["teacher"]]
     text = random_text(distill, 16, case["text_len"], cfg, device, teacher_dtype)
     sigmas, timesteps = distill.sampler_sigmas(SCHEDULER_CONFIG, config["NUM_ROLLOUT_STEPS"], None, models.image_seq_len)
+    batch_choice = None
+    if config["BATCH_SIZE"] == "auto":  # as a run resolves it, before the step is first taken
+        config["BATCH_SIZE"], batch_choice = distill.choose_batch_size(models, accelerator, text, config, sigmas, timesteps)
     state = {"step": 0, "finite": 0}
 
     def step():
@@ -223,10 +330,16 @@ def run_script_step(distill, case: dict, device, warmup: int, repeats: int, coun
         flops = counted_flops(step)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = timed(step, device, warmup, repeats)
+    started = time.perf_counter()
+    step()
+    synchronize(device)
+    print(f"  batch {config['BATCH_SIZE']} ({batch_choice or 'set'}); first step (compiling) "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+    times = timed(step, device, max(warmup - 1, 0), repeats)
     result = {"step_seconds": statistics.median(times), "step_seconds_all": times, "step_flops": flops,
               "finite_steps": state["finite"], "total_steps": state["step"],
-              "trainable_params": sum(p.numel() for p in models.trainable),
+              "trainable_params": sum(p.numel() for p in models.trainable), "batch_size": config["BATCH_SIZE"],
+              "batch_size_choice": batch_choice, "teacher_fp8": models.teacher_fp8, "student_fp8": models.student_fp8,
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     if profile:
         result["profile"] = profiled_time_by_kind(step, device)
@@ -265,7 +378,8 @@ def reference_step_factory(distill, case: dict, device, levers: tuple = ()):
                                                             num_hidden_layers=32 if real else 2, num_attention_heads=20 if real else 2,
                                                             projection_dim=1280 if real else 32))
     clip_l.eval(), clip_g.eval()
-    batch, K, guidance, accum = case["batch"], case["steps"], 7.0, case.get("accum", 1)
+    batch = case["batch"] if case["batch"] != "auto" else step_images(case)
+    K, N, guidance, accum = case["steps"], case.get("substeps", 4), 7.0, step_images(case) // batch
     latent = case["image_size"] // (8 if real else 2)
     t5_len = case["text_len"] - 77
     sigmas, timesteps = distill.sampler_sigmas(SCHEDULER_CONFIG, K, None, (latent // 2) ** 2)
@@ -296,7 +410,8 @@ def reference_step_factory(distill, case: dict, device, levers: tuple = ()):
 
     def learn_at(i, x, cond, uncond):
         """The losses at state i, backpropagated; returns the student's (detached) velocity there."""
-        v_teacher = teacher_guided(x, timesteps[i], cond, uncond)
+        v_teacher = distill.teacher_target_velocity(lambda y, t: teacher_guided(y, t, cond, uncond), x, sigmas, i, N,
+                                                    SCHEDULER_CONFIG["shift"])
         with autocast:
             v_student = distill.predict_velocity(student, x, timesteps[i], *cond, torch.float32)
         s, n = float(sigmas[i]), float(sigmas[i + 1])
@@ -365,8 +480,8 @@ def run_case(distill, case: dict, device, ceiling: float, args) -> dict:
         result["forward_seconds_eager"] = statistics.median(timed(forward, device, 2, args.repeats))
         del model
         distill.free_accelerator_memory()
-    script = run_script_step(distill, case, device, args.warmup, args.repeats, count_flops=case.get("count_flops", True),
-                             profile=args.profile)
+    script = run_script_step(distill, case, device, case.get("warmup", args.warmup), case.get("repeats", args.repeats),
+                             count_flops=case.get("count_flops", True), profile=args.profile)
     distill.free_accelerator_memory()  # the step's models are gone with run_script_step's frame
     result["script"] = script
     images = step_images(case)
@@ -394,9 +509,21 @@ def run_case(distill, case: dict, device, ceiling: float, args) -> dict:
 
 
 def suite(name: str) -> list[dict]:
-    base = dict(image_size=1024, text_len=333, steps=4)
+    base = dict(image_size=1024, text_len=333, steps=4, substeps=1)  # the h100 suite: measured before N existed
+    if name == "h200":  # the script's defaults (K = 4, N = 4, LoRA on shared weights, 4 images per step, auto batch)
+        default = dict(base, teacher="sd3-medium", student="sd3-medium", substeps=4, trainable="lora", batch="auto",
+                       images=4, compile=True, forward=False, count_flops=False)
+        return [
+            dict(kind="fp8_teacher", teacher="sd3-medium", batch=8, image_size=1024, text_len=333),
+            dict(default, batch=1, images=1, compile=False, count_flops=True, repeats=2, warmup=1),  # FLOPs per image
+            dict(default, reference=True),  # the default; the straightforward loop doing its work
+            dict(default, teacher_fp8=True),
+            dict(default, teacher_fp8=True, student_fp8=True),
+            dict(default, batch=8, images=8, teacher_fp8=True, student_fp8=True, attention="cudnn"),
+            dict(default, batch=16, images=16, teacher_fp8=True, student_fp8=True, attention="cudnn"),
+        ]
     if name == "tiny":
-        return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, batch=2, accum=2,
+        return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, batch=2, images=4,
                      trainable="all", reference=True, ladder=True, compile=False)]
     if name == "h100":
         medium = dict(base, teacher="sd3-medium", student="sd3-medium", forward=False, count_flops=False)
@@ -428,13 +555,13 @@ def suite(name: str) -> list[dict]:
             # the FLOPs of full training counted (eager), then full training as the script runs it by default:
             # GRAD_ACCUM_STEPS=4 rollouts per optimizer step
             dict(medium, batch=2, trainable="all", count_flops=True),
-            dict(medium, batch=4, accum=4, trainable="all", compile=True, attention="cudnn"),
+            dict(medium, batch=4, images=16, substeps=1, trainable="all", compile=True, attention="cudnn"),
             # what LoRA's branches cost: case 15 with LoRA on one projection instead of eight
             dict(medium, batch=8, trainable="lora", compile=True, attention="cudnn", lora_targets="attn.to_q"),
             # FlashAttention-4 in place of cuDNN (ATTENTION_BACKEND="fa4", needs flash-attn-4): cases 13, 15, 20, 17
             dict(medium, batch=4, trainable="all", compile=True, attention="fa4"),
             dict(medium, batch=8, trainable="lora", compile=True, attention="fa4"),
-            dict(medium, batch=4, accum=4, trainable="all", compile=True, attention="fa4"),
+            dict(medium, batch=4, images=16, substeps=1, trainable="all", compile=True, attention="fa4"),
             dict(medium, batch=16, trainable="lora", compile=True, attention="fa4"),
             # ... and against the straightforward loop at the work of its largest batch that fits 80 GB
             dict(base, teacher="sd3-medium", student="sd3-medium", batch=2, trainable="all", forward=False,
@@ -445,11 +572,14 @@ def suite(name: str) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="tiny", help="tiny (CPU) or h100 (the README's cases)")
+    parser.add_argument("--suite", default="tiny", help="tiny (CPU), h200 (the defaults, FP8; README) or h100 (N = 1, "
+                        "bf16 levers: the lab notes)")
     parser.add_argument("--only", type=int, nargs="*", help="run only these case indices of the suite")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--out", default="bench_results.json")
+    parser.add_argument("--torchao", action="store_true", help="the FP8 probe also tries torchao's float8 quantisation")
+    parser.add_argument("--kernels", action="store_true", help="the FP8 probe also lists the matmul kernels it ran")
     parser.add_argument("--profile", action="store_true", help="also record where the step's time goes, by kernel kind")
     args = parser.parse_args()
     import torch
@@ -457,19 +587,25 @@ def main():
     distill = load_distill()
     distill.quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ceiling = matmul_ceiling_tflops(device)
+    ceiling, fp8_ceiling = matmul_ceiling_tflops(device), fp8_matmul_ceiling_tflops(device)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
-          f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s", flush=True)
+          f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s, FP8 {fp8_ceiling or float('nan'):.0f} TFLOP/s", flush=True)
     results, counted = [], {}
     for index, case in enumerate(suite(args.suite)):
         if args.only and index not in args.only:
+            continue
+        if case.get("kind") == "fp8_teacher":
+            results.append(fp8_teacher_probe(distill, case, device, ceiling, args.torchao, args.kernels))
+            Path(args.out).write_text(json.dumps(results, indent=2))
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "case"}), flush=True)
             continue
         try:
             result = run_case(distill, case, device, ceiling, args)
         except torch.cuda.OutOfMemoryError as err:
             result = {"case": case, "error": f"out of memory: {str(err)[:200]}"}
             distill.free_accelerator_memory()
-        work = (case["teacher"], case["student"], case["trainable"], case["steps"], case["image_size"])
+        work = (case["teacher"], case["student"], case["trainable"], case["steps"], case.get("substeps", 4),
+                case["image_size"])
         if "script" in result:  # the same work costs the same FLOPs however it is run: reuse an eager count,
             # per image (every operation of the step is per sample, so FLOPs are proportional to the images
             # of an optimizer step, batch x accumulated rollouts; the optimizer's own FLOPs are negligible)
@@ -479,6 +615,10 @@ def main():
             elif work in counted and ceiling == ceiling:
                 result["script"]["step_flops_from_eager_case"] = counted[work] * images
                 result["script"]["mfu"] = counted[work] * images / result["script"]["step_seconds"] / (ceiling * 1e12)
+            flops = result["script"].get("step_flops") or result["script"].get("step_flops_from_eager_case")
+            if flops and fp8_ceiling and (case.get("teacher_fp8") or case.get("student_fp8")):
+                result["fp8_matmul_ceiling_tflops"] = fp8_ceiling
+                result["script"]["mfu_of_fp8_ceiling"] = flops / result["script"]["step_seconds"] / (fp8_ceiling * 1e12)
         results.append(result)
         Path(args.out).write_text(json.dumps(results, indent=2))
         print(summary_line(result), flush=True)
@@ -487,8 +627,13 @@ def main():
 
 def summary_line(r: dict) -> str:
     c = r["case"]
-    accum = f"x{c['accum']}" if c.get("accum", 1) > 1 else ""
-    name = f"{c['teacher']}->{c['student']} {c['trainable']} b{c['batch']}{accum} K{c['steps']}" + (
+    if c.get("kind") == "fp8_teacher":
+        return f"{c['teacher']} teacher pass, batch {c['batch']}: " + ", ".join(
+            f"{name} {v['forward_ms']:.1f} ms ({v['speedup_vs_bf16']:.2f}x, relative MSE {v['relative_mse_vs_bf16']:.1e})"
+            for name, v in r["variants"].items())
+    images = f" ({c['images']} per step)" if c.get("images", c["batch"]) != c["batch"] else ""
+    name = f"{c['teacher']}->{c['student']} {c['trainable']} b{c['batch']}{images} K{c['steps']} N{c.get('substeps', 4)}" + (
+        " fp8-teacher" if c.get("teacher_fp8") else "") + (" fp8-student" if c.get("student_fp8") else "") + (
         " ckpt" if c.get("checkpointing") else "") + (f" lora:{c['lora_targets']}" if c.get("lora_targets") else "") + (
         " compiled" if c.get("compile") else "") + (f" {c['attention']}" if c.get("attention") else "")
     if "error" in r:
@@ -496,7 +641,10 @@ def summary_line(r: dict) -> str:
     s = r["script"]
     parts = [name, f"step {s['step_seconds'] * 1e3:.0f} ms", f"{s['images_per_second']:.2f} img/s"]
     if s.get("mfu") is not None:
-        parts.append(f"MFU {s['mfu'] * 100:.1f}%")
+        parts.append(f"MFU {s['mfu'] * 100:.1f}%" + (f" ({s['mfu_of_fp8_ceiling'] * 100:.1f}% of FP8's)"
+                                                     if s.get("mfu_of_fp8_ceiling") else ""))
+    if s.get("batch_size_choice"):
+        parts.append(f"batch {s['batch_size']} ({s['batch_size_choice']})")
     if s.get("peak_mem_gib") is not None:
         parts.append(f"peak {s['peak_mem_gib']:.1f} GiB")
     if "profile" in s:

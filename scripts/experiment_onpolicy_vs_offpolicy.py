@@ -54,9 +54,9 @@ HELDOUT = 12  # the last 12 shape prompts are never trained on
 REFERENCE_STEPS = 28  # the teacher's guided sampler that the final, pipeline-measured gap compares against
 RUN_EVAL_NOISES = 8  # fixed noises per held-out prompt in the runs' own evaluation (the curves)
 DISTILL_ARGS = ["--LEARNING_RATE=2e-4", "--LR_SCHEDULER=cosine", "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10",
-                "--BATCH_SIZE=8", "--STOCHASTIC_ROLLOUT=false", "--COMPILE=false",
+                "--IMAGES_PER_STEP=32", "--BATCH_SIZE=8", "--STOCHASTIC_ROLLOUT=false", "--COMPILE=false",
                 f"--TEACHER_EVAL_STEPS={REFERENCE_STEPS}"]
-REAL_SIZE_ARGS = ["--IMAGE_SIZE=512", "--MAX_STEPS=60", "--BATCH_SIZE=2", "--GRAD_ACCUM_STEPS=1", "--EVAL_EVERY=20",
+REAL_SIZE_ARGS = ["--IMAGE_SIZE=512", "--MAX_STEPS=60", "--IMAGES_PER_STEP=2", "--BATCH_SIZE=2", "--EVAL_EVERY=20",
                   "--HELDOUT_PROMPTS=4", "--NUM_PROMPTS=64", "--COMPILE=false", "--CHECKPOINT_EVERY=1000",
                   "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10"]
 

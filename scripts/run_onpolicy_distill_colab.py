@@ -23,6 +23,7 @@ import contextlib
 import csv
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -63,11 +64,13 @@ GRADIENT_CHECKPOINTING = False  # recompute block activations in backward: less 
 COMPILE = True  # torch.compile each transformer block on CUDA (about 1.35x faster steps on an H100, ~1 min to compile)
 ATTENTION_BACKEND = "auto"  # scaled-dot-product attention kernel: "auto" (PyTorch picks) | "cudnn" | "flash" | "efficient" | "math"
 #   | "fa4": FlashAttention-4 on an H100/H200/B200 (pip install flash-attn-4==4.0.0b36; fastest measured, see README)
+TEACHER_FP8 = False  # the frozen teacher's attention and MLP matmuls in FP8 (row-wise scales), on GPUs that have it (compute capability >= 8.9: L4, H100, H200): True | False | "auto" (where the GPU has it)
+STUDENT_FP8 = False  # LoRA only: the student's frozen base matmuls in FP8 too (forward and input gradients); with shared weights one FP8 base then serves teacher and student
 
 # --- Train setup --------------------------------------------------------------------------------
 SEED = 0  # seeds noise, prompt order and state choice; the same seed gives the same run
-BATCH_SIZE = 1  # prompts per rollout, per process
-GRAD_ACCUM_STEPS = 4  # rollouts accumulated into one optimizer step
+IMAGES_PER_STEP = 4  # images (prompts) per optimizer step, per process: the batch the learning rate goes with
+BATCH_SIZE = "auto"  # images per rollout, for memory and speed only: "auto" = the largest divisor of IMAGES_PER_STEP that fits the GPU (measured at the start); rollouts accumulated per step = IMAGES_PER_STEP / BATCH_SIZE
 LEARNING_RATE = 1e-4  # AdamW peak learning rate; 1e-4 for LoRA, 1e-5 for full training
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999
@@ -129,7 +132,7 @@ PRESETS = {
     "tiny": dict(
         TEACHER_ID="tiny-random-sd3", STUDENT_ID="tiny-random-sd3", TEACHER_DTYPE="float32",
         TEXT_ENCODER_DTYPE="float32", IMAGE_SIZE=32, USE_T5=True, T5_MAX_LENGTH=64, TRAINABLE="all",
-        BATCH_SIZE=2, GRAD_ACCUM_STEPS=1, LEARNING_RATE=1e-3, LR_WARMUP_STEPS=2, MAX_STEPS=30,
+        IMAGES_PER_STEP=2, LEARNING_RATE=1e-3, LR_WARMUP_STEPS=2, MAX_STEPS=30,
         MIXED_PRECISION="no", LOG_EVERY=1, CHECKPOINT_EVERY=10, EVAL_EVERY=10, KL_WARMUP_STEPS=10,
         GUIDANCE_SCALE=3.0, TEACHER_EVAL_STEPS=8, NUM_PROMPTS=48, HELDOUT_PROMPTS=4,
     ),
@@ -329,6 +332,8 @@ class Models:
     trainable: list  # the student's trainable parameters (fp32)
     scheduler_config: dict  # the teacher's FlowMatchEulerDiscreteScheduler config
     patch_size: int
+    teacher_fp8: bool = False  # its attention and MLP matmuls in FP8
+    student_fp8: bool = False  # its frozen base matmuls in FP8
 
     def teacher_context(self):
         return adapters_disabled(self.teacher) if self.shares_weights else contextlib.nullcontext()
@@ -452,12 +457,13 @@ def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps
 
 def distill_step(models: Models, accelerator, text: "TextEmbeddings", step: int, config: dict, sigmas, timesteps,
                  num_train_prompts: int):
-    """GRAD_ACCUM_STEPS on-policy rollouts of BATCH_SIZE training prompts, gradients accumulated (and
-    synchronised across processes only on the last). Returns the summed (K, 4) loss terms and how
-    often each rollout step was supervised."""
+    """IMAGES_PER_STEP / BATCH_SIZE on-policy rollouts of BATCH_SIZE training prompts (BATCH_SIZE resolved
+    to a number), gradients accumulated (and synchronised across processes only on the last). Returns the
+    summed (K, 4) loss terms and how often each rollout step was supervised."""
     import torch
 
-    K, accum, batch = len(timesteps), config["GRAD_ACCUM_STEPS"], config["BATCH_SIZE"]
+    K, batch = len(timesteps), config["BATCH_SIZE"]
+    accum = config["IMAGES_PER_STEP"] // batch
     kl_weight = kl_weight_at(step, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"])
     terms = torch.zeros(K, 4, device=accelerator.device)
     counts = torch.zeros(K, device=accelerator.device)
@@ -479,6 +485,75 @@ def distill_step(models: Models, accelerator, text: "TextEmbeddings", step: int,
 # =================================================================================================
 # The training loop, its setup, the held-out evaluation.
 # =================================================================================================
+
+
+def largest_fitting_batch(images_per_step: int, peak_one: float, peak_two: float | None, capacity: float) -> int:
+    """The largest divisor b of IMAGES_PER_STEP whose step fits: peak memory is linear in the batch (the weights
+    once, the activations per image), m(b) = m_1 + (b - 1)(m_2 - m_1) <= capacity, from peaks m_1, m_2 measured at
+    batch 1 and 2 (m_2 None: batch 2 did not fit). At least 1."""
+    if peak_two is None:
+        return 1
+    fits = [b for b in range(1, images_per_step + 1)
+            if images_per_step % b == 0 and peak_one + (b - 1) * (peak_two - peak_one) <= capacity]
+    return max(fits, default=1)
+
+
+def probe_peak_memory(models: Models, accelerator, text: "TextEmbeddings", config: dict, sigmas, timesteps,
+                      batch: int) -> float | None:
+    """Peak GPU memory (bytes) of one rollout of `batch` images with its backward, run eagerly (more than the compiled
+    step takes, so the estimate errs towards fitting); None if it ran out of memory. Its gradients are dropped."""
+    import torch
+
+    free_accelerator_memory()
+    torch.cuda.reset_peak_memory_stats()
+    K = len(timesteps)
+    plan = RolloutPlan(text.batch([i % len(text.embeds) for i in range(batch)], accelerator.device, models.teacher_dtype),
+                       text.empty_batch(batch, accelerator.device, models.teacher_dtype),
+                       step_generator(config["SEED"], 0, 0, accelerator.process_index, accelerator.device),
+                       set(range(K)), set(range(K)), 1.0 / K, False)
+    eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else contextlib.nullcontext()
+    try:
+        with eager:
+            distill_rollout(models, accelerator, config, sigmas, timesteps, plan, config["KL_WEIGHT"])
+        torch.cuda.synchronize()
+        peak = float(torch.cuda.max_memory_allocated())
+    except torch.cuda.OutOfMemoryError:
+        peak = None
+    for p in models.trainable:
+        p.grad = None
+    free_accelerator_memory()
+    return peak
+
+
+def choose_batch_size(models: Models, accelerator, text: "TextEmbeddings", config: dict, sigmas, timesteps,
+                      resumed_batch: int | None = None) -> tuple[int, str]:
+    """BATCH_SIZE="auto": the largest divisor of IMAGES_PER_STEP that fits this GPU (largest_fitting_batch, from
+    two probe rollouts, plus AdamW's two fp32 moments per trainable weight, against 90% of the memory torch can
+    have), the same on every process; a resumed run keeps its checkpoint's batch where it still fits (so it
+    continues exactly). On the CPU: all of IMAGES_PER_STEP in one rollout. Returns (batch, why)."""
+    import torch
+
+    images = config["IMAGES_PER_STEP"]
+    if accelerator.device.type != "cuda":
+        return images, f"auto: all {images} images in one rollout, as the CPU has no GPU memory to fit"
+    free, _ = torch.cuda.mem_get_info(accelerator.device)
+    capacity = 0.9 * (free + torch.cuda.memory_reserved(accelerator.device))
+    optimizer_state = 8.0 * sum(p.numel() for p in models.trainable)
+    peak_one = probe_peak_memory(models, accelerator, text, config, sigmas, timesteps, 1)
+    if peak_one is None:
+        raise torch.cuda.OutOfMemoryError("one image per rollout does not fit")
+    peak_two = probe_peak_memory(models, accelerator, text, config, sigmas, timesteps, 2) if images > 1 else peak_one
+    peak_one += optimizer_state
+    peak_two = None if peak_two is None else peak_two + optimizer_state
+    batch = largest_fitting_batch(images, peak_one, peak_two, capacity)
+    batch = int(accelerator.gather(torch.tensor([batch], device=accelerator.device)).min())  # every process the same
+    gib = 2.0**30
+    second = "" if images == 1 else f", {peak_two / gib:.1f} GiB at 2" if peak_two is not None else ", batch 2 did not fit"
+    why = (f"auto: peak memory {peak_one / gib:.1f} GiB at batch 1{second} (measured eagerly, with the optimizer's "
+           f"state), linear in the batch; {capacity / gib:.1f} GiB usable")
+    if resumed_batch and resumed_batch <= batch and images % resumed_batch == 0:
+        batch, why = resumed_batch, why + f"; the checkpoint's batch {resumed_batch} kept, so the run continues exactly"
+    return batch, why
 
 
 def build_optimizer(params: list, config: dict, device, num_processes: int):
@@ -542,10 +617,14 @@ def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts
     set_attention_backend(config["ATTENTION_BACKEND"])  # after the text encoders, whose masked attention needs others
     if accelerator.is_main_process and (hint := attention_hint(config["ATTENTION_BACKEND"], device)):
         print(hint)
-    optimizer, lr_scheduler = build_optimizer(models.trainable, config, device, accelerator.num_processes)
-    models.student, optimizer, lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
     sigmas, timesteps = sampler_sigmas(models.scheduler_config, config["NUM_ROLLOUT_STEPS"], config["SAMPLER_SHIFT"],
                                        models.image_seq_len)
+    if config["BATCH_SIZE"] == "auto":
+        resumed_batch = run.resume[1]["config"].get("BATCH_SIZE") if run.resume else None
+        config["BATCH_SIZE"], run.batch_choice = choose_batch_size(models, accelerator, text, config, sigmas, timesteps,
+                                                                   resumed_batch)
+    optimizer, lr_scheduler = build_optimizer(models.trainable, config, device, accelerator.num_processes)
+    models.student, optimizer, lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
     vae = None
     if config["SAVE_SAMPLE_GRIDS"] and accelerator.is_main_process:
         vae = load_vae(teacher_path, config, models.teacher_dtype, device)
@@ -590,10 +669,10 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
         accelerator.wait_for_everyone()
 
     K, max_steps = config["NUM_ROLLOUT_STEPS"], config["MAX_STEPS"]
-    images_per_step = config["BATCH_SIZE"] * config["GRAD_ACCUM_STEPS"] * accelerator.num_processes
+    images_per_step = config["IMAGES_PER_STEP"] * accelerator.num_processes
     if accelerator.is_main_process:
         print(run_header(run, models, images_per_step, result))
-    window, last_checkpoint_time, consecutive_skips = LogWindow(K, device), time.time(), 0
+    window, last_checkpoint_time, consecutive_skips, rows = LogWindow(K, device), time.time(), 0, 0
     bar = tqdm(total=max_steps, initial=result.step, disable=not accelerator.is_local_main_process, desc="distill",
                dynamic_ncols=True)
     run.timings["train_started"] = time.time()
@@ -631,6 +710,9 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
                 if config["REPORT_TO"]:
                     accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
                 result.last_row = row
+                rows += 1
+                if rows == 2 and accelerator.is_main_process:  # the first window holds the compilation
+                    bar.write(pace_line(row["sec_per_step"], max_steps - step))
                 bar.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "nan",
                                 s_it=f"{row['sec_per_step']:.2f}")
             due = step % config["CHECKPOINT_EVERY"] == 0
@@ -716,16 +798,30 @@ def run_header(run: Run, models: Models, images_per_step: int, result: TrainResu
     trainable = sum(p.numel() for p in models.trainable)
     student = "LoRA on the teacher's own weights" if models.shares_weights else config["STUDENT_ID"]
     gap = "" if result.gap_before is None else f"{result.gap_before:.4g}"
+    fp8 = ", FP8 matmuls" if models.teacher_fp8 else ""
+    student += " (FP8 base matmuls)" if models.student_fp8 else ""
+    batch = config["BATCH_SIZE"]
     return "\n".join([
         f"run {run.paths.name}: writing under {run.paths.root}",
         f"  device {accelerator.device} x {accelerator.num_processes}, mixed precision {run.mixed_precision}, teacher "
-        f"{config['TEACHER_ID']} ({str(models.teacher_dtype).replace('torch.', '')}), student {student}",
+        f"{config['TEACHER_ID']} ({str(models.teacher_dtype).replace('torch.', '')}{fp8}), student {student}",
         f"  trainable parameters {trainable:,} ({config['TRAINABLE']})",
+        f"  batch {batch} images per rollout, {config['IMAGES_PER_STEP'] // batch} rollout(s) per step, per process"
+        + (f"; {run.batch_choice}" if run.batch_choice else ""),
         f"  K = {config['NUM_ROLLOUT_STEPS']} student steps, N = {config['TEACHER_SUBSTEPS']} teacher substeps per step, "
         f"guidance {config['GUIDANCE_SCALE']}; {config['MAX_STEPS']} optimizer steps of {images_per_step} images"
         + (f", from step {result.step}" if result.step else ""),
         f"  held-out gap at step {result.step if run.resume else 0}: {gap or 'n/a'} (latent MSE to the teacher's "
         f"{config['TEACHER_EVAL_STEPS']}-step guided sample; it should fall)"])
+
+
+def pace_line(sec_per_step: float, steps_left: int) -> str:
+    """This run's own estimate of its time, from a window of steps after the first (which compiles)."""
+    def duration(seconds):
+        return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+    return (f"pace: {sec_per_step:.2f} s per optimizer step, so 1,000 steps take about {duration(1000 * sec_per_step)}"
+            f" and the {steps_left} steps left about {duration(steps_left * sec_per_step)}")
 
 
 def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelerator):
@@ -887,8 +983,17 @@ def default_config() -> dict:
     return {name: globals()[name] for name in CONFIG_NAMES}
 
 
+AUTO_OR = {"BATCH_SIZE": 1, "TEACHER_FP8": False}  # settings that take "auto" or a value of this one's type
+RENAMED = {"GRAD_ACCUM_STEPS": "the rollouts per step are now IMAGES_PER_STEP / BATCH_SIZE: set IMAGES_PER_STEP "
+                               "(the old BATCH_SIZE x GRAD_ACCUM_STEPS)"}
+
+
 def parse_value(name: str, text: str, default):
-    """Parse --NAME=VALUE to the type of the constant's default."""
+    """Parse --NAME=VALUE to the type of the constant's default ("auto" where AUTO_OR allows it)."""
+    if name in AUTO_OR:
+        if text.lower() == "auto":
+            return "auto"
+        default = AUTO_OR[name]
     if isinstance(default, bool):
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -934,6 +1039,9 @@ def parse_args(argv: list[str]) -> dict:
             problems.append(f"{arg!r}: arguments are --NAME=VALUE (e.g. --MAX_STEPS=200) or --preset tiny; --help lists them.")
             continue
         name, text = arg[2:].split("=", 1)
+        if name in RENAMED:
+            problems.append(f"--{name} is gone: {RENAMED[name]}.")
+            continue
         if name not in config:
             close = difflib.get_close_matches(name.upper(), CONFIG_NAMES, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
@@ -982,7 +1090,7 @@ def validate_config(c: dict) -> None:
         if not ok:
             problems.append(message)
 
-    for name in ("BATCH_SIZE", "GRAD_ACCUM_STEPS", "MAX_STEPS", "LOG_EVERY", "CHECKPOINT_EVERY",
+    for name in ("IMAGES_PER_STEP", "MAX_STEPS", "LOG_EVERY", "CHECKPOINT_EVERY",
                  "NUM_ROLLOUT_STEPS", "TEACHER_SUBSTEPS", "TEACHER_EVAL_STEPS", "NUM_PROMPTS", "LORA_RANK", "T5_MAX_LENGTH",
                  "KEEP_LAST_CHECKPOINTS", "MAX_CONSECUTIVE_SKIPS", "EVAL_NOISES"):
         need(isinstance(c[name], int) and c[name] >= 1, f"{name}={c[name]!r} must be a whole number >= 1.")
@@ -991,6 +1099,10 @@ def validate_config(c: dict) -> None:
     for name in ("ADAM_WEIGHT_DECAY", "MAX_GRAD_NORM", "LR_WARMUP_STEPS", "KL_WARMUP_STEPS", "EVAL_EVERY",
                  "CHECKPOINT_EVERY_MINUTES", "SUPERVISED_STATES", "HELDOUT_PROMPTS", "SAMPLER_ETA"):
         need(isinstance(c[name], (int, float)) and c[name] >= 0, f"{name}={c[name]!r} must be >= 0.")
+    need(c["BATCH_SIZE"] == "auto" or (isinstance(c["BATCH_SIZE"], int) and c["BATCH_SIZE"] >= 1
+                                        and isinstance(c["IMAGES_PER_STEP"], int) and c["IMAGES_PER_STEP"] % c["BATCH_SIZE"] == 0),
+         f"BATCH_SIZE={c['BATCH_SIZE']!r} must be 'auto' or a whole number that divides IMAGES_PER_STEP="
+         f"{c['IMAGES_PER_STEP']!r} (the rollouts of a step are equal), e.g. 'auto', 1, 2 or 4.")
     need(0 <= c["ON_POLICY_FRACTION"] <= 1, f"ON_POLICY_FRACTION={c['ON_POLICY_FRACTION']} must be in [0, 1].")
     for name in ("ADAM_BETA1", "ADAM_BETA2"):
         need(0 <= c[name] < 1, f"{name}={c[name]!r} must be in [0, 1).")
@@ -1011,6 +1123,12 @@ def validate_config(c: dict) -> None:
     need(c["ATTENTION_BACKEND"] in ATTENTION_BACKENDS,
          f"ATTENTION_BACKEND={c['ATTENTION_BACKEND']!r}: use one of {', '.join(ATTENTION_BACKENDS)}.")
     if c["ATTENTION_BACKEND"] == "fa4" and (problem := flash_attention_4_problem()):
+        problems.append(problem)
+    need(c["TEACHER_FP8"] in (True, False, "auto"), f"TEACHER_FP8={c['TEACHER_FP8']!r}: use True, False or 'auto'.")
+    need(not c["STUDENT_FP8"] or c["TRAINABLE"] == "lora",
+         f"STUDENT_FP8=True puts the student's frozen base weights in FP8, so it needs TRAINABLE='lora' "
+         f"(TRAINABLE={c['TRAINABLE']!r} trains or exports them); set STUDENT_FP8=False or TRAINABLE='lora'.")
+    if (c["TEACHER_FP8"] is True or c["STUDENT_FP8"]) and (problem := fp8_problem()):
         problems.append(problem)
     need(c["TRAINABLE"] in ("all", "lora", "blocks", "norms"), f"TRAINABLE={c['TRAINABLE']!r}: use all, lora, blocks or norms.")
     if c["TRAINABLE"] == "blocks":
@@ -1151,6 +1269,7 @@ class Run:
     checkpoints: CheckpointDir
     resume: tuple | None  # (path, payload) of the checkpoint to continue, or None
     timings: dict
+    batch_choice: str = ""  # how BATCH_SIZE="auto" was resolved
 
     @property
     def finished(self) -> bool:
@@ -1250,8 +1369,9 @@ def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointD
 
 
 def config_fingerprint(config: dict) -> str:
-    """What makes two runs the same run: every setting except where outputs go and how often."""
-    volatile = {"RUN_NAME", "RESUME", "OUTPUT_ROOT", "LOG_EVERY", "CHECKPOINT_EVERY", "CHECKPOINT_EVERY_MINUTES",
+    """What makes two runs the same run: every setting except where outputs go and how often, and BATCH_SIZE
+    (memory and speed only: a run resumes on a smaller GPU with a smaller batch, IMAGES_PER_STEP unchanged)."""
+    volatile = {"BATCH_SIZE", "RUN_NAME", "RESUME", "OUTPUT_ROOT", "LOG_EVERY", "CHECKPOINT_EVERY", "CHECKPOINT_EVERY_MINUTES",
                 "KEEP_LAST_CHECKPOINTS", "EVAL_EVERY", "PRINT_COLAB_SETUP", "INSTALL_DEPS", "PREFETCH_MODELS",
                 "COLAB_MODEL_CACHE", "MAX_CONSECUTIVE_SKIPS", "SAVE_SAMPLE_GRIDS", "REPORT_TO", "EXPORT_DIFFUSERS",
                 "PUSH_TO_HUB"}
@@ -1383,8 +1503,8 @@ def quiet_libraries() -> None:
 
 def out_of_memory_advice(config: dict) -> str:
     """What lowers memory, most effective first, with this run's current values."""
-    return (f"The GPU ran out of memory (the last checkpoint is intact). To fit: BATCH_SIZE={config['BATCH_SIZE']} -> 1 "
-            f"(raise GRAD_ACCUM_STEPS instead); GRADIENT_CHECKPOINTING={config['GRADIENT_CHECKPOINTING']} -> True; "
+    return (f"The GPU ran out of memory (the last checkpoint is intact). To fit: BATCH_SIZE={config['BATCH_SIZE']!r} -> 1 "
+            f"(IMAGES_PER_STEP stays; the rollouts are accumulated); GRADIENT_CHECKPOINTING={config['GRADIENT_CHECKPOINTING']} -> True; "
             f"TRAINABLE={config['TRAINABLE']!r} -> 'lora' (with STUDENT_ID = TEACHER_ID the two share one copy of the "
             f"weights); IMAGE_SIZE={config['IMAGE_SIZE']} -> 512; USE_T5={config['USE_T5']} -> False; a smaller "
             f"teacher; SUPERVISED_STATES -> 1 or 2. The README's memory table lists what fits each Colab GPU.")
@@ -1398,6 +1518,124 @@ def free_accelerator_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+FP8_E4M3_MAX = 448.0  # the largest float8_e4m3fn value
+FP8_LAYERS = ("attn.", "attn2.", "ff.", "ff_context.")  # in each transformer block: attention projections and MLPs
+
+
+def fp8_quantize_rows(x):
+    """Row-wise FP8: x ~= q s, one scale per row, s_r = max_j |x_rj| / 448, q = x / s rounded to float8_e4m3fn.
+    Returns (q, s), s of shape (rows, 1) in fp32."""
+    import torch
+
+    scale = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_E4M3_MAX
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def fp8_linear(x2d, weight_fp8, weight_scale, bias):
+    """y = (q_x s_x)(q_W s_W)^T + b with the input quantised per token at each call and the weight per output
+    feature once (weight_scale of shape (1, out)); the product runs on FP8 tensor cores, accumulates in fp32
+    and comes out in bf16 (torch._scaled_mm)."""
+    import torch
+
+    q, scale = fp8_quantize_rows(x2d)
+    return torch._scaled_mm(q, weight_fp8.t(), scale_a=scale, scale_b=weight_scale, bias=bias, out_dtype=torch.bfloat16)
+
+
+@functools.cache
+def fp8_linear_module():
+    """The FP8Linear module class (made on first use: torch is imported lazily)."""
+    import torch
+
+    class FP8Matmul(torch.autograd.Function):
+        """fp8_linear forward; backward gives the input its gradient, dy W, with W dequantised (frozen: no dW)."""
+
+        @staticmethod
+        def forward(ctx, x2d, weight_fp8, weight_scale, bias):
+            ctx.save_for_backward(weight_fp8, weight_scale)
+            return fp8_linear(x2d, weight_fp8, weight_scale, bias)
+
+        @staticmethod
+        def backward(ctx, grad):
+            weight_fp8, weight_scale = ctx.saved_tensors
+            weight = weight_fp8.to(grad.dtype) * weight_scale.t().to(grad.dtype)
+            return grad @ weight, None, None, None
+
+    class FP8Linear(torch.nn.Module):
+        """A frozen nn.Linear stored in FP8 (1 byte per weight, a scale per output feature), computing fp8_linear."""
+
+        def __init__(self, linear):
+            super().__init__()
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            weight_fp8, scale = fp8_quantize_rows(linear.weight.detach())
+            self.register_buffer("weight_fp8", weight_fp8)
+            self.register_buffer("weight_scale", scale.t().contiguous())
+            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+        def forward(self, x):
+            y = FP8Matmul.apply(x.reshape(-1, self.in_features), self.weight_fp8, self.weight_scale, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    return FP8Linear
+
+
+def fp8_targets(model) -> dict:
+    """{(parent module, attribute): nn.Linear} of the frozen attention and MLP linears of the transformer blocks
+    whose sizes FP8 tensor cores take (multiples of 16). peft's LoRA layers keep their adapters; their base goes."""
+    import torch
+
+    targets = {}
+    for block in model.transformer_blocks:
+        for name, module in block.named_modules():
+            if not (isinstance(module, torch.nn.Linear) and name.startswith(FP8_LAYERS)) or module.weight.requires_grad:
+                continue
+            if module.in_features % 16 or module.out_features % 16:
+                continue
+            parent, _, attr = name.rpartition(".")
+            targets[(block.get_submodule(parent), attr)] = module
+    return targets
+
+
+def convert_to_fp8(model) -> int:
+    """Put FP8Linear in place of each of fp8_targets(model); returns how many."""
+    fp8 = fp8_linear_module()
+    targets = fp8_targets(model)
+    for (parent, attr), linear in targets.items():
+        setattr(parent, attr, fp8(linear))
+    return len(targets)
+
+
+def fp8_copy(model):
+    """A copy of the model with FP8Linear for fp8_targets and everything else copied (the bf16 linears never are)."""
+    import copy
+
+    fp8 = fp8_linear_module()
+    memo = {id(linear): fp8(linear) for linear in fp8_targets(model).values()}
+    return copy.deepcopy(model, memo)
+
+
+def fp8_problem(device=None) -> str | None:
+    """Why FP8 matmuls cannot run here, with the fix; None if they can (tried on a small product)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ("TEACHER_FP8/STUDENT_FP8 need a CUDA GPU with FP8 tensor cores (compute capability 8.9 or more: L4, "
+                "H100, H200); none is visible here. Set them to False (or TEACHER_FP8='auto').")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return (f"TEACHER_FP8/STUDENT_FP8 need FP8 tensor cores (compute capability 8.9 or more: L4, H100, H200); "
+                f"{torch.cuda.get_device_name(device)} has {major}.{minor}. Set them to False (or TEACHER_FP8='auto').")
+    if not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
+        return f"FP8 needs torch with float8 and _scaled_mm (2.5 or newer; this is {torch.__version__}): upgrade torch."
+    try:
+        x = torch.randn(32, 64, device=device or "cuda", dtype=torch.bfloat16)
+        w, scale = fp8_quantize_rows(torch.randn(32, 64, device=x.device))
+        fp8_linear(x, w, scale.t().contiguous(), None)
+    except RuntimeError as err:
+        return (f"FP8 matmuls with row-wise scales do not run on {torch.cuda.get_device_name(device)} with torch "
+                f"{torch.__version__} ({str(err).splitlines()[0][:160]}). Upgrade torch, or set TEACHER_FP8/STUDENT_FP8 "
+                f"to False.")
+    return None
 
 # =================================================================================================
 # Prompts: a deterministic generator (categories x templates x attributes), a checked reader, the order.
@@ -1667,12 +1905,21 @@ def load_models(config: dict, device) -> tuple[Models, str]:
 
 def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_dtype, config: dict, vae_factor: int,
                 scheduler_config: dict, device) -> Models:
-    """Check compatibility, freeze the teacher, choose what of the student trains, place both on the device."""
+    """Check compatibility, freeze the teacher, choose what of the student trains, place both on the device,
+    put FP8 matmuls where TEACHER_FP8 / STUDENT_FP8 ask for them."""
     check_compatible(teacher.config, student.config, config["IMAGE_SIZE"], vae_factor)
+    teacher_fp8 = config["TEACHER_FP8"] is True or (config["TEACHER_FP8"] == "auto" and device.type == "cuda"
+                                                     and fp8_problem(device) is None)
     teacher.requires_grad_(False)
     teacher.eval().to(device)
+    if teacher_fp8 and shares_weights and not config["STUDENT_FP8"]:
+        teacher, shares_weights = fp8_copy(teacher), False  # an FP8 teacher beside the student's bf16 base
     trainable = set_trainable(student, config)
     student.to(device).train()
+    if config["STUDENT_FP8"]:
+        convert_to_fp8(student)  # with shared weights the teacher's base too
+    if teacher_fp8:
+        convert_to_fp8(teacher)  # nothing left to convert when it is a copy made in FP8
     if config["GRADIENT_CHECKPOINTING"]:
         student.enable_gradient_checkpointing()
     if config["COMPILE"] and device.type == "cuda":
@@ -1694,7 +1941,7 @@ def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_d
     latent_size = config["IMAGE_SIZE"] // vae_factor
     return Models(student, teacher, shares_weights, teacher_dtype, student_dtype,
                   (teacher.config.in_channels, latent_size, latent_size), trainable, scheduler_config,
-                  teacher.config.patch_size)
+                  teacher.config.patch_size, teacher_fp8 or (shares_weights and config["STUDENT_FP8"]), config["STUDENT_FP8"])
 
 
 def load_scheduler_config(model_path: str, config: dict) -> dict:
@@ -2063,7 +2310,9 @@ def write_summary(run: Run, result: TrainResult, models: Models) -> dict:
                     "text_embedding_seconds": run.timings.get("text_embedding_seconds"),
                     "train_seconds": now - run.timings.get("train_started", now)},
         "device": str(run.accelerator.device), "mixed_precision": run.mixed_precision,
-        "num_processes": run.accelerator.num_processes,
+        "num_processes": run.accelerator.num_processes, "batch_size": config["BATCH_SIZE"],
+        "batch_size_choice": run.batch_choice or "set in the config", "teacher_fp8": models.teacher_fp8,
+        "student_fp8": models.student_fp8,
         "trainable_parameters": sum(p.numel() for p in models.trainable), "shares_teacher_weights": models.shares_weights,
         "paths": {"metrics_jsonl": str(paths.metrics / "metrics.jsonl"), "metrics_csv": str(paths.metrics / "metrics.csv"),
                   "eval_jsonl": str(paths.metrics / "eval.jsonl"), "checkpoints": str(paths.checkpoints),

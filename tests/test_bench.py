@@ -19,10 +19,10 @@ def test_tiny_benchmark_writes_its_result(tmp_path):
     assert script["step_seconds"] > 0 and reference["step_seconds"] > 0 and script["total_steps"] >= 3
     assert script["finite_steps"] == script["total_steps"] and script["step_flops"] > 0
     assert row["speedup_vs_reference"] == reference["step_seconds"] / script["step_seconds"]
-    images = 2 * 2  # batch 2 x 2 accumulated rollouts per optimizer step
+    images = 2 * 2  # IMAGES_PER_STEP 4: batch 2 x 2 accumulated rollouts
     assert script["images_per_second"] == images / script["step_seconds"]
     assert reference["images_per_second"] == images / reference["step_seconds"]
-    assert "tiny->tiny all b2x2 K4" in result.stdout
+    assert "tiny->tiny all b2 (4 per step) K4 N4" in result.stdout
     sys.path.insert(0, str(REPO / "scripts"))
     import bench_distill_step as bench
 

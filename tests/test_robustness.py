@@ -78,7 +78,7 @@ def test_half_precision_without_a_gpu_is_refused(distill):
 
 def test_out_of_memory_advice_names_the_knobs(distill):
     text = distill.out_of_memory_advice(distill.default_config())
-    for knob in ("BATCH_SIZE=1 -> 1", "GRADIENT_CHECKPOINTING=False -> True", "IMAGE_SIZE=1024 -> 512",
+    for knob in ("BATCH_SIZE='auto' -> 1 (IMAGES_PER_STEP stays", "GRADIENT_CHECKPOINTING=False -> True", "IMAGE_SIZE=1024 -> 512",
                  "checkpoint is intact"):
         assert knob in text
 
