@@ -1519,6 +1519,7 @@ def free_accelerator_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
+
 FP8_E4M3_MAX = 448.0  # the largest float8_e4m3fn value
 FP8_LAYERS = ("attn.", "attn2.", "ff.", "ff_context.")  # in each transformer block: attention projections and MLPs
 
