@@ -437,6 +437,8 @@ def main(argv=None):
     parser.add_argument("--colors", type=int, default=DEFAULT_COLORS, choices=range(3, len(COLORS) + 1),
                         help=f"colours of shape and background: 3 n (n - 1) prompts ({DEFAULT_COLORS}: 90, 8: 168)")
     parser.add_argument("--eval-noises", type=int, default=8, help="fixed noises per held-out prompt, final evaluation")
+    parser.add_argument("--fp8-teacher", action="store_true", help="instead of the grid: the teacher with FP8 matmuls "
+                        "(TEACHER_FP8) against itself, its samples measured as the students' are")
     parser.add_argument("--real-size", help="instead: a short run on a random model of this architecture "
                                              "(sd3-medium, sd3.5-medium, sd3.5-large), for a GPU")
     parser.add_argument("--real-size-layers", type=int, help=argparse.SUPPRESS)  # small smoke tests on a CPU
@@ -464,6 +466,8 @@ def main(argv=None):
     judge = train_judge(prompts, args.colors, root / f"judge_{args.colors}colors_s{args.judge_steps}.pt", args.judge_steps)
     ev = final_eval(teacher, prompts[-HELDOUT:], args.eval_noises, args.guidance, judge, args.colors)
     reference = ev.teacher(REFERENCE_STEPS, args.guidance)
+    if args.fp8_teacher:
+        return fp8_teacher_check(distill, ev, root, args.guidance)
     drawn = ev.measure(torch.stack([to_latent(draw(p, random.Random(4)))
                                     for p in prompts[-HELDOUT:] * args.eval_noises]))
     print(f"judge on drawn pictures: {drawn['adherence']}; on the teacher's {REFERENCE_STEPS}-step samples: "
@@ -505,6 +509,46 @@ def main(argv=None):
     shown = [e for e in shown if e["rollout_steps"] == 4] or shown  # the product's K where it was run
     pictures(root, ev.teacher_pipe, prompts, min(shown, key=lambda e: e["gap_on_policy"]), args.guidance)
     return summary
+
+
+def fp8_teacher_check(distill, ev: FinalEval, root: Path, guidance: float) -> dict:
+    """What TEACHER_FP8 does to the teacher the students learn from: its guided samples at 28 and 4 steps
+    with the main script's FP8 matmuls against its own in full precision, from the same noises, measured
+    as the students are (gap to the full-precision 28-step reference, FD, adherence), and the substep target
+    of the default (K = 4, N = 4) at the states of the teacher's 4-step path, against full precision."""
+    import torch
+
+    pipe = ev.teacher_pipe
+    full = pipe.transformer
+    fp8 = distill.fp8_copy(full.requires_grad_(False))
+    rows = {}
+    for name, model in (("full precision", full), ("FP8", fp8)):
+        pipe.transformer = model
+        rows[name] = {f"guided_{steps}_steps": ev.teacher(steps, guidance) for steps in (REFERENCE_STEPS, 4)}
+    pipe.transformer = full
+    # The N = 4 substep target at K = 4: at the states of the full-precision teacher's own guided 4-step path.
+    sigmas, timesteps = distill.sampler_sigmas(dict(pipe.scheduler.config), 4, None, 64)
+    embeds, _, pooled, _ = pipe.encode_prompt(ev.prompts, ev.prompts, ev.prompts, max_sequence_length=32,
+                                              do_classifier_free_guidance=False)
+    empty = [""] * len(ev.prompts)
+    uncond_embeds, _, uncond_pooled, _ = pipe.encode_prompt(empty, empty, empty, max_sequence_length=32,
+                                                            do_classifier_free_guidance=False)
+    device = pipe.device
+    x, errors = ev.noise.to(device), []
+    with torch.no_grad():
+        for i in range(4):
+            targets = [distill.teacher_target_velocity(
+                lambda y, t, m=model: distill.teacher_velocity(m, y, t, (embeds, pooled), (uncond_embeds, uncond_pooled),
+                                                               guidance, torch.float32), x, sigmas, i, 4, 3.0)
+                       for model in (full, fp8)]
+            errors.append(float((targets[1] - targets[0]).square().mean() / targets[0].square().mean()))
+            x = distill.euler_step(x, targets[0], float(sigmas[i]), float(sigmas[i + 1]))
+    result = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "teacher": {k: v for k, v in rows.items()},
+              "substep_target_relative_mse_per_state": errors,
+              "fp8_vs_full_28_step_sample_mse": rows["FP8"][f"guided_{REFERENCE_STEPS}_steps"]["gap"]}
+    (root / "fp8_teacher.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return result
 
 
 def print_table(entries: list[dict], reference: dict) -> None:

@@ -1615,10 +1615,15 @@ def fp8_copy(model):
     return copy.deepcopy(model, memo)
 
 
+FP8_ON_CPU = "DISTILL_FP8_ON_CPU"  # =1: allow FP8 on the CPU, where torch emulates it slowly (tests, the experiment)
+
+
 def fp8_problem(device=None) -> str | None:
     """Why FP8 matmuls cannot run here, with the fix; None if they can (tried on a small product)."""
     import torch
 
+    if os.environ.get(FP8_ON_CPU) == "1" and not torch.cuda.is_available():
+        return None
     if not torch.cuda.is_available():
         return ("TEACHER_FP8/STUDENT_FP8 need a CUDA GPU with FP8 tensor cores (compute capability 8.9 or more: L4, "
                 "H100, H200); none is visible here. Set them to False (or TEACHER_FP8='auto').")
