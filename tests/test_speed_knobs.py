@@ -115,3 +115,17 @@ def test_pace_line(distill):
     assert distill.pace_line(2.0, 500) == "pace: 2.00 s per optimizer step, so 1,000 steps take about 33 min and the 500 steps left about 17 min"
     assert distill.pace_line(0.05, 10).endswith("1,000 steps take about 50 s and the 10 steps left about 0 s")
     assert "about 2.8 h" in distill.pace_line(10.0, 0)
+
+
+def test_whole_fp8_runs_where_fp8_is_emulated(tmp_path):
+    """The FP8 paths of a run on the CPU (DISTILL_FP8_ON_CPU=1: torch emulates the products): an FP8 teacher copy beside
+    the LoRA student's base, then one FP8 base for both (the teacher is then the student with adapters off)."""
+    for name, fp8 in (("copy", ["--TEACHER_FP8=true"]), ("shared", ["--TEACHER_FP8=true", "--STUDENT_FP8=true"])):
+        result = run_script(*tiny_args(tmp_path, f"--RUN_NAME={name}", "--MAX_STEPS=3", "--TRAINABLE=lora", *fp8),
+                            env={"DISTILL_FP8_ON_CPU": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "(float32, FP8 matmuls), student " in result.stdout
+        summary = json.loads((tmp_path / "runs" / name / "train_summary.json").read_text())
+        assert summary["status"] == "finished" and summary["teacher_fp8"]
+        assert summary["student_fp8"] == summary["shares_teacher_weights"] == (name == "shared")
+        assert summary["eval_gap_last"] == summary["eval_gap_last"]  # not NaN
