@@ -97,6 +97,8 @@ def rollout_setup(distill, root, tiny_path, *extra):
     text = distill.encode_prompts_cached(texts, tiny_path, config, accelerator.device, models.teacher, root / "cache")
     sigmas, timesteps = distill.sampler_sigmas(models.scheduler_config, config["NUM_ROLLOUT_STEPS"], None,
                                                models.image_seq_len)
+    if config["BATCH_SIZE"] == "auto":  # as a run resolves it (on the CPU: all of IMAGES_PER_STEP at once)
+        config["BATCH_SIZE"], _ = distill.choose_batch_size(models, accelerator, text, config, sigmas, timesteps)
     return config, accelerator, models, text, sigmas, timesteps
 
 
