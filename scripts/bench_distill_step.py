@@ -553,15 +553,15 @@ def suite(name: str) -> list[dict]:
             dict(base, teacher="sd3-medium", student="sd3-medium", batch=2, trainable="all", forward=False,
                  count_flops=False, reference=True, ladder=True),
             # the FLOPs of full training counted (eager), then full training as the script runs it by default:
-            # GRAD_ACCUM_STEPS=4 rollouts per optimizer step
+            # 4 rollouts accumulated per optimizer step (IMAGES_PER_STEP = 4 x BATCH_SIZE)
             dict(medium, batch=2, trainable="all", count_flops=True),
-            dict(medium, batch=4, images=16, substeps=1, trainable="all", compile=True, attention="cudnn"),
+            dict(medium, batch=4, images=16, trainable="all", compile=True, attention="cudnn"),
             # what LoRA's branches cost: case 15 with LoRA on one projection instead of eight
             dict(medium, batch=8, trainable="lora", compile=True, attention="cudnn", lora_targets="attn.to_q"),
             # FlashAttention-4 in place of cuDNN (ATTENTION_BACKEND="fa4", needs flash-attn-4): cases 13, 15, 20, 17
             dict(medium, batch=4, trainable="all", compile=True, attention="fa4"),
             dict(medium, batch=8, trainable="lora", compile=True, attention="fa4"),
-            dict(medium, batch=4, images=16, substeps=1, trainable="all", compile=True, attention="fa4"),
+            dict(medium, batch=4, images=16, trainable="all", compile=True, attention="fa4"),
             dict(medium, batch=16, trainable="lora", compile=True, attention="fa4"),
             # ... and against the straightforward loop at the work of its largest batch that fits 80 GB
             dict(base, teacher="sd3-medium", student="sd3-medium", batch=2, trainable="all", forward=False,
