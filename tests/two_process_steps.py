@@ -25,7 +25,7 @@ def main():
     text = distill.cache_text_embeddings(run, train_prompts + heldout, models, teacher_path)
     training = distill.setup_training(run, models, text, train_prompts, heldout, teacher_path)
     steps = []
-    for step in range(4):
+    for step in range(3):
         started = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             terms, counts = distill.distill_step(models, run.accelerator, text, step, run.config, training.sigmas,
