@@ -505,9 +505,11 @@ def main(argv=None):
     (root / "results.json").write_text(json.dumps(summary, indent=2))
     print_table(entries, reference)
     plot_cost(entries, root / "quality_vs_cost.png")
-    shown = [e for e in entries if "gap_on_policy" in e and not e["tag"]]
+    shown = [e for e in entries if "gap_on_policy" in e]
+    shown = [e for e in shown if not e["tag"]] or shown  # the plain settings where they were run, else the variants
     shown = [e for e in shown if e["rollout_steps"] == 4] or shown  # the product's K where it was run
-    pictures(root, ev.teacher_pipe, prompts, min(shown, key=lambda e: e["gap_on_policy"]), args.guidance)
+    if shown:
+        pictures(root, ev.teacher_pipe, prompts, min(shown, key=lambda e: e["gap_on_policy"]), args.guidance)
     return summary
 
 
