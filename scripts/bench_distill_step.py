@@ -31,6 +31,22 @@ from distill_module import SD3_CONFIGS, load_distill  # noqa: E402
 SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
 
+def median_gpu_seconds(fn, repeats: int, warmup: int = 3) -> float:
+    """Median time of fn() between CUDA events, after `warmup` untimed calls."""
+    import torch
+
+    times = []
+    for i in range(repeats + warmup):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def matmul_ceiling_tflops(device, size=8192, repeats=10) -> float:
     """Median bf16 matmul rate on random data: the denominator of MFU."""
     import torch
@@ -39,44 +55,23 @@ def matmul_ceiling_tflops(device, size=8192, repeats=10) -> float:
         return float("nan")
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    times = []
-    for i in range(repeats + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end) / 1e3)
-    return 2 * size**3 / statistics.median(times) / 1e12
+    return 2 * size**3 / median_gpu_seconds(lambda: a @ b, repeats) / 1e12
 
 
-def fp8_matmul_ceiling_tflops(device, size=8192, repeats=10) -> float | None:
+def fp8_matmul_ceiling_tflops(distill, device, size=8192, repeats=10) -> float | None:
     """Median FP8 (e4m3, row-wise scaled) matmul rate on random data, measured as the bf16 ceiling is."""
     import torch
 
-    if device.type != "cuda":
-        return None
-    distill = sys.modules["run_onpolicy_distill_colab"]
-    if distill.fp8_problem(device):
+    if device.type != "cuda" or distill.fp8_problem(device):
         return None
     a, scale_a = distill.fp8_quantize_rows(torch.randn(size, size, device=device))
     b, scale_b = distill.fp8_quantize_rows(torch.randn(size, size, device=device))
-    scale_b = scale_b.t().contiguous()
-    times = []
-    for i in range(repeats + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end) / 1e3)
-    return 2 * size**3 / statistics.median(times) / 1e12
+    return 2 * size**3 / median_gpu_seconds(lambda: distill.fp8_linear(a, b, scale_b.t().contiguous(), None),
+                                            repeats) / 1e12
 
 
-def fp8_teacher_probe(distill, case: dict, device, ceiling: float, with_torchao: bool = False,
-                      kernels: bool = False) -> dict:
+def fp8_teacher_probe(distill, case: dict, device, ceiling: float, fp8_ceiling: float | None,
+                      with_torchao: bool = False, kernels: bool = False) -> dict:
     """The teacher's guided pass (batch = 2 x the rollout's images) in bf16 against FP8: the script's FP8Linear
     and, where torchao is installed, torchao's float8 dynamic row-wise quantisation of the same layers; each with
     its blocks compiled as the script compiles them. Forward time, the velocity's error against bf16 (relative
@@ -94,28 +89,22 @@ def fp8_teacher_probe(distill, case: dict, device, ceiling: float, with_torchao:
     pooled = torch.randn(case["batch"], cfg["pooled_projection_dim"], generator=g).to(device, torch.bfloat16)
     bf16 = build_transformer(case["teacher"], torch.bfloat16, device).requires_grad_(False).eval()
     variants = {"bf16": bf16, "fp8 (script)": distill.fp8_copy(bf16)}
-    torchao_error = "not asked for (--torchao)"
-    try:
-        if not with_torchao:
-            raise ImportError(torchao_error)
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    torchao_note = "not asked for (--torchao)"
+    if with_torchao:
+        try:
+            import torchao
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-        torchao_model = copy.deepcopy(bf16)
-        targets = {id(m) for m in distill.fp8_targets(torchao_model).values()}
-        quantize_(torchao_model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-                  filter_fn=lambda module, fqn: id(module) in targets)
-        variants["fp8 (torchao)"] = torchao_model
-    except ImportError as err:
-        torchao_error = str(err)
+            torchao_model = copy.deepcopy(bf16)
+            targets = {id(m) for m in distill.fp8_targets(torchao_model).values()}
+            quantize_(torchao_model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                      filter_fn=lambda module, fqn: id(module) in targets)
+            variants["fp8 (torchao)"], torchao_note = torchao_model, torchao.__version__
+        except ImportError as err:
+            torchao_note = f"not installed ({err})"
     result = {"case": case, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "matmul_ceiling_tflops": ceiling,
-              "fp8_matmul_ceiling_tflops": fp8_matmul_ceiling_tflops(device), "variants": {}}
-    if "fp8 (torchao)" not in variants:
-        result["torchao"] = f"not installed ({torchao_error})"
-    else:
-        import torchao
-
-        result["torchao"] = torchao.__version__
+              "fp8_matmul_ceiling_tflops": fp8_ceiling, "torchao": torchao_note, "variants": {}}
     reference = None
     for name, model in variants.items():
         torch._dynamo.reset()
@@ -277,7 +266,7 @@ def case_config(distill, case: dict, device) -> dict:
     """The script's settings for a case; what a case does not name stays at the script's default."""
     config = distill.default_config()
     config.update(TEACHER_ID=case["teacher"], STUDENT_ID=case["student"], IMAGE_SIZE=case["image_size"],
-                  BATCH_SIZE=case["batch"], IMAGES_PER_STEP=case.get("images", case["batch"]),
+                  BATCH_SIZE=case["batch"], IMAGES_PER_STEP=step_images(case),
                   NUM_ROLLOUT_STEPS=case["steps"], TEACHER_SUBSTEPS=case.get("substeps", config["TEACHER_SUBSTEPS"]),
                   TEACHER_FP8=case.get("teacher_fp8", False), STUDENT_FP8=case.get("student_fp8", False),
                   SUPERVISED_STATES=case.get("supervised", 0), TRAINABLE=case["trainable"],
@@ -587,7 +576,7 @@ def main():
     distill = load_distill()
     distill.quiet_libraries()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ceiling, fp8_ceiling = matmul_ceiling_tflops(device), fp8_matmul_ceiling_tflops(device)
+    ceiling, fp8_ceiling = matmul_ceiling_tflops(device), fp8_matmul_ceiling_tflops(distill, device)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
           f"bf16 matmul ceiling {ceiling:.0f} TFLOP/s, FP8 {fp8_ceiling or float('nan'):.0f} TFLOP/s", flush=True)
     results, counted = [], {}
@@ -595,7 +584,7 @@ def main():
         if args.only and index not in args.only:
             continue
         if case.get("kind") == "fp8_teacher":
-            results.append(fp8_teacher_probe(distill, case, device, ceiling, args.torchao, args.kernels))
+            results.append(fp8_teacher_probe(distill, case, device, ceiling, fp8_ceiling, args.torchao, args.kernels))
             Path(args.out).write_text(json.dumps(results, indent=2))
             print(json.dumps({k: v for k, v in results[-1].items() if k != "case"}), flush=True)
             continue

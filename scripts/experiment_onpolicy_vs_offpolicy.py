@@ -541,7 +541,7 @@ def fp8_teacher_check(distill, ev: FinalEval, root: Path, guidance: float) -> di
         for i in range(4):
             targets = [distill.teacher_target_velocity(
                 lambda y, t, m=model: distill.teacher_velocity(m, y, t, (embeds, pooled), (uncond_embeds, uncond_pooled),
-                                                               guidance, torch.float32), x, sigmas, i, 4, 3.0)
+                                                               guidance, torch.float32), x, sigmas, i, 4, pipe.scheduler.config.shift)
                        for model in (full, fp8)]
             errors.append(float((targets[1] - targets[0]).square().mean() / targets[0].square().mean()))
             x = distill.euler_step(x, targets[0], float(sigmas[i]), float(sigmas[i + 1]))
