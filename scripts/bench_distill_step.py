@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from distill_module import SD3_CONFIGS, load_distill  # noqa: E402
+from distill_module import SD3_CONFIGS, build_transformer, load_distill  # noqa: E402
 
 SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
@@ -237,17 +237,6 @@ def profiled_time_by_kind(fn, device, steps: int = 2) -> dict:
             "clock": "GPU kernel time" if cuda else "self CPU time of aten ops"}
 
 
-def build_transformer(name: str, dtype, device):
-    """Random weights of the real architecture, made directly on the device (seconds, not minutes)."""
-    import torch
-    from diffusers import SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = SD3Transformer2DModel.from_config(SD3_CONFIGS[name])
-    return model.to(dtype)
-
-
 def random_text(distill, num_prompts: int, text_len: int, cfg: dict, device, dtype):
     import torch
 
@@ -268,6 +257,7 @@ def case_config(distill, case: dict, device) -> dict:
     config.update(TEACHER_ID=case["teacher"], STUDENT_ID=case["student"], IMAGE_SIZE=case["image_size"],
                   BATCH_SIZE=case["batch"], IMAGES_PER_STEP=step_images(case),
                   NUM_ROLLOUT_STEPS=case["steps"], TEACHER_SUBSTEPS=case.get("substeps", config["TEACHER_SUBSTEPS"]),
+                  TEACHER_SOLVER=case.get("solver", "euler"),
                   TEACHER_FP8=case.get("teacher_fp8", False), STUDENT_FP8=case.get("student_fp8", False),
                   SUPERVISED_STATES=case.get("supervised", 0), TRAINABLE=case["trainable"],
                   GRADIENT_CHECKPOINTING=case.get("checkpointing", False), COMPILE=case.get("compile", False),
@@ -404,7 +394,7 @@ def reference_step_factory(distill, case: dict, device, levers: tuple = ()):
         with autocast:
             v_student = distill.predict_velocity(student, x, timesteps[i], *cond, torch.float32)
         s, n = float(sigmas[i]), float(sigmas[i + 1])
-        loss = (distill.transition_kl(x, s, n, 0.7, v_student, v_teacher) + distill.epsilon_mse(x, s, v_student, v_teacher)
+        loss = (distill.transition_kl(s, n, 0.7, v_student, v_teacher) + distill.epsilon_mse(x, s, v_student, v_teacher)
                 + distill.latent_mse(x, s, v_student, v_teacher)) / (K * accum)
         loss.backward()
         if "no_host_sync" not in levers:
@@ -511,6 +501,16 @@ def suite(name: str) -> list[dict]:
             dict(default, batch=8, images=8, teacher_fp8=True, student_fp8=True, attention="cudnn"),
             dict(default, batch=16, images=16, teacher_fp8=True, student_fp8=True, attention="cudnn"),
         ]
+    if name == "h200-passes":  # 2026-12-03: the teacher's passes per state, N = 2 against the earlier default's 4
+        default = dict(base, teacher="sd3-medium", student="sd3-medium", substeps=2, trainable="lora", batch="auto",
+                       images=4, compile=True, forward=False, count_flops=False)
+        return [
+            dict(default, batch=1, images=1, compile=False, count_flops=True, repeats=1, warmup=1),  # FLOPs per image
+            dict(default, reference=True),  # N = 2; the straightforward loop doing its work
+            dict(default, teacher_fp8=True),
+            dict(default, substeps=4),  # the earlier default, measured again beside them
+            dict(default, substeps=4, supervised=2),  # N = 4 at 2 of the 4 states: the same teacher passes as N = 2
+        ]
     if name == "tiny":
         return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, batch=2, images=4,
                      trainable="all", reference=True, ladder=True, compile=False)]
@@ -594,7 +594,7 @@ def main():
             result = {"case": case, "error": f"out of memory: {str(err)[:200]}"}
             distill.free_accelerator_memory()
         work = (case["teacher"], case["student"], case["trainable"], case["steps"], case.get("substeps", 4),
-                case["image_size"])
+                case.get("supervised", 0), case["image_size"])
         if "script" in result:  # the same work costs the same FLOPs however it is run: reuse an eager count,
             # per image (every operation of the step is per sample, so FLOPs are proportional to the images
             # of an optimizer step, batch x accumulated rollouts; the optimizer's own FLOPs are negligible)

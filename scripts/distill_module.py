@@ -34,3 +34,14 @@ SD3_CONFIGS = {
                  num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64,
                  pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,)),
 }
+
+
+def build_transformer(name: str, dtype, device, **overrides):
+    """Random weights of a real architecture (SD3_CONFIGS, with overrides), made directly on the device (seconds)."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = SD3Transformer2DModel.from_config({**SD3_CONFIGS[name], **overrides})
+    return model.to(dtype)

@@ -1,24 +1,29 @@
 #!/usr/bin/env python
-"""Few-step students of a teacher that has learned something: which K, which teacher target, which cost,
+"""Few-step students of a teacher that has learned something: which K, which teacher target, which student,
 and is the on-policy part worth it? A reproducible experiment, on the CPU or (much faster) one GPU.
 
 1. A teacher worth distilling: a small SD3 transformer (the built-in tiny model's text encoders and
    tokenizers, a wider transformer) trained here by flow matching on drawn pictures of coloured
    shapes described by their prompts. Its "latents" are the pictures themselves, 2x average-pooled
    (RGB and grey), so every sample can be looked at directly.
-2. A judge: a small classifier trained on drawn pictures, which reads shape, shape colour and
-   background colour. It reads the teacher's own samples first (is the structure there to measure?).
-3. The grid: for each K (the student's steps) and N (the teacher's substeps per student step,
-   TEACHER_SUBSTEPS), the main script distils the teacher on-policy and off-policy (equal updates,
-   equal teacher calls), for each seed, as separate processes, several at once (--jobs).
+2. Two readings of prompt adherence: a judge (a small classifier trained on drawn pictures, which also
+   gives the features of the Frechet distance) and a strict one straight from the pixels, independent of
+   any trained network (strict_reading: majority colours, and the shape's fill of its bounding box).
+3. The runs: groups of settings (a plan), each the main script distilling the teacher into a student
+   (all weights, LoRA of a rank, or a half-depth copy that cannot copy its teacher), on-policy,
+   off-policy or the DAgger mix (equal updates, equal teacher calls), for each seed, as separate
+   processes, several at once (--jobs).
 4. Each student is measured apart from its run, through diffusers' StableDiffusion3Pipeline, on 12
    held-out prompts x 8 fixed noises: the gap (latent MSE to the teacher's guided 28-step sample
    from the same noise), the Frechet distance of the judge's features to drawn pictures of the same
-   prompts, and the judge's accuracy (prompt adherence). Beside them, at each K: the teacher
+   prompts, and both adherence readings. Beside them, at each K and step spacing: the teacher
    unguided in K steps (the student before training), guided in K steps (the floor of N = 1), and
-   guided with as many transformer passes as the student (equal cost).
+   guided with as many transformer passes as the student (equal cost). From the runs' own evaluations:
+   the state drift along training (how far the student's states lie from the teacher's path).
 
     python scripts/experiment_onpolicy_vs_offpolicy.py --out outputs_colab/experiment --jobs 12
+    python scripts/experiment_onpolicy_vs_offpolicy.py --out ... --plan plan.json --jobs 15   (groups of settings)
+    python scripts/experiment_onpolicy_vs_offpolicy.py --out ... --solver-error                (the substep solvers)
 
 On one GPU the runs' processes overlap only under NVIDIA's MPS daemon: start it first
 (nvidia-cuda-mps-control -d). Without it, 14 runs at once took 0.69 s per update each on an H200.
@@ -41,21 +46,28 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from distill_module import SD3_CONFIGS, load_distill  # noqa: E402  (the main script, imported as a module)
+from distill_module import SD3_CONFIGS, build_transformer, load_distill  # noqa: E402  (the main script, as a module)
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
           "white": (245, 245, 245), "black": (20, 20, 20), "orange": (245, 140, 30), "purple": (140, 50, 180)}
 DEFAULT_COLORS = 6  # the first six: 90 prompts; --colors 8 gives 168
 SHAPES = ("circle", "square", "triangle")
-# Settings of the main script for the distillation runs (more --NAME=VALUE on this command line are added).
+# Settings of the main script for the distillation runs (a group's own args, then this command line's, come after).
 # Deterministic rollouts: the on-policy states are then exactly those the student visits when it samples
-# (as the evaluation and diffusers' pipeline do); the stochastic rollout's states lie beside them.
+# (as the evaluation and diffusers' pipeline do). All 32 images of an update in one rollout: the model is small.
 GUIDANCE = 3.0  # the teacher's guidance, distilled into the student and used for the reference (--guidance)
 HELDOUT = 12  # the last 12 shape prompts are never trained on
 REFERENCE_STEPS = 28  # the teacher's guided sampler that the final, pipeline-measured gap compares against
 RUN_EVAL_NOISES = 8  # fixed noises per held-out prompt in the runs' own evaluation (the curves)
 DISTILL_ARGS = ["--LEARNING_RATE=2e-4", "--LR_SCHEDULER=cosine", "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10",
-                "--IMAGES_PER_STEP=32", "--BATCH_SIZE=8", "--STOCHASTIC_ROLLOUT=false", "--COMPILE=false",
+                "--IMAGES_PER_STEP=32", "--BATCH_SIZE=32", "--STOCHASTIC_ROLLOUT=false", "--COMPILE=false",
                 f"--TEACHER_EVAL_STEPS={REFERENCE_STEPS}"]
+REGIMES = {"on_policy": 1.0, "off_policy": 0.0, "dagger": 0.5}  # each regime's ON_POLICY_FRACTION
+STUDENTS = {  # what each kind of student is, as settings of the main script ("half-depth" also gets its STUDENT_ID)
+    "all": ["--TRAINABLE=all"],  # a full copy of the teacher: it can copy it exactly
+    "lora-r4": ["--TRAINABLE=lora", "--LORA_RANK=4", "--LORA_ALPHA=4"],  # rank / width 3%, as r32 on SD3-medium's 1536
+    "lora-r16": ["--TRAINABLE=lora", "--LORA_RANK=16", "--LORA_ALPHA=16"],
+    "half-depth": ["--TRAINABLE=all"],  # every other block of the teacher (half_depth_student)
+}
 REAL_SIZE_ARGS = ["--IMAGE_SIZE=512", "--MAX_STEPS=60", "--IMAGES_PER_STEP=2", "--BATCH_SIZE=2", "--EVAL_EVERY=20",
                   "--HELDOUT_PROMPTS=4", "--NUM_PROMPTS=64", "--COMPILE=false", "--CHECKPOINT_EVERY=1000",
                   "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10"]
@@ -116,11 +128,83 @@ def to_picture(latent, scale: int = 4):
     return Image.fromarray(np.ascontiguousarray(rgb)).resize((16 * scale, 16 * scale), Image.NEAREST)
 
 
-def pipeline_latents(pipe, prompts: list[str], noise, steps: int, guidance: float):
-    """Samples through diffusers' own StableDiffusion3Pipeline (not the main script's sampler): latents."""
+def pipeline_latents(pipe, prompts: list[str], noise, steps: int, guidance: float, sigmas: list | None = None):
+    """Samples through diffusers' own StableDiffusion3Pipeline (not the main script's sampler): latents. `sigmas`:
+    the sampler's own (the main script's pipeline_sigmas), else the scheduler's K steps."""
     pipe.set_progress_bar_config(disable=True)
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=noise, height=32, width=32,
-                output_type="latent", max_sequence_length=32).images
+    steps = {"sigmas": sigmas} if sigmas else {"num_inference_steps": steps}
+    return pipe(prompts, guidance_scale=guidance, latents=noise, height=32, width=32, output_type="latent",
+                max_sequence_length=32, **steps).images
+
+
+def strict_reading(latents, num_colors: int):
+    """What a latent shows, read straight from its pixels, with no trained network: (shape, shape colour,
+    background) indices per latent, as labels() gives them (-1 where no shape is found).
+
+    Background: the majority palette colour of the border. Shape colour: the majority of the other pixels.
+    Shape: each pixel's coverage a in [0, 1] by the shape colour (its projection on the line from background to
+    shape colour: 2x pooling mixes the two linearly), in the largest connected part (a > 0.5, with its edge);
+    fill = sum a / (width x height), width and height the sums of the column and row maxima of a:
+    a square fills its box (1), a circle pi/4 (0.79), a triangle half (0.5)."""
+    import torch
+
+    palette = torch.tensor([COLORS[c] for c in list(COLORS)[:num_colors]], dtype=torch.float32)
+    readings = []
+    for latent in latents:
+        rgb = ((latent[:3].float().cpu().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0)
+        nearest = torch.cdist(rgb.reshape(-1, 3), palette).argmin(1).reshape(rgb.shape[:2])
+        border = torch.cat([nearest[0], nearest[-1], nearest[1:-1, 0], nearest[1:-1, -1]])
+        background = int(torch.bincount(border, minlength=num_colors).argmax())
+        inside = nearest[nearest != background]
+        if inside.numel() == 0:
+            readings.append((-1, -1, background))
+            continue
+        color = int(torch.bincount(inside, minlength=num_colors).argmax())
+        bg, fg = palette[background], palette[color]
+        coverage = (((rgb - bg) @ (fg - bg)) / (fg - bg).square().sum()).clamp(0, 1)
+        part = largest_component(coverage > 0.5)
+        edge = part.clone()
+        edge[1:] |= part[:-1]
+        edge[:-1] |= part[1:]
+        edge[:, 1:] |= part[:, :-1]
+        edge[:, :-1] |= part[:, 1:]
+        a = coverage * edge
+        box = a.max(0).values.sum() * a.max(1).values.sum()
+        fill = float(a.sum() / box.clamp(min=1e-6))
+        shape = "square" if fill > 0.89 else "circle" if fill > 0.64 else "triangle"
+        readings.append((SHAPES.index(shape), color, background))
+    return torch.tensor(readings)
+
+
+def largest_component(mask):
+    """The largest 4-connected part of a boolean (H, W) mask."""
+    import torch
+
+    height, width = mask.shape
+    on, seen, best = mask.tolist(), set(), []
+    for start in ((y, x) for y in range(height) for x in range(width) if on[y][x]):
+        if start in seen:
+            continue
+        seen.add(start)
+        stack, part = [start], []
+        while stack:
+            y, x = stack.pop()
+            part.append((y, x))
+            for n in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= n[0] < height and 0 <= n[1] < width and on[n[0]][n[1]] and n not in seen:
+                    seen.add(n)
+                    stack.append(n)
+        best = max(best, part, key=len)
+    out = torch.zeros_like(mask)
+    for y, x in best:
+        out[y, x] = True
+    return out
+
+
+def accuracy(readings, answers) -> dict:
+    """The share of right answers, per question."""
+    return {name: float((readings[:, k].cpu() == answers[:, k]).float().mean())
+            for k, name in enumerate(("shape", "color", "background"))}
 
 
 def drawn_bank(prompts: list[dict], per_prompt: int, seed: int):
@@ -150,18 +234,27 @@ def train_teacher(distill, base_path: str, folder: Path, prompts: list[dict], st
     text = distill.encode_prompts_cached([p["prompt"] for p in prompts], base_path, config, torch.device("cpu"),
                                          None, root / "cache")
     bank = drawn_bank(prompts, 256, seed=1).to(device)
+    text = distill.TextEmbeddings(text.embeds.to(device), text.pooled.to(device), text.empty_embeds.to(device),
+                                  text.empty_pooled.to(device))  # indexed on the device: no host sync per step
     torch.manual_seed(0)
     model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
                                   attention_head_dim=width // 4, num_attention_heads=4, joint_attention_dim=32,
                                   caption_projection_dim=width, pooled_projection_dim=64, pos_embed_max_size=32,
                                   qk_norm="rms_norm").to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    cuda = device.type == "cuda"
+    if cuda:  # a small model: the host's kernel launches, not the GPU, set the pace, so fuse them
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True  # where a block cannot compile, it runs as it is
+        for block in model.transformer_blocks:
+            block.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=cuda)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100) * (1 - s / steps) + 0.05)
     generator = torch.Generator(device).manual_seed(0)
     for step in range(steps):
         chosen = torch.randint(len(prompts), (batch,), generator=generator, device=device)
         x0 = bank[chosen, torch.randint(bank.shape[1], (batch,), generator=generator, device=device)]
-        embeds, pooled = text.batch(chosen.cpu(), device, torch.float32)
+        embeds, pooled = text.batch(chosen, device, torch.float32)
         drop = torch.rand(batch, generator=generator, device=device) < 0.1
         empty_embeds, empty_pooled = text.empty_batch(batch, device, torch.float32)
         embeds = torch.where(drop[:, None, None], empty_embeds, embeds)
@@ -259,50 +352,64 @@ class FinalEval:
     """What every final measurement shares, made once: the teacher's pipeline, every held-out prompt
     `noises_per_prompt` times with fixed noises (the same for every run, so settings compare pair by
     pair), the teacher's guided REFERENCE_STEPS-step samples from them, drawn pictures of the same
-    prompts, and the judge."""
+    prompts, the judge, and the main script (for its samplers)."""
 
+    distill: object
     teacher_pipe: object
     prompts: list  # texts, each held-out prompt noises_per_prompt times
-    answers: object  # the judge's three answers for each
+    answers: object  # the three answers for each
     noise: object
     reference: object
     drawn_features: object
     judge: object
     guidance: float
+    num_colors: int
 
     def measure(self, latents) -> dict:
-        """gap (latent MSE to the reference), Fréchet distance to the drawn pictures, the judge's accuracy."""
+        """gap (latent MSE to the reference), Frechet distance to the drawn pictures, both adherence readings."""
         import torch
 
         with torch.no_grad():
             features, logits = self.judge(latents.to(next(self.judge.parameters()).device))
-        accuracy = {name: float((lg.argmax(1).cpu() == self.answers[:, k]).float().mean())
-                    for k, (name, lg) in enumerate(zip(("shape", "color", "background"), logits, strict=True))}
         return {"gap": (latents.cpu() - self.reference).square().mean().item(),
-                "fd": frechet_distance(features.cpu(), self.drawn_features), "adherence": accuracy}
+                "fd": frechet_distance(features.cpu(), self.drawn_features),
+                "adherence": accuracy(torch.stack([lg.argmax(1) for lg in logits], 1), self.answers),
+                "adherence_strict": accuracy(strict_reading(latents, self.num_colors), self.answers)}
 
-    def teacher(self, steps: int, guidance: float) -> dict:
-        return self.measure(pipeline_latents(self.teacher_pipe, self.prompts, self.noise, steps, guidance))
+    def teacher(self, steps: int, guidance: float, spacing: str = "scheduler") -> dict:
+        sigmas = self.distill.pipeline_sigmas(steps, spacing)
+        return self.measure(pipeline_latents(self.teacher_pipe, self.prompts, self.noise, steps, guidance, sigmas))
 
-    def baselines(self, steps: int) -> dict:
-        """At K steps: the teacher unguided (the student before training), guided (the floor of N = 1), and guided
-        with as many transformer passes as a K-step student (K / 2 guided steps, at least one)."""
+    def baselines(self, steps: int, spacing: str) -> dict:
+        """At K steps of a spacing: the teacher unguided (the student before training), guided (the floor of N = 1),
+        and guided with as many transformer passes as a K-step student (K / 2 guided steps, at least one)."""
         equal = max(1, steps // 2)
-        return {"no_training": self.teacher(steps, 1.0), "floor": self.teacher(steps, self.guidance),
-                "equal_cost": self.teacher(equal, self.guidance), "equal_cost_steps": equal}
+        return {"no_training": self.teacher(steps, 1.0, spacing), "floor": self.teacher(steps, self.guidance, spacing),
+                "equal_cost": self.teacher(equal, self.guidance, spacing), "equal_cost_steps": equal}
 
-    def student(self, export: Path) -> dict:
+    def student_latents(self, root: Path, name: str, prompts: list[str], noise):
+        """A run's exported student sampling through the pipeline with its own K steps, unguided: LoRA adapters
+        loaded onto the teacher's pipeline (and taken off again), any other student as its own pipeline folder."""
         from diffusers import StableDiffusion3Pipeline
 
-        pipe = StableDiffusion3Pipeline.from_pretrained(export).to(self.teacher_pipe.device)
-        return self.measure(pipeline_latents(pipe, self.prompts, self.noise, pipe_steps(export), 1.0))
+        config = json.loads((root / "runs" / name / "config.json").read_text())
+        export, steps = root / "export" / name, config["NUM_ROLLOUT_STEPS"]
+        sigmas = self.distill.pipeline_sigmas(steps, config["SAMPLER_SPACING"])
+        if config["TRAINABLE"] != "lora":
+            pipe = StableDiffusion3Pipeline.from_pretrained(export).to(self.teacher_pipe.device)
+            return pipeline_latents(pipe, prompts, noise, steps, 1.0, sigmas)
+        self.teacher_pipe.load_lora_weights(export)
+        try:
+            return pipeline_latents(self.teacher_pipe, prompts, noise, steps, 1.0, sigmas)
+        finally:
+            self.teacher_pipe.unload_lora_weights()
+
+    def student(self, root: Path, name: str) -> dict:
+        return self.measure(self.student_latents(root, name, self.prompts, self.noise))
 
 
-def pipe_steps(export: Path) -> int:
-    return json.loads((export.parent.parent / "runs" / export.name / "config.json").read_text())["NUM_ROLLOUT_STEPS"]
-
-
-def final_eval(teacher: Path, heldout: list[dict], noises_per_prompt: int, guidance: float, judge, num_colors: int):
+def final_eval(distill, teacher: Path, heldout: list[dict], noises_per_prompt: int, guidance: float, judge,
+               num_colors: int):
     import torch
     from diffusers import StableDiffusion3Pipeline
 
@@ -314,70 +421,114 @@ def final_eval(teacher: Path, heldout: list[dict], noises_per_prompt: int, guida
     drawn = torch.stack([to_latent(draw(p, rng)) for p in prompts]).to(device_for_helpers())
     with torch.no_grad():
         drawn_features = judge(drawn)[0].cpu()
-    return FinalEval(teacher_pipe, [p["prompt"] for p in prompts], labels(prompts, num_colors), noise, reference,
-                     drawn_features, judge, guidance)
+    return FinalEval(distill, teacher_pipe, [p["prompt"] for p in prompts], labels(prompts, num_colors), noise,
+                     reference, drawn_features, judge, guidance, num_colors)
 
 
-def distill_run(root: Path, teacher: Path, prompts_path: Path, run: dict, steps: int, extra: list[str], env: dict):
+def half_depth_student(teacher: Path, folder: Path) -> Path:
+    """The teacher's pipeline with every other transformer block (..., L-3, L-1: the last block, which only reads
+    the text, stays last), the rest of the transformer copied: a student that cannot copy its teacher, as
+    SD3.5-medium (24 blocks) is to SD3.5-large (38)."""
+    from diffusers import SD3Transformer2DModel
+
+    if folder.is_dir():
+        return folder
+    big = SD3Transformer2DModel.from_pretrained(teacher, subfolder="transformer")
+    keep = list(range(big.config.num_layers - 1, -1, -2))[::-1]
+    small = SD3Transformer2DModel.from_config({**big.config, "num_layers": len(keep)})
+    state = {}
+    for key, value in big.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "transformer_blocks":
+            if int(parts[1]) not in keep:
+                continue
+            key = ".".join([parts[0], str(keep.index(int(parts[1])))] + parts[2:])
+        state[key] = value
+    small.load_state_dict(state)
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(teacher, staging, ignore=shutil.ignore_patterns("transformer"))
+    small.save_pretrained(staging / "transformer")
+    os.replace(staging, folder)
+    return folder
+
+
+def distill_run(root: Path, teacher: Path, prompts_path: Path, run: dict, extra: list[str], env: dict):
     """One run of the main script (a fresh process, as a user starts it); raises with its error output."""
-    args = ["--preset", "tiny", f"--OUTPUT_ROOT={root}", f"--TEACHER_ID={teacher}", f"--STUDENT_ID={teacher}",
+    student = root / "half_depth_student" if run["student"] == "half-depth" else teacher
+    args = ["--preset", "tiny", f"--OUTPUT_ROOT={root}", f"--TEACHER_ID={teacher}", f"--STUDENT_ID={student}",
             "--GENERATE_PROMPTS=false", f"--PROMPTS_JSONL={prompts_path}", f"--HELDOUT_PROMPTS={HELDOUT}",
-            f"--RUN_NAME={run['name']}", f"--ON_POLICY_FRACTION={1.0 if run['regime'] == 'on_policy' else 0.0}",
-            f"--SEED={run['seed']}", f"--MAX_STEPS={steps}", f"--NUM_ROLLOUT_STEPS={run['K']}",
+            f"--RUN_NAME={run['name']}", f"--ON_POLICY_FRACTION={REGIMES[run['regime']]}",
+            f"--SEED={run['seed']}", f"--MAX_STEPS={run['steps']}", f"--NUM_ROLLOUT_STEPS={run['K']}",
             f"--TEACHER_SUBSTEPS={run['N']}", f"--SUPERVISED_STATES={run['M']}", "--EVAL_EVERY=25",
-            f"--EVAL_NOISES={RUN_EVAL_NOISES}", "--LOG_EVERY=10", f"--CHECKPOINT_EVERY={steps}",
-            "--SAVE_SAMPLE_GRIDS=false", "--T5_MAX_LENGTH=32", "--USE_T5=true", *extra]
+            f"--EVAL_NOISES={RUN_EVAL_NOISES}", "--LOG_EVERY=10", f"--CHECKPOINT_EVERY={run['steps']}",
+            "--SAVE_SAMPLE_GRIDS=false", "--T5_MAX_LENGTH=32", "--USE_T5=true", *extra, *STUDENTS[run["student"]],
+            *run["args"]]
     result = subprocess.run([sys.executable, str(HERE / "run_onpolicy_distill_colab.py"), *args],
                             capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"run {run['name']} failed:\n{result.stderr[-3000:]}")
 
 
-def run_record(root: Path, run: dict, ev: FinalEval, batch: int) -> dict:
-    """What one finished run measured: the final measurement, its own curve, its cost."""
+def run_record(root: Path, run: dict, ev: FinalEval) -> dict:
+    """What one finished run measured: the final measurement, its own curves (gap, state drift, wall seconds), its cost."""
     name = run["name"]
     summary = json.loads((root / "runs" / name / "train_summary.json").read_text())
+    config = json.loads((root / "runs" / name / "config.json").read_text())
     rows = [json.loads(line) for line in (root / "metrics" / name / "eval.jsonl").read_text().splitlines()]
-    supervised = run["M"] or run["K"]
-    return {**run, **ev.student(root / "export" / name),
-            "curve": [(r["step"], r["eval_gap"]) for r in rows],
+    start = rows[0].get("time", 0)
+    return {**run, **ev.student(root, name), "curve": [(r["step"], r["eval_gap"]) for r in rows],
+            "drift_curve": [(r["step"], r.get("eval_drift")) for r in rows], "state_drift": rows[-1].get("state_drift"),
+            "seconds_curve": [(r["step"], r.get("time", 0) - start) for r in rows],
             "train_seconds": summary["timings"]["train_seconds"], "updates": summary["step"],
-            # guided: two passes (conditional and unconditional) per substep, at every supervised state
-            "teacher_passes_per_update": batch * supervised * run["N"] * 2}
+            "solver": config["TEACHER_SOLVER"], "spacing": config["SAMPLER_SPACING"],
+            "learning_rate": config["LEARNING_RATE"],
+            "teacher_passes_per_update": ev.distill.teacher_passes_per_step(config)}
 
 
-def grid_runs(ks, ns, ms, seeds, regimes, tag: str) -> list[dict]:
+def plan_runs(groups: list[dict]) -> list[dict]:
+    """Every run of a plan: each group's K x N x M x regime x seed (M = K is all states: skipped as the same as 0)."""
     runs = []
-    for K in ks:
-        for N in ns:
-            for M in ms:
-                if M and M >= K:
-                    continue  # M = K is the same as all states (0)
-                for regime in regimes:
-                    for seed in seeds:
-                        name = f"K{K}-N{N}-M{M}{'-' + tag if tag else ''}-{regime}-seed{seed}"
-                        runs.append({"name": name, "K": K, "N": N, "M": M, "tag": tag, "regime": regime, "seed": seed})
+    for g in groups:
+        tag, student = g.get("tag", ""), g.get("student", "all")
+        if student not in STUDENTS:
+            raise SystemExit(f"unknown student {student!r}; choose one of {sorted(STUDENTS)}")
+        for K in g["k"]:
+            for N in g["n"]:
+                for M in g.get("m", [0]):
+                    if M and M >= K:
+                        continue
+                    for regime in g["regimes"]:
+                        for seed in g["seeds"]:
+                            name = f"{student}-K{K}-N{N}-M{M}{'-' + tag if tag else ''}-{regime}-seed{seed}"
+                            runs.append({"name": name, "K": K, "N": N, "M": M, "tag": tag, "student": student,
+                                         "regime": regime, "seed": seed, "steps": g["steps"], "args": g.get("args", [])})
     return runs
 
 
 def settings_table(records: list[dict], baselines: dict, reference: dict) -> list[dict]:
-    """One entry per (K, N, M, tag): means over seeds of each regime beside that K's baselines."""
+    """One entry per (student, K, N, M, tag): means over seeds of each regime, beside the baselines of its K and
+    spacing, and the scheduler spacing's (where the quality target is set)."""
     groups = {}
     for r in records:
-        groups.setdefault((r["K"], r["N"], r["M"], r["tag"]), []).append(r)
+        groups.setdefault((r.get("student", "all"), r["K"], r["N"], r["M"], r["tag"]), []).append(r)
     entries = []
-    for (K, N, M, tag), rs in sorted(groups.items()):
-        base = baselines[K]
-        entry = {"rollout_steps": K, "teacher_substeps": N, "supervised_states": M or K, "tag": tag,
+    for (student, K, N, M, tag), rs in sorted(groups.items()):
+        base, plain = baselines[(K, rs[0]["spacing"])], baselines[(K, "scheduler")]
+        entry = {"student": student, "rollout_steps": K, "teacher_substeps": N, "supervised_states": M or K, "tag": tag,
+                 "solver": rs[0]["solver"], "spacing": rs[0]["spacing"], "learning_rate": rs[0]["learning_rate"],
+                 "args": rs[0].get("args", []), "updates": rs[0]["updates"],
                  "floor": base["floor"]["gap"], "equal_cost": base["equal_cost"]["gap"],
                  "equal_cost_guided_steps": base["equal_cost_steps"], "gap_no_training": base["no_training"]["gap"],
+                 "floor_scheduler": plain["floor"]["gap"], "gap_no_training_scheduler": plain["no_training"]["gap"],
                  "fd_reference": reference["fd"], "fd_floor": base["floor"]["fd"],
                  "fd_equal_cost": base["equal_cost"]["fd"], "fd_no_training": base["no_training"]["fd"],
-                 "adherence_reference": reference["adherence"], "adherence_floor": base["floor"]["adherence"],
-                 "adherence_equal_cost": base["equal_cost"]["adherence"],
-                 "adherence_no_training": base["no_training"]["adherence"],
                  "teacher_passes_per_update": rs[0]["teacher_passes_per_update"]}
-        for regime in ("on_policy", "off_policy"):
+        for reading in ("adherence", "adherence_strict"):
+            entry.update({f"{reading}_reference": reference[reading], f"{reading}_floor": base["floor"][reading],
+                          f"{reading}_equal_cost": base["equal_cost"][reading],
+                          f"{reading}_no_training": base["no_training"][reading]})
+        for regime in REGIMES:
             mine = sorted((r for r in rs if r["regime"] == regime), key=lambda r: r["seed"])
             if not mine:
                 continue
@@ -386,10 +537,16 @@ def settings_table(records: list[dict], baselines: dict, reference: dict) -> lis
                 f"gap_{regime}": statistics.mean(gaps), f"gap_{regime}_per_seed": gaps,
                 f"gap_{regime}_seed_std": statistics.stdev(gaps) if len(gaps) > 1 else None,
                 f"fd_{regime}": statistics.mean(r["fd"] for r in mine),
-                f"adherence_{regime}": {k: statistics.mean(r["adherence"][k] for r in mine)
-                                        for k in ("shape", "color", "background")},
                 f"train_seconds_{regime}": statistics.mean(r["train_seconds"] for r in mine),
-                f"curve_{regime}": mean_curve([r["curve"] for r in mine])})
+                f"curve_{regime}": mean_curve([r["curve"] for r in mine]),
+                f"seconds_curve_{regime}": mean_curve([r["seconds_curve"] for r in mine])})
+            for reading in ("adherence", "adherence_strict"):
+                entry[f"{reading}_{regime}"] = {k: statistics.mean(r[reading][k] for r in mine)
+                                                for k in ("shape", "color", "background")}
+            if mine[0]["drift_curve"][-1][1] is not None:  # K = 1 has no state past the noise
+                entry[f"drift_{regime}"] = statistics.mean(r["drift_curve"][-1][1] for r in mine)
+                entry[f"drift_curve_{regime}"] = mean_curve([r["drift_curve"] for r in mine])
+                entry[f"state_drift_{regime}"] = [statistics.mean(s) for s in zip(*(r["state_drift"] for r in mine))]
         entries.append(entry)
     return entries
 
@@ -399,35 +556,36 @@ def mean_curve(curves: list[list]) -> list:
     return [(s, statistics.mean(c[i][1] for c in curves)) for i, s in enumerate(steps)]
 
 
-def passes_to_reach(entry: dict, regime: str, target: float) -> int | None:
-    """Teacher passes (per update times updates) until the run's own held-out gap first reaches `target`."""
-    for step, gap in entry.get(f"curve_{regime}", []):
-        if gap <= target:
-            return step * entry["teacher_passes_per_update"]
-    return None
-
-
-def add_cost_to_reach(entries: list[dict]) -> None:
-    """Which setting reaches a given quality first: at each K, the target is 0.6 x the better of the
-    student's start and the floor (the issue's bar), and each on-policy setting gets the teacher passes
-    its run spent until its own held-out gap (the curve's seed mean) first reached it, or None."""
+def add_cost_to_reach(entries: list[dict], jobs: int) -> None:
+    """Which setting reaches a given quality first. At each K the target is 0.6 x the better of the unguided start and
+    the guided K-step floor, both with the scheduler's spacing (the issue's bar, one for every setting of that K).
+    For each on-policy setting, from its seed-mean held-out curve: the updates until it first reached the target,
+    the teacher passes they took, and the run's wall seconds until then (on a GPU shared by `jobs` runs at once)."""
     for e in entries:
-        target = 0.6 * min(e["gap_no_training"], e["floor"])
-        e["quality_target"] = target
-        e["teacher_passes_to_reach_target"] = passes_to_reach(e, "on_policy", target)
+        e["quality_target"] = target = 0.6 * min(e["gap_no_training_scheduler"], e["floor_scheduler"])
+        reached = next((step for step, gap in e.get("curve_on_policy", []) if gap <= target), None)
+        e["updates_to_reach_target"] = reached
+        e["teacher_passes_to_reach_target"] = None if reached is None else reached * e["teacher_passes_per_update"]
+        seconds = dict(e.get("seconds_curve_on_policy", []))
+        e["gpu_seconds_to_reach_target"] = seconds.get(reached)
+        e["timing"] = f"wall seconds of the run's process, {jobs} runs sharing the GPU (MPS) or the CPU"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs_colab/experiment")
+    parser.add_argument("--plan", help="a JSON list of groups of runs, each {tag, student, k, n, m, regimes, seeds, steps, "
+                                       "args}; what a group leaves out comes from the options below")
+    parser.add_argument("--student", default="all", choices=sorted(STUDENTS), help="the student's kind")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=400, help="student updates per run")
+    parser.add_argument("--steps", type=int, default=200, help="student updates per run")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="K, the student's sampler steps")
-    parser.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 7], help="N, the teacher's substeps per step")
+    parser.add_argument("--n", type=int, nargs="+", default=[4], help="N, the teacher's substeps per step")
     parser.add_argument("--m", type=int, nargs="+", default=[0], help="supervised states per rollout (0 = all K)")
-    parser.add_argument("--regimes", nargs="+", default=["on_policy", "off_policy"])
+    parser.add_argument("--regimes", nargs="+", default=["on_policy", "off_policy"], choices=sorted(REGIMES))
     parser.add_argument("--tag", default="", help="a name for this variant (with the settings passed through)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each a process; 12 suit one GPU)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each a process; 15 suit one GPU under MPS)")
+    parser.add_argument("--tabulate-only", action="store_true", help="start no run: tabulate the records there are")
     parser.add_argument("--teacher-steps", type=int, default=6000)
     parser.add_argument("--teacher-width", type=int, default=128)
     parser.add_argument("--teacher-layers", type=int, default=6)
@@ -437,12 +595,17 @@ def main(argv=None):
     parser.add_argument("--colors", type=int, default=DEFAULT_COLORS, choices=range(3, len(COLORS) + 1),
                         help=f"colours of shape and background: 3 n (n - 1) prompts ({DEFAULT_COLORS}: 90, 8: 168)")
     parser.add_argument("--eval-noises", type=int, default=8, help="fixed noises per held-out prompt, final evaluation")
-    parser.add_argument("--fp8-teacher", action="store_true", help="instead of the grid: the teacher with FP8 matmuls "
+    parser.add_argument("--fp8-teacher", action="store_true", help="instead of the runs: the teacher with FP8 matmuls "
                         "(TEACHER_FP8) against itself, its samples measured as the students' are")
+    parser.add_argument("--solver-error", action="store_true", help="instead of the runs: each substep solver's target "
+                        "against a 64-substep Euler solve, at equal teacher passes (with --real-size: on random weights)")
     parser.add_argument("--real-size", help="instead: a short run on a random model of this architecture "
                                              "(sd3-medium, sd3.5-medium, sd3.5-large), for a GPU")
+    parser.add_argument("--image-size", type=int, default=1024, help="--solver-error --real-size: the image size")
     parser.add_argument("--real-size-layers", type=int, help=argparse.SUPPRESS)  # small smoke tests on a CPU
     args, passthrough = parser.parse_known_args(argv)  # the rest goes to the main script as --NAME=VALUE
+    if args.real_size and args.solver_error:
+        return real_size_solver_error(args)
     if args.real_size:
         return real_size_run(args, REAL_SIZE_ARGS + passthrough)
 
@@ -464,53 +627,163 @@ def main(argv=None):
                       args.teacher_batch)
     teacher_seconds = time.time() - started
     judge = train_judge(prompts, args.colors, root / f"judge_{args.colors}colors_s{args.judge_steps}.pt", args.judge_steps)
-    ev = final_eval(teacher, prompts[-HELDOUT:], args.eval_noises, args.guidance, judge, args.colors)
+    ev = final_eval(distill, teacher, prompts[-HELDOUT:], args.eval_noises, args.guidance, judge, args.colors)
     reference = ev.teacher(REFERENCE_STEPS, args.guidance)
     if args.fp8_teacher:
         return fp8_teacher_check(distill, ev, root, args.guidance)
+    if args.solver_error:
+        return trained_teacher_solver_error(distill, ev, root, args.guidance)
     drawn = ev.measure(torch.stack([to_latent(draw(p, random.Random(4)))
                                     for p in prompts[-HELDOUT:] * args.eval_noises]))
-    print(f"judge on drawn pictures: {drawn['adherence']}; on the teacher's {REFERENCE_STEPS}-step samples: "
-          f"{reference['adherence']}, FD {reference['fd']:.3f}", flush=True)
+    print(f"on drawn pictures: judge {drawn['adherence']}, strict {drawn['adherence_strict']}; on the teacher's "
+          f"{REFERENCE_STEPS}-step samples: judge {reference['adherence']}, strict {reference['adherence_strict']}, "
+          f"FD {reference['fd']:.3f}", flush=True)
     records_dir = root / "records"
     records_dir.mkdir(exist_ok=True)
-    runs = grid_runs(args.k, args.n, args.m, args.seeds, args.regimes, args.tag)
+    defaults = {"tag": args.tag, "student": args.student, "k": args.k, "n": args.n, "m": args.m,
+                "regimes": args.regimes, "seeds": args.seeds, "steps": args.steps, "args": []}
+    groups = json.loads(Path(args.plan).read_text()) if args.plan else [{}]
+    runs = [] if args.tabulate_only else plan_runs([{**defaults, **g} for g in groups])
     todo = [r for r in runs if not (records_dir / f"{r['name']}.json").is_file()]
+    if any(r["student"] == "half-depth" for r in todo):  # made here: loading models in the runs' threads is not safe
+        half_depth_student(teacher, root / "half_depth_student")
     env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if args.jobs > 1 else {})}
     extra = [*DISTILL_ARGS, f"--GUIDANCE_SCALE={args.guidance}", *passthrough]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(distill_run, root, teacher, prompts_path, r, args.steps, extra, env): r for r in todo}
+        futures = {pool.submit(distill_run, root, teacher, prompts_path, r, extra, env): r for r in todo}
         for future in concurrent.futures.as_completed(futures):
             run = futures[future]
-            future.result()
-            record = run_record(root, run, ev, batch=8)
+            try:
+                future.result()
+            except RuntimeError as err:  # one failed run is reported; the others go on
+                print(err, flush=True)
+                continue
+            record = run_record(root, run, ev)
             (records_dir / f"{run['name']}.json").write_text(json.dumps(record))
-            shutil.rmtree(root / "export" / run["name"])  # measured; the checkpoint keeps the weights
-            print(f"{run['name']}: gap {record['gap']:.4f}, FD {record['fd']:.3f}, adherence {record['adherence']}, "
+            if run["seed"] != 0:  # measured; seed 0's export stays for the pictures, every checkpoint keeps the weights
+                shutil.rmtree(root / "export" / run["name"])
+            print(f"{run['name']}: gap {record['gap']:.4f}, FD {record['fd']:.1f}, adherence "
+                  f"{fmt_adherence(record['adherence'])}, strict {fmt_adherence(record['adherence_strict'])}, "
                   f"{record['train_seconds']:.0f} s", flush=True)
-    # Every record in the folder, this command's and earlier ones' (other K, N, tags), makes the table.
+    # Every record in the folder, this command's and earlier ones' (other groups, tags), makes the table.
     records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
-    entries = settings_table(records, {K: ev.baselines(K) for K in {r["K"] for r in records}}, reference)
-    add_cost_to_reach(entries)
+    needed = {(r["K"], spacing) for r in records for spacing in (r["spacing"], "scheduler")}
+    entries = settings_table(records, {key: ev.baselines(*key) for key in sorted(needed)}, reference)
+    add_cost_to_reach(entries, args.jobs)
     summary = {
         "command": "python scripts/experiment_onpolicy_vs_offpolicy.py " + " ".join(argv or sys.argv[1:]),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "date": time.strftime("%Y-%m-%d"), "student_updates": args.steps, "guidance": args.guidance,
+        "date": time.strftime("%Y-%m-%d"), "guidance": args.guidance,
         "teacher": {"folder": teacher.name, "train_seconds_this_command": teacher_seconds},
         "final_eval": f"{HELDOUT} held-out prompts x {args.eval_noises} fixed noises, through StableDiffusion3Pipeline; "
                       f"gap = latent MSE to the teacher's guided {REFERENCE_STEPS}-step sample",
-        "judge_on_drawn_pictures": drawn["adherence"], "fd_drawn_vs_drawn": drawn["fd"],
-        "reference": reference, "settings": entries,
+        "judge_on_drawn_pictures": drawn["adherence"], "strict_on_drawn_pictures": drawn["adherence_strict"],
+        "fd_drawn_vs_drawn": drawn["fd"], "reference": reference, "settings": entries,
     }
     (root / "results.json").write_text(json.dumps(summary, indent=2))
     print_table(entries, reference)
     plot_cost(entries, root / "quality_vs_cost.png")
-    shown = [e for e in entries if "gap_on_policy" in e]
-    shown = [e for e in shown if not e["tag"]] or shown  # the plain settings where they were run, else the variants
-    shown = [e for e in shown if e["rollout_steps"] == 4] or shown  # the product's K where it was run
+    shown = [e for e in entries if "gap_on_policy" in e and e["rollout_steps"] == 4] or [e for e in entries
+                                                                                         if "gap_on_policy" in e]
     if shown:
-        pictures(root, ev.teacher_pipe, prompts, min(shown, key=lambda e: e["gap_on_policy"]), args.guidance)
+        pictures(root, ev, prompts, min(shown, key=lambda e: e["gap_on_policy"]), args.guidance)
     return summary
+
+
+SOLVER_BUDGETS = (1, 2, 4, 8)  # teacher passes per student step at which the solvers are compared
+
+
+def solver_errors(distill, velocity_fn, noise, sigmas, shift: float, reference_substeps: int = 64) -> dict:
+    """Each solver's target at equal teacher passes against the target of a `reference_substeps`-substep Euler solve,
+    at each state of the reference's own path from `noise`: relative MSE ||v* - v_ref||^2 / ||v_ref||^2 per state,
+    as {solver: {passes: [per state]}} (passes per student step, a guided pass counted once)."""
+    import torch
+
+    errors = {solver: {} for solver in distill.TEACHER_SOLVERS}
+    x = noise
+    with torch.no_grad():
+        for i in range(len(sigmas) - 1):
+            reference = distill.teacher_target_velocity(velocity_fn, x, sigmas, i, reference_substeps, shift)
+            for solver, per_substep in distill.TEACHER_SOLVERS.items():
+                for passes in SOLVER_BUDGETS:
+                    if passes % per_substep == 0:
+                        v = distill.teacher_target_velocity(velocity_fn, x, sigmas, i, passes // per_substep, shift, solver)
+                        errors[solver].setdefault(passes, []).append(
+                            float((v - reference).square().mean() / reference.square().mean()))
+            x = distill.euler_step(x, reference, float(sigmas[i]), float(sigmas[i + 1]))
+    return errors
+
+
+def trained_teacher_solver_error(distill, ev: FinalEval, root: Path, guidance: float) -> dict:
+    """solver_errors for the trained teacher, guided, on the held-out prompts and noises, at K = 1, 2 and 4 (trailing)."""
+    import torch
+
+    pipe = ev.teacher_pipe
+    cond, uncond = encode_for_teacher(pipe, ev.prompts)
+    shift = pipe.scheduler.config.shift
+
+    def velocity(y, t):
+        return distill.teacher_velocity(pipe.transformer, y, t, cond, uncond, guidance, torch.float32)
+
+    result = {"date": time.strftime("%Y-%m-%d"), "device": str(pipe.device), "model": "the trained shapes teacher",
+              "guidance": guidance, "reference": "64 Euler substeps per student step", "errors": {}}
+    for K in (1, 2, 4):
+        sigmas, _ = distill.sampler_sigmas(dict(pipe.scheduler.config), K, None, 64, "trailing")
+        result["errors"][f"K{K}"] = solver_errors(distill, velocity, ev.noise.to(pipe.device), sigmas, shift)
+    (root / "solver_error.json").write_text(json.dumps(result, indent=2))
+    print_solver_errors(result)
+    return result
+
+
+def real_size_solver_error(args) -> dict:
+    """solver_errors on a random-weights transformer of a real architecture (--real-size), guided (7.0), one image
+    of --image-size, random text embeddings, at K = 4 (trailing), in bf16 on a GPU."""
+    import torch
+
+    distill = load_distill()
+    device = device_for_helpers()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = dict(SD3_CONFIGS[args.real_size], **({"num_layers": args.real_size_layers} if args.real_size_layers else {}))
+    model = build_transformer(args.real_size, dtype, device, num_layers=config["num_layers"]).requires_grad_(False).eval()
+    g = torch.Generator().manual_seed(0)
+    latent = args.image_size // 8
+    noise = torch.randn(1, config["in_channels"], latent, latent, generator=g).to(device)
+    cond, uncond = [(torch.randn(1, 333, config["joint_attention_dim"], generator=g).to(device, dtype),
+                     torch.randn(1, config["pooled_projection_dim"], generator=g).to(device, dtype)) for _ in range(2)]
+    scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    sigmas, _ = distill.sampler_sigmas(scheduler, 4, None, (latent // 2) ** 2, "trailing")
+
+    def velocity(y, t):
+        return distill.teacher_velocity(model, y, t, cond, uncond, 7.0, dtype)
+
+    started = time.time()
+    result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "model": f"random {args.real_size}" + (f" ({args.real_size_layers} blocks)" if args.real_size_layers else ""),
+              "image_size": args.image_size, "guidance": 7.0, "reference": "64 Euler substeps per student step",
+              "errors": {"K4": solver_errors(distill, velocity, noise, sigmas, 3.0)}}
+    result["seconds"] = time.time() - started
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"solver_error_{args.real_size}.json").write_text(json.dumps(result, indent=2))
+    print_solver_errors(result)
+    return result
+
+
+def print_solver_errors(result: dict) -> None:
+    print(f"{result['model']}: relative MSE of each target to the {result['reference']} one, mean over states")
+    for k, per_solver in result["errors"].items():
+        for solver, by_passes in per_solver.items():
+            print(f"  {k} {solver:8} " + "  ".join(f"{passes} passes: {statistics.mean(e):.2e}"
+                                                  for passes, e in by_passes.items()))
+
+
+def encode_for_teacher(pipe, prompts: list[str]):
+    """(embeds, pooled) of the prompts and of the empty prompt, through the teacher pipeline's encode_prompt."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, max_sequence_length=32,
+                                              do_classifier_free_guidance=False)
+    empty = [""] * len(prompts)
+    uncond_embeds, _, uncond_pooled, _ = pipe.encode_prompt(empty, empty, empty, max_sequence_length=32,
+                                                            do_classifier_free_guidance=False)
+    return (embeds, pooled), (uncond_embeds, uncond_pooled)
 
 
 def fp8_teacher_check(distill, ev: FinalEval, root: Path, guidance: float) -> dict:
@@ -530,18 +803,14 @@ def fp8_teacher_check(distill, ev: FinalEval, root: Path, guidance: float) -> di
     pipe.transformer = full
     # The N = 4 substep target at K = 4: at the states of the full-precision teacher's own guided 4-step path.
     sigmas, timesteps = distill.sampler_sigmas(dict(pipe.scheduler.config), 4, None, 64)
-    embeds, _, pooled, _ = pipe.encode_prompt(ev.prompts, ev.prompts, ev.prompts, max_sequence_length=32,
-                                              do_classifier_free_guidance=False)
-    empty = [""] * len(ev.prompts)
-    uncond_embeds, _, uncond_pooled, _ = pipe.encode_prompt(empty, empty, empty, max_sequence_length=32,
-                                                            do_classifier_free_guidance=False)
+    cond, uncond = encode_for_teacher(pipe, ev.prompts)
     device = pipe.device
     x, errors = ev.noise.to(device), []
     with torch.no_grad():
         for i in range(4):
             targets = [distill.teacher_target_velocity(
-                lambda y, t, m=model: distill.teacher_velocity(m, y, t, (embeds, pooled), (uncond_embeds, uncond_pooled),
-                                                               guidance, torch.float32), x, sigmas, i, 4, pipe.scheduler.config.shift)
+                lambda y, t, m=model: distill.teacher_velocity(m, y, t, cond, uncond, guidance, torch.float32),
+                x, sigmas, i, 4, pipe.scheduler.config.shift)
                        for model in (full, fp8)]
             errors.append(float((targets[1] - targets[0]).square().mean() / targets[0].square().mean()))
             x = distill.euler_step(x, targets[0], float(sigmas[i]), float(sigmas[i + 1]))
@@ -554,17 +823,26 @@ def fp8_teacher_check(distill, ev: FinalEval, root: Path, guidance: float) -> di
 
 
 def print_table(entries: list[dict], reference: dict) -> None:
-    print(f"\nteacher, {REFERENCE_STEPS} steps: adherence {fmt_adherence(reference['adherence'])}, FD {reference['fd']:.3f}")
-    print("K  N  M  tag   | no training  floor  equal cost | on-policy (seed std)  off-policy | FD on / off / floor"
-          " | adherence on-policy (shape/colour/background) | teacher passes/update")
+    print(f"\nteacher, {REFERENCE_STEPS} steps: adherence judge {fmt_adherence(reference['adherence'])}, strict "
+          f"{fmt_adherence(reference['adherence_strict'])}, FD {reference['fd']:.1f}")
+    print("student    K  N  solver  spacing   tag     | no training  floor | gap on (seed std) / off / dagger "
+          "| drift on / off | strict shape on / off | judge on | passes/update, to target")
     for e in entries:
-        on, off = e.get("gap_on_policy"), e.get("gap_off_policy")
-        print(f"{e['rollout_steps']}  {e['teacher_substeps']}  {e['supervised_states']}  {e['tag'] or '-':5} | "
-              f"{e['gap_no_training']:.4f}  {e['floor']:.4f}  {e['equal_cost']:.4f} | "
-              f"{on if on is None else f'{on:.4f}'} ({e.get('gap_on_policy_seed_std') or 0:.4f})  "
-              f"{off if off is None else f'{off:.4f}'} | {e.get('fd_on_policy', float('nan')):.3f} / "
-              f"{e.get('fd_off_policy', float('nan')):.3f} / {e['fd_floor']:.3f} | "
-              f"{fmt_adherence(e.get('adherence_on_policy'))} | {e['teacher_passes_per_update']}")
+        def gap(regime):
+            return "-" if f"gap_{regime}" not in e else f"{e[f'gap_{regime}']:.4f}"
+
+        def value(key, fmt="{:.4f}"):
+            return "-" if e.get(key) is None else fmt.format(e[key])
+
+        def strict(regime):
+            return "-" if f"adherence_strict_{regime}" not in e else f"{100 * e[f'adherence_strict_{regime}']['shape']:.0f}%"
+
+        print(f"{e['student']:10} {e['rollout_steps']}  {e['teacher_substeps']}  {e['solver']:7} {e['spacing']:9} "
+              f"{e['tag'] or '-':7} | {e['gap_no_training']:.4f}  {e['floor']:.4f} | {gap('on_policy')} "
+              f"({value('gap_on_policy_seed_std')}) / {gap('off_policy')} / {gap('dagger')} | "
+              f"{value('drift_on_policy')} / {value('drift_off_policy')} | {strict('on_policy')} / {strict('off_policy')} | "
+              f"{fmt_adherence(e.get('adherence_on_policy'))} | {e['teacher_passes_per_update']}, "
+              f"{value('teacher_passes_to_reach_target', '{}')}")
 
 
 def fmt_adherence(a: dict | None) -> str:
@@ -572,7 +850,7 @@ def fmt_adherence(a: dict | None) -> str:
 
 
 def plot_cost(entries: list[dict], path: Path) -> None:
-    """Final on-policy gap against teacher passes per update, one colour per K."""
+    """Final on-policy gap against teacher passes per update, one colour per K (students of all weights)."""
     try:
         import matplotlib
 
@@ -583,14 +861,15 @@ def plot_cost(entries: list[dict], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for color, K in enumerate(sorted({e["rollout_steps"] for e in entries})):
-        mine = [e for e in entries if e["rollout_steps"] == K and "gap_on_policy" in e and not e["tag"]]
+        mine = [e for e in entries if e["rollout_steps"] == K and "gap_on_policy" in e and e["student"] == "all"]
         for e in mine:
             ax.scatter(e["teacher_passes_per_update"], e["gap_on_policy"], color=f"C{color}",
                        marker="o" if e["supervised_states"] == K else "s")
-            ax.annotate(f"N={e['teacher_substeps']}" + ("" if e["supervised_states"] == K else f" M={e['supervised_states']}"),
-                        (e["teacher_passes_per_update"], e["gap_on_policy"]), fontsize=7)
+            ax.annotate(f"N={e['teacher_substeps']} {e['solver']}" + (f" {e['tag']}" if e["tag"] else ""),
+                        (e["teacher_passes_per_update"], e["gap_on_policy"]), fontsize=6)
         if mine:
-            ax.axhline(mine[0]["floor"], color=f"C{color}", ls=":", lw=1, label=f"K={K} (dotted: guided teacher, K steps)")
+            ax.axhline(mine[0]["floor_scheduler"], color=f"C{color}", ls=":", lw=1,
+                       label=f"K={K} (dotted: guided teacher, K steps)")
     ax.set(xlabel="teacher transformer passes per update", ylabel="held-out gap, on-policy (latent MSE)",
            xscale="log", yscale="log", title="few-step students: quality against teacher cost")
     ax.legend(fontsize=7)
@@ -598,34 +877,32 @@ def plot_cost(entries: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def pictures(root: Path, teacher_pipe, prompts: list[dict], entry: dict, guidance: float) -> None:
+def pictures(root: Path, ev: FinalEval, prompts: list[dict], entry: dict, guidance: float) -> None:
     """Held-out prompts: the teacher's guided sample, the teacher in K steps unguided and guided, and the
-    first seed's students of the given setting (checkpoints loaded into the teacher's pipeline)."""
+    first seed's students of the given setting, each through the pipeline from the same noise."""
     import torch
     from PIL import Image, ImageDraw
 
-    K, N, M, tag = entry["rollout_steps"], entry["teacher_substeps"], entry["supervised_states"], entry["tag"]
+    K, spacing = entry["rollout_steps"], entry["spacing"]
+    name = (f"{entry['student']}-K{K}-N{entry['teacher_substeps']}-M{entry['supervised_states'] % K}"
+            f"{'-' + entry['tag'] if entry['tag'] else ''}")
     heldout = [p["prompt"] for p in prompts[-6:]]
-    columns = [("teacher", None, REFERENCE_STEPS, guidance), (f"{K} unguided", None, K, 1.0),
-               (f"{K} guided", None, K, guidance)]
+    noise = torch.randn(len(heldout), 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    sigmas = ev.distill.pipeline_sigmas(K, spacing)
+    columns = [("teacher", lambda: pipeline_latents(ev.teacher_pipe, heldout, noise, REFERENCE_STEPS, guidance)),
+               (f"{K} unguided", lambda: pipeline_latents(ev.teacher_pipe, heldout, noise, K, 1.0, sigmas)),
+               (f"{K} guided", lambda: pipeline_latents(ev.teacher_pipe, heldout, noise, K, guidance, sigmas))]
     for regime in ("off_policy", "on_policy"):
-        name = f"K{K}-N{N}-M{0 if M == K else M}{'-' + tag if tag else ''}-{regime}-seed0"
-        checkpoint = root / "checkpoints" / name / "final.pt"
-        if checkpoint.is_file():
-            columns.append((regime.replace("_policy", "-policy"), checkpoint, K, 1.0))
+        if (root / "export" / f"{name}-{regime}-seed0").is_dir():
+            columns.append((regime.replace("_policy", "-policy"),
+                            lambda r=regime: ev.student_latents(root, f"{name}-{r}-seed0", heldout, noise)))
     cell = 64
     sheet = Image.new("RGB", (len(columns) * cell + 200, len(heldout) * cell + 30), "white")
     draw_on = ImageDraw.Draw(sheet)
-    original = {k: v.clone() for k, v in teacher_pipe.transformer.state_dict().items()}
-    for c, (title, checkpoint, num_steps, scale) in enumerate(columns):
-        teacher_pipe.transformer.load_state_dict(original)
-        if checkpoint is not None:
-            teacher_pipe.transformer.load_state_dict(torch.load(checkpoint, weights_only=True)["student"], strict=False)
+    for c, (title, sample) in enumerate(columns):
         draw_on.text((c * cell + 2, 2), title[:10], fill="black")
-        noise = torch.randn(len(heldout), 4, 16, 16, generator=torch.Generator().manual_seed(7))
-        for r, latent in enumerate(pipeline_latents(teacher_pipe, heldout, noise, num_steps, scale)):
+        for r, latent in enumerate(sample()):
             sheet.paste(to_picture(latent.cpu()), (c * cell, 30 + r * cell))
-    teacher_pipe.transformer.load_state_dict(original)
     for r, text in enumerate(heldout):
         draw_on.text((len(columns) * cell + 4, 30 + r * cell + 24), text.replace(" background", "")[:32], fill="black")
     sheet.save(root / "samples.png")

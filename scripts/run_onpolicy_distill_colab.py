@@ -94,8 +94,10 @@ REPORT_TO = ""  # also log to trackers through accelerate: "tensorboard", "wandb
 
 # --- Distill setup ------------------------------------------------------------------------------
 NUM_ROLLOUT_STEPS = 4  # K: steps of the student's own sampler, from noise to image
+SAMPLER_SPACING = "trailing"  # where the K steps sit: "trailing" (evenly from noise to image, as few-step models sample) | "scheduler" (diffusers' default, whose last step starts at sigma 0.009: K = 2 is then one real step)
 SAMPLER_SHIFT = None  # sigma shift of the student's sampler; None = the teacher scheduler's config (3.0 for SD3)
-TEACHER_SUBSTEPS = 4  # N: the teacher solves its guided flow over each student step in N Euler substeps; target = its average velocity (1 = instantaneous)
+TEACHER_SUBSTEPS = 4  # N: the teacher solves its guided flow over each student step in N substeps; target = its average velocity (1 = instantaneous)
+TEACHER_SOLVER = "euler"  # the solver of those substeps: "euler" | "ab2" (2nd order, reuses the last velocity: 1 pass per substep) | "heun", "midpoint" (2nd order, 2 passes per substep)
 TEACHER_SUBSTEP_SHIFT = None  # spacing of those substeps: None = as the teacher's scheduler spaces its steps (its shift), 1.0 = uniform in sigma
 SUPERVISED_STATES = 0  # rollout states the teacher supervises: 0 = all K, M = a random M of them per rollout
 GUIDANCE_SCALE = 7.0  # teacher classifier-free guidance (SD3: 7.0, SD3.5: 3.5-4.5); the student learns it
@@ -148,18 +150,26 @@ TINY_MODEL_ID = "tiny-random-sd3"
 # =================================================================================================
 
 
-def sampler_sigmas(scheduler_config: dict, num_steps: int, shift: float | None, image_seq_len: int):
+def pipeline_sigmas(num_steps: int, spacing: str) -> list[float] | None:
+    """The `sigmas` that StableDiffusion3Pipeline takes for this sampler, before its shift: "trailing" spaces the
+    K steps evenly over the whole path, u_i = 1 - i/K; "scheduler" is the scheduler's own (None)."""
+    return [1 - i / num_steps for i in range(num_steps)] if spacing == "trailing" else None
+
+
+def sampler_sigmas(scheduler_config: dict, num_steps: int, shift: float | None, image_seq_len: int,
+                   spacing: str = "scheduler"):
     """Sigmas sigma_0 = 1 > ... > sigma_K = 0 and timesteps t_i = 1000 sigma_i of a K-step sampler.
 
-    Exactly diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps: sigma = linspace(1, 1/T..)
-    then shifted, sigma' = s sigma / (1 + (s - 1) sigma), with shift s (or the resolution-dependent
-    mu of the SD3 pipeline when the scheduler uses dynamic shifting)."""
+    Exactly diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps, as the pipeline calls it: unshifted
+    sigmas u (pipeline_sigmas; by default linspace(1, sigma_min, K)), then shifted, sigma = s u / (1 + (s - 1) u),
+    with shift s (or the resolution-dependent mu of the SD3 pipeline when the scheduler uses dynamic shifting)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     overrides = {} if shift is None else {"shift": shift}
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, **overrides)
     kwargs = {"mu": dynamic_shift_mu(scheduler.config, image_seq_len)} if scheduler.config.use_dynamic_shifting else {}
-    scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
+    custom = pipeline_sigmas(num_steps, spacing)
+    scheduler.set_timesteps(None if custom else num_steps, device="cpu", sigmas=custom, **kwargs)
     return scheduler.sigmas.clone(), scheduler.timesteps.clone()
 
 
@@ -231,21 +241,29 @@ def latent_mse(x_t, sigma: float, v_student, v_teacher):
     return (x0_from_velocity(x_t, sigma, v_student) - x0_from_velocity(x_t, sigma, v_teacher)).square().mean()
 
 
-def transition_kl(x_t, sigma: float, sigma_next: float, eta: float, v_student, v_teacher):
-    """KL( N(mu(v_student), (sigma' rho)^2 I) || N(mu(v_teacher), (sigma' rho)^2 I) ) = || mu_s - mu_t ||^2 / (2 (sigma' rho)^2),
-    between the flow-DDIM transitions of the two velocities.
+def kl_step_weight(sigma: float, sigma_next: float, eta: float) -> float:
+    """c = b^2 / (2 (sigma' rho)^2), with b = d mu / d v = sigma' sqrt(1 - rho^2) (1 - sigma) - (1 - sigma') sigma: the
+    transitions' means differ by b (v_s - v_t), so their KL is c times the velocity MSE (transition_kl). The two
+    MSE terms weigh the same velocity MSE by (1 - sigma)^2 and sigma^2, so c says how far the KL is from their
+    scale at each step. 0 where sigma' rho = 0 (no variance: the last step, or eta = 0)."""
+    rho = ddim_noise_fraction(sigma, sigma_next, eta)
+    if sigma_next * rho == 0:
+        return 0.0
+    b = sigma_next * math.sqrt(1 - rho * rho) * (1 - sigma) - (1 - sigma_next) * sigma
+    return b * b / (2 * (sigma_next * rho) ** 2)
+
+
+def transition_kl(sigma: float, sigma_next: float, eta: float, v_student, v_teacher):
+    """KL( N(mu(v_student), (sigma' rho)^2 I) || N(mu(v_teacher), (sigma' rho)^2 I) ) = || mu_s - mu_t ||^2 / (2 (sigma' rho)^2)
+    = c mean || v_student - v_teacher ||^2, between the flow-DDIM transitions of the two velocities from the same
+    state (whose own term cancels), c = kl_step_weight(sigma, sigma', eta).
 
     Reduction: the mean over latent elements (the per-dimension KL; the KL of the whole latent is
     this times C*H*W), then the mean over the batch, so its scale matches the two MSE terms.
     The last step, to sigma' = 0, has no variance: both transitions are point masses, whose KL is
     infinite unless they agree, so there it is 0 and the latent MSE (the squared distance of the two
     deterministic next states) supervises the step."""
-    variance = (sigma_next * ddim_noise_fraction(sigma, sigma_next, eta)) ** 2
-    if variance == 0:
-        return v_student.new_zeros(())
-    mean_gap = ddim_transition_mean(x_t, v_student, sigma, sigma_next, eta) - ddim_transition_mean(
-        x_t, v_teacher, sigma, sigma_next, eta)
-    return mean_gap.square().mean() / (2 * variance)
+    return kl_step_weight(sigma, sigma_next, eta) * (v_student - v_teacher).square().mean()
 
 
 def kl_weight_at(step: int, kl_weight: float, warmup_steps: int) -> float:
@@ -290,29 +308,75 @@ def substep_sigmas(sigmas, i: int, num_substeps: int, shift: float):
     return inner
 
 
-def teacher_target_velocity(velocity_fn, x, sigmas, i: int, num_substeps: int, shift: float):
-    """The target over student step i: the teacher's own solve of its guided flow from (x, sigma_i) to
-    sigma_{i+1} in N Euler substeps, x^T, as an average velocity:
+TEACHER_SOLVERS = {"euler": 1, "ab2": 1, "heun": 2, "midpoint": 2}  # transformer passes per substep
 
-        v* = (x - x^T) / (sigma_i - sigma_{i+1}),   x^T = Euler over substep_sigmas, t = 1000 sigma.
 
-    A student step with v* lands where the teacher's N-step solve lands. N = 1: the teacher's
-    instantaneous velocity velocity_fn(x, t_i) itself."""
-    if num_substeps == 1:
-        return velocity_fn(x, sigmas[i] * 1000)
-    grid = substep_sigmas(sigmas, i, num_substeps, shift)
-    y = x
+def teacher_passes_per_step(config: dict) -> int:
+    """The teacher's transformer passes on one image per optimizer step (of one process): images x supervised states x
+    substeps x the solver's passes per substep x 2 with guidance (conditional and unconditional)."""
+    states = config["SUPERVISED_STATES"] or config["NUM_ROLLOUT_STEPS"]
+    return (config["IMAGES_PER_STEP"] * states * config["TEACHER_SUBSTEPS"] * TEACHER_SOLVERS[config["TEACHER_SOLVER"]]
+            * (1 if config["GUIDANCE_SCALE"] == 1 else 2))
+
+
+def solve_flow(velocity_fn, x, grid, solver: str):
+    """Integrate dx/dsigma = v(x, sigma) over a decreasing sigma grid (t = 1000 sigma), step h = s' - s < 0:
+
+        euler     x' = x + h v(x, s)                                        1st order, 1 pass
+        ab2       x' = x + h ((1 + r/2) v_n - (r/2) v_{n-1}), r = h / h_prev 2nd order, 1 pass (Adams-Bashforth on
+                                                                            the uneven grid; Euler for the first)
+        heun      x~ = x + h v(x, s);  x' = x + h/2 (v(x, s) + v(x~, s'))    2nd order, 2 passes
+        midpoint  x' = x + h v(x + h/2 v(x, s), s + h/2)                    2nd order, 2 passes (never at s' = 0)"""
+    previous = None  # ab2: the last substep's velocity and length
     for a, b in zip(grid[:-1], grid[1:]):
-        y = euler_step(y, velocity_fn(y, a * 1000), float(a), float(b))
+        h = float(b) - float(a)
+        v = step = velocity_fn(x, a * 1000)
+        if solver == "heun":
+            step = (v + velocity_fn(euler_step(x, v, float(a), float(b)), b * 1000)) / 2
+        elif solver == "midpoint":
+            middle = (a + b) / 2
+            step = velocity_fn(euler_step(x, v, float(a), float(middle)), middle * 1000)
+        elif solver == "ab2" and previous is not None:
+            r = h / previous[1]
+            step = (1 + r / 2) * v - (r / 2) * previous[0]
+        previous = (v, h)
+        x = euler_step(x, step, float(a), float(b))
+    return x
+
+
+def teacher_target_velocity(velocity_fn, x, sigmas, i: int, num_substeps: int, shift: float, solver: str = "euler"):
+    """The target over student step i: the teacher's own solve of its guided flow from (x, sigma_i) to
+    sigma_{i+1} in N substeps of `solver` (solve_flow), x^T, as an average velocity:
+
+        v* = (x - x^T) / (sigma_i - sigma_{i+1}),   x^T = solve_flow over substep_sigmas.
+
+    A student step with v* lands where the teacher's N-substep solve lands. N = 1 with Euler: the teacher's
+    instantaneous velocity velocity_fn(x, t_i) itself."""
+    if num_substeps == 1 and solver == "euler":
+        return velocity_fn(x, sigmas[i] * 1000)
+    y = solve_flow(velocity_fn, x, substep_sigmas(sigmas, i, num_substeps, shift), solver)
     return (x - y) / (float(sigmas[i]) - float(sigmas[i + 1]))
 
 
-def sample_latents(velocity_fn, noise, sigmas, timesteps):
-    """The deterministic flow sampler from noise: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) velocity_fn(x_i, t_i)."""
-    x = noise.float()
+def sample_trajectory(velocity_fn, noise, sigmas, timesteps) -> list:
+    """The deterministic flow sampler from noise, x_{i+1} = x_i + (sigma_{i+1} - sigma_i) velocity_fn(x_i, t_i):
+    the states x_1 ... x_K it visits (x_K, the sample, last)."""
+    states, x = [], noise.float()
     for i in range(len(timesteps)):
         x = euler_step(x, velocity_fn(x, timesteps[i]), float(sigmas[i]), float(sigmas[i + 1]))
-    return x
+        states.append(x)
+    return states
+
+
+def sample_latents(velocity_fn, noise, sigmas, timesteps):
+    """The sampler's last state, the sample."""
+    return sample_trajectory(velocity_fn, noise, sigmas, timesteps)[-1]
+
+
+def state_drift(student_states: list, teacher_states: list) -> list[float]:
+    """Per state i = 1..K: mean over samples and elements of (x_i^student - x_i^teacher)^2, the distance between the
+    states the student visits and those of the teacher's path from the same noise (where off-policy learns)."""
+    return [(s - t).square().mean().item() for s, t in zip(student_states, teacher_states, strict=True)]
 
 # =================================================================================================
 # The on-policy step: the student's rollout, the teacher's targets at the states it visits, the losses.
@@ -420,7 +484,7 @@ def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps
     terms = torch.zeros(len(timesteps), 4, device=device)
     plain_student = accelerator.unwrap_model(models.student)
     eta, last_supervised = config["SAMPLER_ETA"], max(supervised)
-    substeps, shift = config["TEACHER_SUBSTEPS"], teacher_substep_shift(config, models)
+    substeps, shift, solver = config["TEACHER_SUBSTEPS"], teacher_substep_shift(config, models), config["TEACHER_SOLVER"]
 
     def guided_teacher(y, t):
         return teacher_velocity(models.teacher, y, t, cond, uncond, config["GUIDANCE_SCALE"], models.teacher_dtype)
@@ -430,13 +494,13 @@ def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps
         v_teacher = None
         if i in supervised or i not in student_leads:
             with torch.no_grad(), models.teacher_context():
-                v_teacher = teacher_target_velocity(guided_teacher, x, sigmas, i, substeps, shift)
+                v_teacher = teacher_target_velocity(guided_teacher, x, sigmas, i, substeps, shift, solver)
         if i in supervised:
             sync = plan.sync_gradients and i == last_supervised
             with contextlib.nullcontext() if sync else accelerator.no_sync(models.student):
                 with accelerator.autocast():
                     v_student = predict_velocity(models.student, x, t, cond[0], cond[1], models.student_dtype)
-                kl = transition_kl(x, sigma, sigma_next, eta, v_student, v_teacher) if eta > 0 else v_student.new_zeros(())
+                kl = transition_kl(sigma, sigma_next, eta, v_student, v_teacher)
                 eps = epsilon_mse(x, sigma, v_student, v_teacher)
                 lat = latent_mse(x, sigma, v_student, v_teacher)
                 total = kl_weight * kl + config["EPS_MSE_WEIGHT"] * eps + config["LATENT_MSE_WEIGHT"] * lat
@@ -588,7 +652,7 @@ def apply_update(models: Models, accelerator, optimizer, lr_scheduler, terms, co
 
 @dataclasses.dataclass
 class TrainResult:
-    status: str = "running"  # finished | interrupted | failed
+    status: str = "running"  # trained (final.pt written) | finished (the ending too) | interrupted | failed
     step: int = 0
     skipped_steps: int = 0
     gap_before: float | None = None
@@ -618,7 +682,7 @@ def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts
     if accelerator.is_main_process and (hint := attention_hint(config["ATTENTION_BACKEND"], device)):
         print(hint)
     sigmas, timesteps = sampler_sigmas(models.scheduler_config, config["NUM_ROLLOUT_STEPS"], config["SAMPLER_SHIFT"],
-                                       models.image_seq_len)
+                                       models.image_seq_len, config["SAMPLER_SPACING"])
     if config["BATCH_SIZE"] == "auto":
         resumed_batch = run.resume[1]["config"].get("BATCH_SIZE") if run.resume else None
         config["BATCH_SIZE"], run.batch_choice = choose_batch_size(models, accelerator, text, config, sigmas, timesteps,
@@ -646,7 +710,8 @@ def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts
         accelerator.init_trackers(paths.name, config={k: v for k, v in config.items() if v is not None})
     if not run.resume:
         result.gap_before = evaluate(0) if evaluate else None
-    result.gap_last = result.gap_before
+    evaluations = rows_through(paths.metrics / "eval.jsonl", result.step) if run.resume else []
+    result.gap_last = evaluations[-1]["eval_gap"] if evaluations else result.gap_before
     return Training(optimizer, lr_scheduler, sigmas, timesteps, evaluate, metrics, result)
 
 
@@ -662,7 +727,7 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
     def checkpoint(name, status):
         if accelerator.is_main_process:
             extra = {"skipped_steps": result.skipped_steps, "gap_before": result.gap_before,
-                     "num_processes": accelerator.num_processes}
+                     "num_processes": accelerator.num_processes, "prompts_sha256": run.prompts_sha256}
             run.checkpoints.save(name, result.step, status, config_fingerprint(config),
                                  lambda path: save_checkpoint(path, models.student, optimizer, lr_scheduler, accelerator,
                                                               result.step, config, extra))
@@ -682,48 +747,53 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
         while result.step < max_steps:
             terms, counts = distill_step(models, accelerator, text, result.step, config, training.sigmas,
                                          training.timesteps, num_train_prompts)
-            grad_norm, finite = apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config,
-                                             run.mixed_precision)
-            if finite:
-                consecutive_skips = 0
-                window.add(terms, counts, grad_norm)
-            else:
-                result.skipped_steps += 1
-                consecutive_skips += 1
-                if consecutive_skips >= config["MAX_CONSECUTIVE_SKIPS"]:
-                    raise UserError(f"{consecutive_skips} steps in a row had a non-finite loss or gradient (last at "
-                                    f"step {result.step}); stopped. The last good checkpoint is intact. Lower "
-                                    f"LEARNING_RATE, use MIXED_PRECISION='bf16' or 'no', or lower GUIDANCE_SCALE.")
-            result.step += 1
-            step = result.step
-            bar.update(1)
+            # A Ctrl-C from here on takes effect once the update, the step's row and grid and its checkpoint are
+            # written, so a resumed run goes on exactly as one left alone.
+            with interrupt_after():
+                grad_norm, finite = apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config,
+                                                 run.mixed_precision)
+                if finite:
+                    consecutive_skips = 0
+                    window.add(terms, counts, grad_norm)
+                else:
+                    result.skipped_steps += 1
+                    consecutive_skips += 1
+                    if consecutive_skips >= config["MAX_CONSECUTIVE_SKIPS"]:
+                        raise UserError(f"{consecutive_skips} steps in a row had a non-finite loss or gradient (last at "
+                                        f"step {result.step}); stopped. The last good checkpoint is intact. Lower "
+                                        f"LEARNING_RATE, use MIXED_PRECISION='bf16' or 'no', or lower GUIDANCE_SCALE.")
+                result.step += 1
+                step = result.step
+                bar.update(1)
 
-            evaluate_now = step == max_steps or (config["EVAL_EVERY"] and step % config["EVAL_EVERY"] == 0)
-            if evaluate_now:
-                result.gap_last = training.evaluate(step) if training.evaluate else None
-            if step % config["LOG_EVERY"] == 0 or step == max_steps or evaluate_now:
-                row = window.row(accelerator, step, kl_weight_at(step - 1, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
-                                 lr_scheduler.get_last_lr()[0], images_per_step, result.skipped_steps,
-                                 result.gap_last if evaluate_now else None)
-                if training.metrics:
-                    training.metrics.write(row)
-                if config["REPORT_TO"]:
-                    accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
-                result.last_row = row
-                rows += 1
-                if rows == 2 and accelerator.is_main_process:  # the first window holds the compilation
-                    bar.write(pace_line(row["sec_per_step"], max_steps - step))
-                bar.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "nan",
-                                s_it=f"{row['sec_per_step']:.2f}")
-            due = step % config["CHECKPOINT_EVERY"] == 0
-            if not due and config["CHECKPOINT_EVERY_MINUTES"] and step % config["LOG_EVERY"] == 0:
-                minutes = (time.time() - last_checkpoint_time) / 60
-                due = main_process_decides(accelerator, minutes >= config["CHECKPOINT_EVERY_MINUTES"])
-            if step < max_steps and due:
-                checkpoint(f"step_{step}.pt", "running")
-                last_checkpoint_time = time.time()
-        checkpoint("final.pt", "finished")
-        result.status = "finished"
+                evaluate_now = step == max_steps or (config["EVAL_EVERY"] and step % config["EVAL_EVERY"] == 0)
+                if evaluate_now:
+                    result.gap_last = training.evaluate(step) if training.evaluate else None
+                if step % config["LOG_EVERY"] == 0 or step == max_steps or evaluate_now:
+                    row = window.row(accelerator, step, kl_weight_at(step - 1, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
+                                     lr_scheduler.get_last_lr()[0], images_per_step, result.skipped_steps,
+                                     result.gap_last if evaluate_now else None,
+                                     training.evaluate.drift if evaluate_now and training.evaluate else None)
+                    if training.metrics:
+                        training.metrics.write(row)
+                    if config["REPORT_TO"]:
+                        accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
+                    result.last_row = row
+                    rows += 1
+                    if rows == 2 and accelerator.is_main_process:  # the first window holds the compilation
+                        bar.write(pace_line(row["sec_per_step"], max_steps - step))
+                    bar.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "nan",
+                                    s_it=f"{row['sec_per_step']:.2f}")
+                due = step % config["CHECKPOINT_EVERY"] == 0
+                if not due and config["CHECKPOINT_EVERY_MINUTES"] and step % config["LOG_EVERY"] == 0:
+                    minutes = (time.time() - last_checkpoint_time) / 60
+                    due = main_process_decides(accelerator, minutes >= config["CHECKPOINT_EVERY_MINUTES"])
+                if step < max_steps and due:
+                    checkpoint(f"step_{step}.pt", "running")
+                    last_checkpoint_time = time.time()
+        check_finite_weights(models, result.step)
+        checkpoint("final.pt", "trained")  # then the ending: finish_run
+        result.status = "trained"
     except KeyboardInterrupt:
         result.status = "interrupted"
         checkpoint(f"step_{result.step}.pt", "interrupted")
@@ -733,8 +803,69 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
         raise
     finally:
         bar.close()
-        write_summary(run, result, models)
+        if result.status != "trained":
+            write_summary_after_a_stop(run, result, models)
     return result
+
+
+def check_finite_weights(models: Models, step: int) -> None:
+    """A student whose weights are not finite is never written as final, exported or marked finished."""
+    import torch
+
+    if not all(bool(torch.isfinite(p).all()) for p in models.trainable):
+        raise UserError(f"The student's weights are not finite at step {step}; it is not exported or marked finished. "
+                        f"Lower LEARNING_RATE (or use MIXED_PRECISION='bf16' or 'no') and start a new run.")
+
+
+@contextlib.contextmanager
+def interrupt_after():
+    """A Ctrl-C (SIGINT) inside the block is held until the block is done, then raised."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+
+    def hold(*_):
+        if not held:
+            print("\nfinishing this step's update, row and checkpoint, then stopping")
+        held.append(True)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
+def finish_run(run: Run, models: Models, teacher_path: str, result: TrainResult) -> None:
+    """The ending of a trained run, in an order each part of which a re-run redoes if a kill cut it: final.pt
+    (written), the export, the summary, then latest.json's status "finished"."""
+    fault_point("after final.pt")
+    result.status = "finished"
+    if run.accelerator.is_main_process:
+        if run.config["EXPORT_DIFFUSERS"]:
+            export_student(models, run.accelerator, run.config, teacher_path, run.paths, result.gap_before,
+                           result.gap_last)
+        write_summary(run, result, models)
+        run.checkpoints.mark("finished")
+
+
+def trained_result(run: Run, models: Models) -> TrainResult:
+    """A run trained to its end whose ending was cut off: the student's final weights restored, what the summary
+    needs read back from its checkpoint and metrics."""
+    path, payload = run.resume
+    run.accelerator.unwrap_model(models.student).load_state_dict(payload["student"], strict=False)
+    evaluations = rows_through(run.paths.metrics / "eval.jsonl", payload["step"])
+    rows = rows_through(run.paths.metrics / "metrics.jsonl", payload["step"])
+    print(f"finishing run {run.paths.name}: trained to step {payload['step']} ({path.name}), its export and summary "
+          f"were cut off; writing them now.")
+    return TrainResult("trained", payload["step"], payload.get("skipped_steps", 0), payload.get("gap_before"),
+                       evaluations[-1]["eval_gap"] if evaluations else None, rows[-1] if rows else {})
 
 
 def main_process_decides(accelerator, flag: bool) -> bool:
@@ -769,7 +900,7 @@ class LogWindow:
         self.grad += grad_norm.detach().float()
         self.steps += 1
 
-    def row(self, accelerator, step, kl_weight, lr, images_per_step, skipped, gap) -> dict:
+    def row(self, accelerator, step, kl_weight, lr, images_per_step, skipped, gap, drift) -> dict:
         """Means over the window and all processes, read from the device once; then the window starts again."""
         import torch
 
@@ -786,7 +917,7 @@ class LogWindow:
                "kl_weight": kl_weight, "lr": lr, "grad_norm": grad_norm / steps, "sec_per_step": elapsed / steps,
                "images_per_sec": images_per_step * steps / elapsed if elapsed > 0 else None,
                "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-               "skipped_steps": skipped, "eval_gap": gap}
+               "skipped_steps": skipped, "eval_gap": gap, "eval_drift": drift}
         for i, (t, c) in enumerate(zip(terms, counts, strict=True)):
             row.update({f"kl_{i}": t[1] / c if c else None, f"eps_mse_{i}": t[2] / c if c else None,
                         f"latent_mse_{i}": t[3] / c if c else None})
@@ -810,11 +941,14 @@ def run_header(run: Run, models: Models, images_per_step: int, result: TrainResu
         f"  trainable parameters {trainable:,} ({config['TRAINABLE']})",
         f"  batch {batch} images per rollout, {config['IMAGES_PER_STEP'] // batch} rollout(s) per step, per process"
         + (f"; {run.batch_choice}" if run.batch_choice else ""),
-        f"  K = {config['NUM_ROLLOUT_STEPS']} student steps, N = {config['TEACHER_SUBSTEPS']} teacher substeps per step, "
-        f"guidance {config['GUIDANCE_SCALE']}; {config['MAX_STEPS']} optimizer steps of {images_per_step} images"
+        f"  K = {config['NUM_ROLLOUT_STEPS']} student steps ({config['SAMPLER_SPACING']} spacing), N = "
+        f"{config['TEACHER_SUBSTEPS']} teacher substeps per step ({config['TEACHER_SOLVER']}; "
+        f"{teacher_passes_per_step(config) // config['IMAGES_PER_STEP']} teacher passes per image), guidance "
+        f"{config['GUIDANCE_SCALE']}; {config['MAX_STEPS']} optimizer steps of {images_per_step} images"
         + (f", from step {result.step}" if result.step else ""),
-        f"  held-out gap at step {result.step if run.resume else 0}: {gap or 'n/a'} (latent MSE to the teacher's "
-        f"{config['TEACHER_EVAL_STEPS']}-step guided sample; it should fall)"])
+        f"  held-out gap at step 0: {gap or 'n/a'}" + (f", latest {result.gap_last:.4g}"
+                                                        if run.resume and result.gap_last is not None else "")
+        + f" (latent MSE to the teacher's {config['TEACHER_EVAL_STEPS']}-step guided sample; it should fall)"])
 
 
 def pace_line(sec_per_step: float, steps_left: int) -> str:
@@ -842,14 +976,14 @@ def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelera
     return payload["step"], payload.get("skipped_steps", 0), payload.get("gap_before")
 
 
-def student_samples(models: Models, accelerator, cond, sigmas, timesteps, noise):
-    """The student's own K-step deterministic sample (conditional only: guidance is distilled into it)."""
+def student_trajectory(models: Models, accelerator, cond, sigmas, timesteps, noise) -> list:
+    """The states of the student's own K-step deterministic sampler (conditional only: guidance is distilled into it)."""
     import torch
 
     student = accelerator.unwrap_model(models.student)
     with torch.no_grad(), accelerator.autocast():
-        return sample_latents(lambda x, t: predict_velocity(student, x, t, cond[0], cond[1], models.student_dtype),
-                              noise, sigmas, timesteps)
+        return sample_trajectory(lambda x, t: predict_velocity(student, x, t, cond[0], cond[1], models.student_dtype),
+                                 noise, sigmas, timesteps)
 
 
 def teacher_reference_samples(models: Models, heldout_cond, uncond, config: dict, noise):
@@ -863,12 +997,32 @@ def teacher_reference_samples(models: Models, heldout_cond, uncond, config: dict
                               noise, sigmas, timesteps)
 
 
+def teacher_path(models: Models, config: dict, cond, uncond, noise, sigmas) -> list:
+    """The teacher's own path from noise over the student's K steps, x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v*(x_i)
+    with v* its guided N-substep target (teacher_target_velocity): the states off-policy training learns at."""
+    import torch
+
+    shift = teacher_substep_shift(config, models)
+
+    def guided(y, t):
+        return teacher_velocity(models.teacher, y, t, cond, uncond, config["GUIDANCE_SCALE"], models.teacher_dtype)
+
+    states, x = [], noise.float()
+    with torch.no_grad(), models.teacher_context():
+        for i in range(len(sigmas) - 1):
+            v = teacher_target_velocity(guided, x, sigmas, i, config["TEACHER_SUBSTEPS"], shift, config["TEACHER_SOLVER"])
+            x = euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
+            states.append(x)
+    return states
+
+
 class HeldoutEval:
     """The held-out teacher-student gap: latent MSE between the teacher's full guided sample and the
     student's K-step sample from the same fixed noise, averaged over EVAL_NOISES noises per prompt
-    (sampled one prompt batch at a time, so memory does not grow with it). The teacher's samples (and
-    their images) are made once; each evaluation appends to eval.jsonl and, with a VAE, saves a PNG
-    grid of the first noise."""
+    (sampled one prompt batch at a time, so memory does not grow with it); and the state drift
+    (state_drift) between the student's states and the teacher's path (teacher_path) from that noise.
+    The teacher's samples (and their images) and path are made once; each evaluation appends to
+    eval.jsonl and, with a VAE, saves a PNG grid of the first noise."""
 
     def __init__(self, models: Models, accelerator, text: TextEmbeddings, heldout: list[dict], first_index: int,
                  config: dict, sigmas, timesteps, paths: "RunPaths", vae=None):
@@ -882,21 +1036,28 @@ class HeldoutEval:
         self.noise = torch.randn((config["EVAL_NOISES"] * len(indices), *models.latent_shape),
                                  generator=torch.Generator().manual_seed(config["SEED"] + 12345)).to(device)
         uncond = text.empty_batch(len(indices), device, models.teacher_dtype)
-        self.teacher = torch.cat([teacher_reference_samples(models, self.cond, uncond, config, noise)
-                                  for noise in self.noise.split(len(indices))])
-        self.num_steps, self.noises = config["NUM_ROLLOUT_STEPS"], config["EVAL_NOISES"]
+        chunks = self.noise.split(len(indices))
+        self.teacher = torch.cat([teacher_reference_samples(models, self.cond, uncond, config, noise) for noise in chunks])
+        paths = [teacher_path(models, config, self.cond, uncond, noise, sigmas) for noise in chunks]
+        self.teacher_path = [torch.cat(states) for states in zip(*paths, strict=True)]
+        self.num_steps, self.noises, self.drift = config["NUM_ROLLOUT_STEPS"], config["EVAL_NOISES"], None
 
     def __call__(self, step: int) -> float:
         import torch
 
-        samples = torch.cat([student_samples(self.models, self.accelerator, self.cond, self.sigmas, self.timesteps, noise)
-                             for noise in self.noise.split(len(self.prompts))])
+        trajectories = [student_trajectory(self.models, self.accelerator, self.cond, self.sigmas, self.timesteps, noise)
+                        for noise in self.noise.split(len(self.prompts))]
+        states = [torch.cat(states) for states in zip(*trajectories, strict=True)]
+        samples = states[-1]
         per_sample = (samples - self.teacher).square().flatten(1).mean(1)
         per_prompt = per_sample.view(self.noises, len(self.prompts)).mean(0).tolist()
         gap = sum(per_prompt) / len(per_prompt)
+        drift = state_drift(states, self.teacher_path)
+        self.drift = sum(drift[:-1]) / (len(drift) - 1) if len(drift) > 1 else None  # the states learned at, past the noise
         if self.accelerator.is_main_process:
             row = {"step": step, "eval_gap": gap, "per_prompt": per_prompt, "prompts": self.prompts,
-                   "noises_per_prompt": self.noises}
+                   "noises_per_prompt": self.noises, "eval_drift": self.drift, "state_drift": drift, "time": time.time()}
+            fault_point(f"evaluation {step}")
             append_line(self.paths.metrics / "eval.jsonl", json.dumps(row))
             if self.vae is not None:
                 first = slice(0, len(self.prompts))
@@ -933,22 +1094,11 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
 
         run = start_run(config)
-        if run.finished:
-            print(finished_run_report(run))
-            return 0
-        train_prompts, heldout_prompts = prepare_prompts(run)
-        models, teacher_path = load_run_models(run)
-        text = cache_text_embeddings(run, train_prompts + heldout_prompts, models, teacher_path)
-        training = setup_training(run, models, text, train_prompts, heldout_prompts, teacher_path)
-        result = train(run, models, text, len(train_prompts), training)
-        interrupted = result.status == "interrupted"
-        if run.config["EXPORT_DIFFUSERS"] and run.accelerator.is_main_process and not interrupted:
-            export_student(models, run.accelerator, run.config, teacher_path, run.paths, result.gap_before,
-                           result.gap_last)
-        code = 130 if interrupted else 0
-        if run.accelerator.is_main_process and not interrupted:
-            print(json.dumps({"status": result.status, "run_name": run.paths.name, "step": result.step,
-                              "eval_gap_before": result.gap_before, "eval_gap_last": result.gap_last}))
+        try:
+            code = train_and_finish(run)
+        finally:
+            if run.lock:
+                run.lock.release()
         if run.accelerator.num_processes > 1:
             # Everything is written. Tearing the gloo process group down hung now and then (1 in 3 full test runs, after
             # the export, with and without a barrier first), so the processes leave together and skip the teardown.
@@ -960,6 +1110,9 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(code)
         run.accelerator.end_training()  # trackers closed
         return code
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing is lost; the same command continues the run where it stopped.", file=sys.stderr)
+        return 130
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -968,6 +1121,30 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {out_of_memory_advice(config)}", file=sys.stderr)
         return 2
+
+
+def train_and_finish(run: Run) -> int:
+    """Prompts, models, text embeddings, training, then the ending (export, summary, status); or just the ending,
+    for a run whose ending a kill cut off. Returns the exit code."""
+    if run.finished:
+        print(finished_run_report(run))
+        return 0
+    train_prompts, heldout_prompts = prepare_prompts(run)
+    models, teacher_path = load_run_models(run)
+    fault_point("startup")
+    if run.trained:
+        result = trained_result(run, models)
+    else:
+        text = cache_text_embeddings(run, train_prompts + heldout_prompts, models, teacher_path)
+        training = setup_training(run, models, text, train_prompts, heldout_prompts, teacher_path)
+        result = train(run, models, text, len(train_prompts), training)
+    if result.status == "interrupted":
+        return 130
+    finish_run(run, models, teacher_path, result)
+    if run.accelerator.is_main_process:
+        print(json.dumps({"status": result.status, "run_name": run.paths.name, "step": result.step,
+                          "eval_gap_before": result.gap_before, "eval_gap_last": result.gap_last}))
+    return 0
 
 # =================================================================================================
 # Nothing below changes what is learned: the command line and its checks, run folders and resume, devices,
@@ -1060,8 +1237,9 @@ def parse_args(argv: list[str]) -> dict:
               + " (over the constants in the file; a --NAME=VALUE on the command line wins over both).")
         config.update(PRESETS[preset])
     config.update(overrides)
-    if not config["PROMPTS_JSONL"]:
-        config["PROMPTS_JSONL"] = str(Path(config["OUTPUT_ROOT"]) / "prompts.jsonl")
+    if not config["PROMPTS_JSONL"] and config["GENERATE_PROMPTS"]:  # a file the script owns, one per prompt set
+        config["PROMPTS_JSONL"] = str(Path(config["OUTPUT_ROOT"]) / "prompts" /
+                                      f"generated-n{config['NUM_PROMPTS']}-seed{config['PROMPT_SEED']}.jsonl")
     return config
 
 
@@ -1133,6 +1311,9 @@ def validate_config(c: dict) -> None:
     if (c["TEACHER_FP8"] is True or c["STUDENT_FP8"]) and (problem := fp8_problem()):
         problems.append(problem)
     need(c["TRAINABLE"] in ("all", "lora", "blocks", "norms"), f"TRAINABLE={c['TRAINABLE']!r}: use all, lora, blocks or norms.")
+    need(c["SAMPLER_SPACING"] in ("trailing", "scheduler"), f"SAMPLER_SPACING={c['SAMPLER_SPACING']!r}: use trailing or scheduler.")
+    need(c["TEACHER_SOLVER"] in TEACHER_SOLVERS,
+         f"TEACHER_SOLVER={c['TEACHER_SOLVER']!r}: use one of {', '.join(TEACHER_SOLVERS)}.")
     if c["TRAINABLE"] == "blocks":
         try:
             parse_block_slice(c["TRAIN_BLOCKS"])
@@ -1153,10 +1334,20 @@ def validate_config(c: dict) -> None:
         problems.append(f"OUTPUT_ROOT={c['OUTPUT_ROOT']!r} cannot be created ({err.strerror}); {writable}")
     need(c["HELDOUT_PROMPTS"] < c["NUM_PROMPTS"] or not c["GENERATE_PROMPTS"],
          f"HELDOUT_PROMPTS={c['HELDOUT_PROMPTS']} leaves no training prompts out of NUM_PROMPTS={c['NUM_PROMPTS']}.")
+    need(c["GENERATE_PROMPTS"] or bool(c["PROMPTS_JSONL"]), "GENERATE_PROMPTS=False reads your own prompts: set PROMPTS_JSONL to the file "
+                                   "(one {\"prompt\": ...} per line).")
     need(not (c["RESUME"] not in ("auto", "never") and not Path(c["RESUME"]).is_file()),
          f"RESUME={c['RESUME']!r} is neither auto, never nor an existing checkpoint file.")
     need(bool(str(c["OUTPUT_ROOT"]).strip()), "OUTPUT_ROOT is empty; give a folder such as outputs_colab.")
-    need(all(ch.isalnum() or ch in "-_." for ch in c["RUN_NAME"]), f"RUN_NAME={c['RUN_NAME']!r}: use letters, digits, '-', '_' and '.'.")
+    need(not c["RUN_NAME"] or (c["RUN_NAME"][0].isalnum() and all(ch.isalnum() or ch in "-_." for ch in c["RUN_NAME"])),
+         f"RUN_NAME={c['RUN_NAME']!r} must be one plain folder name: letters, digits, '-', '_' and '.', starting with a "
+         f"letter or digit (no '/', no '..'), e.g. 'sd3-4step'; or '' for an automatic one.")
+    for name, value in c.items():
+        need(not (isinstance(value, float) and not math.isfinite(value)), f"{name}={value!r} must be a finite number.")
+    if c["LR_SCHEDULER"] not in LR_SCHEDULERS:
+        problems.append(f"LR_SCHEDULER={c['LR_SCHEDULER']!r}: use one of {', '.join(LR_SCHEDULERS)} (diffusers' get_scheduler).")
+    if problem := tracker_problem(c["REPORT_TO"]):
+        problems.append(problem)
     if c["MIXED_PRECISION"] in ("fp16", "bf16") or any(c[n] in ("float16", "bfloat16") for n in (
             "TEACHER_DTYPE", "STUDENT_DTYPE", "TEXT_ENCODER_DTYPE")):
         import torch
@@ -1165,6 +1356,26 @@ def validate_config(c: dict) -> None:
              "is visible. In Colab: Runtime > Change runtime type > a GPU; on a CPU use 'no'/'float32' or 'auto'.")
     if problems:
         raise UserError("Config has %d problem(s):\n  - " % len(problems) + "\n  - ".join(problems))
+
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")  # get_scheduler's
+
+
+def tracker_problem(report_to: str) -> str | None:
+    """Why REPORT_TO cannot log here (an unknown tracker, or its package missing), with the fix; None if it can."""
+    import importlib.util
+
+    if not report_to or report_to == "all":
+        return None
+    from accelerate.utils import LoggerType
+
+    names = [t.value for t in LoggerType if t.value != "all"]
+    if report_to not in names:
+        return f"REPORT_TO={report_to!r}: use '' (files only), 'all', or one of {', '.join(names)}."
+    package = {"tensorboard": "tensorboard", "comet_ml": "comet_ml"}.get(report_to, report_to)
+    if importlib.util.find_spec(package) is None and not (report_to == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+        return f"REPORT_TO={report_to!r} needs the {package} package: pip install {package.replace('_', '-')}, or set REPORT_TO=''."
+    return None
 
 
 def models_to_check(c: dict) -> list[str]:
@@ -1252,12 +1463,30 @@ def parse_block_slice(text: str) -> slice:
 
 
 class RunPaths:
-    """Where a run's files go: OUTPUT_ROOT/<kind>/<run name>, one folder per kind."""
+    """Where a run's files go: OUTPUT_ROOT/<kind>/<run name>, one folder per kind; the run deletes nothing else."""
+
+    KINDS = ("metrics", "checkpoints", "runs", "samples", "export")
 
     def __init__(self, root: Path, name: str):
         self.root, self.name = Path(root), name
-        self.metrics, self.checkpoints, self.run, self.samples, self.export = (
-            self.root / kind / name for kind in ("metrics", "checkpoints", "runs", "samples", "export"))
+        self.metrics, self.checkpoints, self.run, self.samples, self.export = (self.root / kind / name
+                                                                               for kind in self.KINDS)
+        self.export_staging = self.export.with_name(f".tmp-{name}")  # the export is written here, then renamed
+
+    def remove(self, target: Path) -> None:
+        """Delete a file or folder of this run. The one way anything is deleted: a target outside the run's own
+        folders (OUTPUT_ROOT/<kind>/<run>, and its export's staging folder) is refused, whatever the name."""
+        import shutil
+
+        target = Path(os.path.abspath(target))
+        owned = [Path(os.path.abspath(self.root / kind / self.name)) for kind in self.KINDS]
+        owned.append(Path(os.path.abspath(self.export_staging)))
+        if not self.name or not any(target == folder or folder in target.parents for folder in owned):
+            raise RuntimeError(f"refused to delete {target}: it is not inside run {self.name!r}'s folders")
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
 
 
 @dataclasses.dataclass
@@ -1271,15 +1500,37 @@ class Run:
     checkpoints: CheckpointDir
     resume: tuple | None  # (path, payload) of the checkpoint to continue, or None
     timings: dict
+    lock: RunLock | None = None  # held by the main process
     batch_choice: str = ""  # how BATCH_SIZE="auto" was resolved
+    prompts_sha256: str = ""  # of the prompt texts, kept in checkpoints
+
+    @property
+    def trained(self) -> bool:
+        """Its last checkpoint is at MAX_STEPS: nothing left to train (the ending may still be due)."""
+        return bool(self.resume) and self.resume[1]["step"] >= self.config["MAX_STEPS"]
 
     @property
     def finished(self) -> bool:
-        return bool(self.resume) and self.resume[1]["step"] >= self.config["MAX_STEPS"]
+        """Trained, and the ending done: the export (if asked for), then the summary, then the status."""
+        if not self.trained:
+            return False
+        summary = read_json(self.paths.run / "train_summary.json") or {}
+        pointer = read_json(self.paths.checkpoints / "latest.json") or {}
+        return (summary.get("status") == "finished" and summary.get("step") == self.resume[1]["step"]
+                and pointer.get("status") == "finished"
+                and (not self.config["EXPORT_DIFFUSERS"] or self.paths.export.is_dir()))
+
+
+def read_json(path: Path):
+    """A JSON file's value, or None where it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def start_run(config: dict) -> Run:
-    """accelerate, the run's name (the same in every process), and its resume point: decided before any
+    """accelerate, the run's name (the same in every process), its lock, and its resume point: decided before any
     model is loaded, so a wrong setting costs nothing."""
     import torch
     from accelerate import Accelerator
@@ -1293,79 +1544,115 @@ def start_run(config: dict) -> Run:
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with=config["REPORT_TO"] or None,
                               project_dir=str(Path(config["OUTPUT_ROOT"]) / "trackers"),
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-    run_name = [choose_run_name(config) if accelerator.is_main_process else None]
-    broadcast_object_list(run_name)  # every process writes under, and resumes, the main process's run
-    paths = RunPaths(Path(config["OUTPUT_ROOT"]), run_name[0])
-    config = {**config, "RUN_NAME": paths.name}
-    checkpoints = CheckpointDir(paths.checkpoints, config["KEEP_LAST_CHECKPOINTS"])
+    decided, lock = [None, None], None  # the run's name, or the refusal: every process follows the main one
     if accelerator.is_main_process:
-        for folder in (paths.metrics, paths.checkpoints, paths.run):
-            remove_stale_temporaries(folder)
-    resume = find_resume_point(config, paths, checkpoints, accelerator.num_processes)
+        try:
+            name = choose_run_name(config)
+            lock = RunLock(RunPaths(Path(config["OUTPUT_ROOT"]), name))
+            lock.acquire()
+            decided = [name, None]
+        except UserError as err:
+            decided = [None, str(err)]
+    broadcast_object_list(decided)
+    if decided[1]:
+        raise UserError(decided[1])
+    paths = RunPaths(Path(config["OUTPUT_ROOT"]), decided[0])
+    config = {**config, "RUN_NAME": paths.name}
+    checkpoints = CheckpointDir(paths, config["KEEP_LAST_CHECKPOINTS"])
+    try:
+        if accelerator.is_main_process:  # the lock is held: no other process writes here
+            for folder in (paths.metrics, paths.checkpoints, paths.run):
+                remove_stale_temporaries(paths, folder)
+            if paths.export_staging.exists():
+                paths.remove(paths.export_staging)  # an export cut off by a kill; it is made again
+        resume = find_resume_point(config, paths, checkpoints, accelerator.num_processes)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
     torch.manual_seed(config["SEED"])
     # fp32 matmuls and convolutions (MIXED_PRECISION="no" runs, VAE decoding) on the tensor cores, as diffusers' --allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return Run(config, accelerator, mixed_precision, paths, checkpoints, resume, {"started": started})
+    return Run(config, accelerator, mixed_precision, paths, checkpoints, resume, {"started": started}, lock)
 
 
 def choose_run_name(config: dict) -> str:
-    """RUN_NAME; else, with RESUME="auto", the newest run of this same config (an unfinished one is
-    continued, a finished one reported); else a new timestamped name."""
+    """RUN_NAME; else, with RESUME="auto", the newest run of this same config (an unfinished one is continued,
+    a finished one reported or trained on to a larger MAX_STEPS); else a new name, unique even within a second."""
+    import secrets
+
     if config["RUN_NAME"]:
         return config["RUN_NAME"]
     if config["RESUME"] == "auto":
         found = find_run_of_config(Path(config["OUTPUT_ROOT"]), config_fingerprint(config))
         if found:
-            if found[1] != "finished":
-                print(f"resuming unfinished run {found[0]} (same config); set RUN_NAME to start another.")
-            return found[0]
-    return time.strftime("run-%Y%m%d-%H%M%S")
+            name, status, step = found
+            if step < config["MAX_STEPS"]:
+                print(f"continuing run {name} (same config) from step {step} to {config['MAX_STEPS']}; set RUN_NAME "
+                      f"to start another.")
+            return name
+    return time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
 
 def finished_run_report(run: "Run") -> str:
     """What a finished run of this config left, for a re-run that has nothing to do."""
-    summary_path = run.paths.run / "train_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_json(run.paths.run / "train_summary.json") or {}
     gap_before, gap_last = summary.get("eval_gap_before"), summary.get("eval_gap_last")
     gaps = f"; held-out gap {gap_before:.4g} -> {gap_last:.4g}" if gap_before is not None and gap_last is not None else ""
     export = f"; export {run.paths.export}" if run.paths.export.is_dir() else ""
     return (f"run {run.paths.name} of this config already finished at step {run.resume[1]['step']}{gaps}{export}. "
-            f"Nothing to do. To train again: RESUME='never' (a new run) or a new RUN_NAME.")
+            f"Nothing to do. To train it longer: a larger MAX_STEPS. To train again: RESUME='never' (a new run) or "
+            f"a new RUN_NAME.")
 
 
-def find_run_of_config(output_root: Path, fingerprint: str) -> tuple[str, str] | None:
-    """With RUN_NAME empty: (name, status) of the newest run of exactly this config, finished or not."""
+def find_run_of_config(output_root: Path, fingerprint: str) -> tuple[str, str, int] | None:
+    """With RUN_NAME empty: (name, status, step) of the newest run of exactly this config, finished or not. A run
+    whose latest.json is missing or broken is read from its newest readable checkpoint instead, with a warning."""
     best = None
-    for pointer in (output_root / "checkpoints").glob("*/latest.json"):
-        try:
-            info = json.loads(pointer.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if info.get("fingerprint") == fingerprint and (best is None or info.get("time", 0) > best[0]):
-            best = (info.get("time", 0), pointer.parent.name, info.get("status"))
+    for folder in sorted(p for p in (output_root / "checkpoints").glob("*") if p.is_dir()):
+        info = read_json(folder / "latest.json")
+        if not (isinstance(info, dict) and {"fingerprint", "step", "time"} <= set(info)):
+            found = CheckpointDir(RunPaths(output_root, folder.name), 1).newest_valid()
+            if found is None:
+                continue
+            path, payload = found
+            print(f"warning: {folder / 'latest.json'} is missing or unreadable; run {folder.name} was read from "
+                  f"{path.name} instead.")
+            info = {"fingerprint": config_fingerprint(checkpoint_config(payload)), "step": payload["step"],
+                    "status": "unknown", "time": path.stat().st_mtime}
+        if info["fingerprint"] == fingerprint and (best is None or info["time"] > best[0]):
+            best = (info["time"], folder.name, info.get("status"), info["step"])
     return best[1:] if best else None
 
 
 def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointDir", num_processes: int):
-    """(path, payload) of the checkpoint to continue from, or None for a fresh run."""
+    """(path, payload) of the checkpoint to continue from, or None for a fresh run. Never a silent restart: a run
+    that has history but no readable checkpoint stops with the fix."""
     resume = None
     if config["RESUME"] == "auto":
         resume = checkpoints.newest_valid()
+        if resume is None and (checkpoints.step_files() or (paths.checkpoints / "final.pt").exists()
+                               or rows_through(paths.metrics / "metrics.jsonl", math.inf)):
+            raise UserError(f"Run {paths.name} has history (metrics or checkpoints) but no checkpoint that can be read, "
+                            f"so it cannot continue, and starting it again would overwrite that history. Start a new "
+                            f"run (a new RUN_NAME, or RESUME='never' with RUN_NAME=''), or point RESUME at a good "
+                            f"checkpoint file.")
     elif config["RESUME"] != "never":
         try:
             resume = (Path(config["RESUME"]), load_checkpoint(Path(config["RESUME"])))
         except Exception as err:
-            raise UserError(f"RESUME={config['RESUME']!r} cannot be read ({type(err).__name__}: {str(err)[:200]}); "
+            raise UserError(f"RESUME={config['RESUME']!r} cannot be read ({type(err).__name__}: {brief(err)}); "
                             f"give another checkpoint or RESUME='auto'.") from err
-    elif checkpoints.step_files() or (paths.checkpoints / "final.pt").exists():
-        raise UserError(f"Run {paths.name} already has checkpoints in {paths.checkpoints} and RESUME='never' would "
-                        f"overwrite them. Set RESUME='auto' to continue it, or a new RUN_NAME.")
-    if resume and resume[1]["fingerprint"] != config_fingerprint(config):
-        raise UserError(f"Checkpoint {resume[0]} was written with different settings; resuming would mix two runs. "
-                        f"Use a new RUN_NAME, or restore the settings of that run (its config is in the checkpoint).")
+    elif checkpoints.step_files() or (paths.checkpoints / "final.pt").exists() or paths.metrics.exists():
+        raise UserError(f"Run {paths.name} already has files under {paths.root} and RESUME='never' would overwrite them. "
+                        f"Set RESUME='auto' to continue it, or a new RUN_NAME.")
+    if resume and config_fingerprint(checkpoint_config(resume[1])) != config_fingerprint(config):
+        raise UserError(f"Checkpoint {resume[0]} was written with other settings: "
+                        f"{settings_that_differ(checkpoint_config(resume[1]), config)}. Resuming would mix two runs. Set "
+                        f"them back to continue it, or use a new RUN_NAME for a new run.")
     written_by = resume[1].get("num_processes", num_processes) if resume else num_processes
-    finished = resume and resume[1]["step"] >= config["MAX_STEPS"]
-    if written_by != num_processes and not finished:
+    trained = resume and resume[1]["step"] >= config["MAX_STEPS"]
+    if written_by != num_processes and not trained:
         raise UserError(f"Checkpoint {resume[0]} was written by {written_by} process(es) and this run has "
                         f"{num_processes}. The prompt stream and the learning-rate schedule are laid out per process, so "
                         f"it would not continue where it stopped. Resume with the same number (accelerate launch "
@@ -1374,15 +1661,119 @@ def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointD
     return resume
 
 
+# Settings added since earlier checkpoints were written, as those runs had them.
+SETTINGS_BEFORE_THEY_EXISTED = {"SAMPLER_SPACING": "scheduler", "TEACHER_SOLVER": "euler"}
+# Not part of what a run is: where outputs go, how often, memory and speed only (a run resumes on a smaller GPU with
+# a smaller BATCH_SIZE, IMAGES_PER_STEP unchanged), how long (MAX_STEPS: a run can be trained longer), and the path of
+# the prompts file (its contents are checked apart, so OUTPUT_ROOT can be moved, to Drive say).
+NOT_FINGERPRINTED = {"BATCH_SIZE", "RUN_NAME", "RESUME", "OUTPUT_ROOT", "LOG_EVERY", "CHECKPOINT_EVERY",
+                     "CHECKPOINT_EVERY_MINUTES", "KEEP_LAST_CHECKPOINTS", "EVAL_EVERY", "PRINT_COLAB_SETUP", "INSTALL_DEPS",
+                     "PREFETCH_MODELS", "COLAB_MODEL_CACHE", "MAX_CONSECUTIVE_SKIPS", "SAVE_SAMPLE_GRIDS", "REPORT_TO",
+                     "EXPORT_DIFFUSERS", "PUSH_TO_HUB", "MAX_STEPS", "PROMPTS_JSONL"}
+
+
+def checkpoint_config(payload: dict) -> dict:
+    """A checkpoint's settings, with the ones added since it was written as its run had them."""
+    return {**SETTINGS_BEFORE_THEY_EXISTED, **payload.get("config", {})}
+
+
 def config_fingerprint(config: dict) -> str:
-    """What makes two runs the same run: every setting except where outputs go and how often, and BATCH_SIZE
-    (memory and speed only: a run resumes on a smaller GPU with a smaller batch, IMAGES_PER_STEP unchanged)."""
-    volatile = {"BATCH_SIZE", "RUN_NAME", "RESUME", "OUTPUT_ROOT", "LOG_EVERY", "CHECKPOINT_EVERY", "CHECKPOINT_EVERY_MINUTES",
-                "KEEP_LAST_CHECKPOINTS", "EVAL_EVERY", "PRINT_COLAB_SETUP", "INSTALL_DEPS", "PREFETCH_MODELS",
-                "COLAB_MODEL_CACHE", "MAX_CONSECUTIVE_SKIPS", "SAVE_SAMPLE_GRIDS", "REPORT_TO", "EXPORT_DIFFUSERS",
-                "PUSH_TO_HUB"}
-    kept = {k: v for k, v in sorted(config.items()) if k not in volatile}
+    """What makes two runs the same run: every setting but NOT_FINGERPRINTED."""
+    kept = {k: v for k, v in sorted(config.items()) if k not in NOT_FINGERPRINTED}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_that_differ(old: dict, new: dict) -> str:
+    names = sorted(k for k in set(old) | set(new) if k not in NOT_FINGERPRINTED and old.get(k) != new.get(k))
+    return ", ".join(f"{k}={old.get(k, 'unset')!r} there, {new.get(k, 'unset')!r} now" for k in names)
+
+
+class RunLock:
+    """checkpoints/<run>/lock.json: which process trains the run (host, pid) and when it was last alive (a heartbeat
+    every HEARTBEAT_SECONDS). Made with an exclusive create; on a Drive folder that two machines share, where no file
+    lock crosses machines, the heartbeat is what tells a live holder from a gone one. The main process of an
+    accelerate launch holds it for all of them."""
+
+    HEARTBEAT_SECONDS, STALE_SECONDS = 30, 300
+
+    def __init__(self, paths: RunPaths):
+        import socket
+        import threading
+        import uuid
+
+        self.paths, self.path = paths, paths.checkpoints / "lock.json"
+        self.mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+        self.stop, self.lost = threading.Event(), False
+
+    def acquire(self) -> None:
+        import threading
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                with open(self.path, "x") as f:  # exclusive: of two processes here, one makes it
+                    f.write(json.dumps({**self.mine, "time": time.time()}))
+                break
+            except FileExistsError:
+                self.take_over_if_stale(read_json(self.path))
+        else:
+            raise UserError(f"Run {self.paths.name}: another process took its lock at the same moment; run again.")
+        threading.Thread(target=self.beat, daemon=True).start()
+
+    def take_over_if_stale(self, holder) -> None:
+        """A holder alive within STALE_SECONDS is refused; one gone (or a lock file cut off) is taken over, said."""
+        import socket
+
+        holder = holder if isinstance(holder, dict) and "time" in holder else None
+        try:
+            age = time.time() - (holder["time"] if holder else self.path.stat().st_mtime)
+        except FileNotFoundError:
+            return  # released meanwhile
+        if holder is None and age < 10:  # being written this moment: look again
+            time.sleep(1)
+            return
+        where = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else "an unreadable lock"
+        gone = bool(holder) and holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid"))
+        if age < self.STALE_SECONDS and not gone and holder is not None:
+            raise UserError(f"Run {self.paths.name} is being trained by another process ({where}, last alive "
+                            f"{age:.0f} s ago); two processes would write over each other. Stop that one first (in "
+                            f"Colab: the runtime that still runs it), or start a new run (another RUN_NAME). A lock not "
+                            f"renewed for {self.STALE_SECONDS // 60} minutes is taken over: that is in "
+                            f"{self.STALE_SECONDS - age:.0f} s if its process is gone.")
+        print(f"note: taking over run {self.paths.name} from {where} ("
+              + ("no longer running" if gone else f"last alive {age:.0f} s ago") + ").")
+        self.paths.remove(self.path)
+
+    def beat(self) -> None:
+        while not self.stop.wait(self.HEARTBEAT_SECONDS):
+            holder = read_json(self.path)
+            if not (isinstance(holder, dict) and holder.get("token") == self.mine["token"]):
+                self.lost = True  # taken over: the training loop stops at its next step
+                return
+            with contextlib.suppress(OSError, UserError):
+                atomic_write_text(self.path, json.dumps({**self.mine, "time": time.time()}))
+
+    def check(self) -> None:
+        if self.lost:
+            raise UserError(f"Run {self.paths.name} was taken over by another process (its lock shows another "
+                            f"holder); this one stops here without writing more.")
+
+    def release(self) -> None:
+        self.stop.set()
+        holder = read_json(self.path)
+        if isinstance(holder, dict) and holder.get("token") == self.mine["token"]:
+            self.paths.remove(self.path)
+
+
+def pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 # =================================================================================================
 # Devices, precision, attention kernels.
@@ -1688,18 +2079,16 @@ def generate_prompts(num_prompts: int, seed: int) -> list[dict]:
         combos = [(s, t, st, li, se) for s in subjects for t in PROMPT_TEMPLATES for st in PROMPT_ATTRIBUTES["style"]
                   for li in PROMPT_ATTRIBUTES["light"] for se in PROMPT_ATTRIBUTES["setting"]]
         rng.shuffle(combos)
-        per_category[category] = combos
-    capacity = sum(len(v) for v in per_category.values())
+        per_category[category] = [t.format(subject=s, style=st, light=li, setting=se) for s, t, st, li, se in combos]
+    capacity = sum(len(set(texts)) for texts in per_category.values())  # templates without {light} repeat texts
     if num_prompts > capacity:
-        raise UserError(f"NUM_PROMPTS={num_prompts} exceeds the {capacity} distinct prompts the generator can make.")
-    prompts, seen, cursor = [], set(), 0
-    categories = list(PROMPT_CATEGORIES)
-    while len(prompts) < num_prompts:
+        raise UserError(f"NUM_PROMPTS={num_prompts} exceeds the {capacity} distinct prompts the generator can make; "
+                        f"lower it, or give your own file (GENERATE_PROMPTS=False, PROMPTS_JSONL=...).")
+    prompts, seen, cursor, categories = [], set(), 0, list(PROMPT_CATEGORIES)
+    while len(prompts) < num_prompts:  # ends: at most `capacity` distinct texts are asked for
         category = categories[cursor % len(categories)]
-        combos = per_category[category]
-        if combos:
-            subject, template, style, light, setting = combos.pop()
-            text = template.format(subject=subject, style=style, light=light, setting=setting)
+        if per_category[category]:
+            text = per_category[category].pop()
             if text not in seen:
                 seen.add(text)
                 prompts.append({"id": len(prompts), "prompt": text, "category": category})
@@ -1707,8 +2096,12 @@ def generate_prompts(num_prompts: int, seed: int) -> list[dict]:
     return prompts
 
 
+def prompts_jsonl_text(prompts: list[dict]) -> str:
+    return "".join(json.dumps(p) + "\n" for p in prompts)
+
+
 def write_prompts_jsonl(path: Path, prompts: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in prompts))
+    atomic_write_text(path, prompts_jsonl_text(prompts))
 
 
 def read_prompts_jsonl(path: Path) -> list[dict]:
@@ -1718,7 +2111,13 @@ def read_prompts_jsonl(path: Path) -> list[dict]:
         raise UserError(f"Prompts file {path} not found. Set GENERATE_PROMPTS=True to write one, "
                         f"or point PROMPTS_JSONL at a file with one {{\"prompt\": ...}} per line.")
     prompts, problems = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise UserError(f"Prompts file {path}:{line}: not UTF-8 text (byte {err.object[err.start]:#04x}). Save it as "
+                        f"UTF-8 (one {{\"prompt\": ...}} per line).") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -1752,12 +2151,30 @@ def split_heldout(prompts: list[dict], heldout: int) -> tuple[list[dict], list[d
 
 
 def prepare_prompts(run: Run) -> tuple[list[dict], list[dict]]:
-    """Write the generated prompts (main process), read them back through the checked reader, split."""
+    """The run's prompts, split into training and held out. Generated ones are written (main process) where
+    PROMPTS_JSONL points, unless a file is there already: one with exactly the generated lines is used, any other is
+    a file the script did not write (yours, or edited) and is refused, never replaced. Everything is read back
+    through the checked reader; a resumed run must find the prompts it was trained on."""
     config, accelerator = run.config, run.accelerator
-    if config["GENERATE_PROMPTS"] and accelerator.is_main_process:
-        write_prompts_jsonl(Path(config["PROMPTS_JSONL"]), generate_prompts(config["NUM_PROMPTS"], config["PROMPT_SEED"]))
+    path = Path(config["PROMPTS_JSONL"])
+    if config["GENERATE_PROMPTS"]:
+        generated = prompts_jsonl_text(generate_prompts(config["NUM_PROMPTS"], config["PROMPT_SEED"]))
+        if not path.exists():
+            if accelerator.is_main_process:
+                atomic_write_text(path, generated)
+        elif path.read_bytes() != generated.encode():
+            raise UserError(f"{path} is not the prompt list that GENERATE_PROMPTS makes for NUM_PROMPTS="
+                            f"{config['NUM_PROMPTS']}, PROMPT_SEED={config['PROMPT_SEED']} (your own file, or one that "
+                            f"was edited), so it is not replaced. To train on it: GENERATE_PROMPTS=False. To generate "
+                            f"prompts: point PROMPTS_JSONL at a new file, or leave it '' for one under OUTPUT_ROOT.")
     accelerator.wait_for_everyone()
-    return split_heldout(read_prompts_jsonl(Path(config["PROMPTS_JSONL"])), config["HELDOUT_PROMPTS"])
+    prompts = read_prompts_jsonl(path)
+    run.prompts_sha256 = hashlib.sha256(json.dumps([p["prompt"] for p in prompts]).encode()).hexdigest()[:16]
+    trained_on = run.resume[1].get("prompts_sha256") if run.resume else None
+    if trained_on not in (None, run.prompts_sha256):
+        raise UserError(f"The prompts in {path} are not those run {run.paths.name} was trained on; resuming would mix "
+                        f"two prompt sets. Restore that file, or start a new run (a new RUN_NAME).")
+    return split_heldout(prompts, config["HELDOUT_PROMPTS"])
 
 
 def prompt_indices(step: int, micro: int, rank: int, world: int, batch: int, accum: int, n: int, seed: int) -> list[int]:
@@ -1796,7 +2213,7 @@ def resolve_model_path(model_id: str, output_root: str) -> str:
     path = Path(output_root) / "cache" / TINY_MODEL_ID
     if not (path / "model_index.json").is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        build_tiny_sd3(path)
+        build_tiny_sd3(path)  # two processes at once: both build it, the first one's stays (the same bytes)
     return str(path)
 
 
@@ -1869,8 +2286,14 @@ def set_trainable(student, config: dict) -> list:
         from peft import LoraConfig
 
         targets = [t.strip() for t in config["LORA_TARGET_MODULES"].split(",") if t.strip()]
-        student.add_adapter(LoraConfig(r=config["LORA_RANK"], lora_alpha=config["LORA_ALPHA"],
-                                       init_lora_weights="gaussian", target_modules=targets))
+        try:
+            student.add_adapter(LoraConfig(r=config["LORA_RANK"], lora_alpha=config["LORA_ALPHA"],
+                                           init_lora_weights="gaussian", target_modules=targets))
+        except ValueError as err:  # peft: none of the names is a layer of this model
+            linears = sorted({n.split(".", 2)[-1] for n, m in student.named_modules()
+                              if type(m).__name__ == "Linear" and n.startswith("transformer_blocks.0.")})
+            raise UserError(f"LORA_TARGET_MODULES={config['LORA_TARGET_MODULES']!r} names no layer of the student "
+                            f"({brief(err, 120)}). Its blocks' linear layers are: {', '.join(linears)}.") from None
     elif mode == "blocks":
         for block in student.transformer_blocks[parse_block_slice(config["TRAIN_BLOCKS"])]:
             block.requires_grad_(True)
@@ -2067,6 +2490,27 @@ def cache_text_embeddings(run: Run, prompts: list[dict], models: Models, teacher
 # =================================================================================================
 
 
+FAULT_AT = "DISTILL_FAULT_AT"  # tests: "<moment>:<signal>" makes the run signal itself there (tests/test_faults.py)
+
+
+def fault_point(moment: str) -> None:
+    """Where the fault tests stop a run: with DISTILL_FAULT_AT="<moment>:KILL" (or ":INT") this process sends itself
+    that signal here, once. Unset, as in every real run, it does nothing."""
+    wanted = os.environ.get(FAULT_AT, "")
+    if wanted.rpartition(":")[0] == moment:
+        import signal
+
+        del os.environ[FAULT_AT]
+        os.kill(os.getpid(), getattr(signal, "SIG" + wanted.rpartition(":")[2]))
+
+
+def brief(err: Exception, width: int = 200) -> str:
+    """An exception's message on one line, shortened at a word boundary."""
+    import textwrap
+
+    return textwrap.shorten(" ".join(str(err).split()), width, placeholder=" ...")
+
+
 def atomic_write(path: Path, write, local_first: bool | None = None) -> None:
     """write(tmp_path) into a temporary file beside `path`, fsync it, then rename it into place.
 
@@ -2091,11 +2535,13 @@ def atomic_write(path: Path, write, local_first: bool | None = None) -> None:
             shutil.copyfile(staged, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        fault_point(f"write {path.name}")
         os.replace(tmp, path)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"Disk full while writing {path}; the previous version of it is intact. Free space, lower "
-                            f"KEEP_LAST_CHECKPOINTS, or point OUTPUT_ROOT at a larger disk (e.g. Google Drive).") from err
+            kept = "the previous version of it is intact" if path.exists() else "nothing was written there"
+            raise UserError(f"Disk full while writing {path}; {kept}. Free space, lower KEEP_LAST_CHECKPOINTS, or point "
+                            f"OUTPUT_ROOT at a larger disk (e.g. Google Drive).") from err
         raise
     finally:
         for leftover in {tmp, staged}:
@@ -2107,11 +2553,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def remove_stale_temporaries(folder: Path) -> None:
+def remove_stale_temporaries(paths: "RunPaths", folder: Path) -> None:
     """A run killed mid-write leaves .tmp-* files; they are never valid, so remove them at start."""
     if folder.is_dir():
         for tmp in folder.glob(".tmp-*"):
-            tmp.unlink(missing_ok=True)
+            paths.remove(tmp)
 
 
 def trainable_state(student) -> dict:
@@ -2141,11 +2587,12 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
 
 
 class CheckpointDir:
-    """checkpoints/<run>/: step_<N>.pt, final.pt and latest.json naming the newest complete one."""
+    """checkpoints/<run>/: step_<N>.pt, final.pt and latest.json naming the newest complete one and the run's status
+    (running, interrupted, trained: final.pt written, the ending not yet; finished)."""
 
-    def __init__(self, folder: Path, keep: int):
-        self.folder, self.keep = folder, keep
-        self.pointer = folder / "latest.json"
+    def __init__(self, paths: "RunPaths", keep: int):
+        self.paths, self.folder, self.keep = paths, paths.checkpoints, keep
+        self.pointer = self.folder / "latest.json"
 
     def step_files(self) -> list[Path]:
         files = [p for p in self.folder.glob("step_*.pt") if p.stem[5:].isdigit()]
@@ -2160,8 +2607,13 @@ class CheckpointDir:
                                                     "fingerprint": fingerprint, "time": time.time()}))
         if name.startswith("step_"):
             for old in self.step_files()[: -self.keep]:
-                old.unlink(missing_ok=True)
+                self.paths.remove(old)
         return path
+
+    def mark(self, status: str) -> None:
+        """Set the status in latest.json, the rest as it is."""
+        pointer = read_json(self.pointer) or {}
+        atomic_write_text(self.pointer, json.dumps({**pointer, "status": status, "time": time.time()}))
 
     def newest_valid(self) -> tuple[Path, dict] | None:
         """The newest checkpoint that loads; a truncated or corrupt one is named and skipped."""
@@ -2173,7 +2625,7 @@ class CheckpointDir:
             try:
                 return path, load_checkpoint(path)
             except Exception as err:
-                print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}: {str(err)[:120]}); "
+                print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}: {brief(err)}); "
                       f"falling back to an older one.")
         return None
 
@@ -2184,7 +2636,7 @@ class CheckpointDir:
 
 def metric_columns(num_steps: int) -> list[str]:
     columns = ["step", "loss", "kl", "eps_mse", "latent_mse", "kl_weight", "lr", "grad_norm", "sec_per_step",
-               "images_per_sec", "peak_mem_gb", "skipped_steps", "eval_gap"]
+               "images_per_sec", "peak_mem_gb", "skipped_steps", "eval_gap", "eval_drift"]
     for i in range(num_steps):
         columns += [f"kl_{i}", f"eps_mse_{i}", f"latent_mse_{i}"]
     return columns
@@ -2217,14 +2669,21 @@ class MetricsWriter:
 
 
 def rows_through(path: Path, last_step: int | None) -> list[dict]:
-    """The rows of a JSONL file up to and including `last_step` (none for a fresh run); a line cut by a kill is dropped."""
-    rows = []
+    """The rows of a JSONL file up to and including `last_step` (none for a fresh run). A line that is not a row (cut
+    by a kill, or damaged: not UTF-8, not JSON, not an object with a step) is dropped, and named once."""
+    rows, dropped = [], 0
     if last_step is not None and path.is_file():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
+        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+            try:
                 row = json.loads(line)
-                if row.get("step", math.inf) <= last_step:
-                    rows.append(row)
+            except json.JSONDecodeError:
+                row = None
+            if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+                dropped += bool(line.strip())
+            elif row["step"] <= last_step:
+                rows.append(row)
+    if dropped:
+        print(f"warning: {path} had {dropped} line(s) that are not metrics rows (cut off or damaged); they are left out.")
     return rows
 
 
@@ -2307,6 +2766,15 @@ def plot_curves(metrics_jsonl: Path, path: Path) -> None:
     plt.close(fig)
 
 
+def write_summary_after_a_stop(run: Run, result: TrainResult, models: Models) -> None:
+    """The summary of an interrupted or failed run; a failure to write it (a full disk, say) is named, never raised
+    over the reason the run stopped."""
+    try:
+        write_summary(run, result, models)
+    except Exception as err:
+        print(f"warning: the summary of run {run.paths.name} could not be written ({brief(err)}).", file=sys.stderr)
+
+
 def write_summary(run: Run, result: TrainResult, models: Models) -> dict:
     """runs/<run>/train_summary.json (and the curves plot), from the main process."""
     if not run.accelerator.is_main_process:
@@ -2342,13 +2810,12 @@ def export_student(models: Models, accelerator, config: dict, teacher_path: str,
     """The student in the form diffusers users load: LoRA weights for pipe.load_lora_weights in LoRA
     mode, else a whole StableDiffusion3Pipeline folder (without T5 when it was trained without it);
     a model card beside it; optionally pushed to the Hub."""
-    import shutil
-
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     student = accelerator.unwrap_model(models.student)
-    staging = paths.export.with_name(f".tmp-{paths.export.name}")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = paths.export_staging
+    if staging.exists():
+        paths.remove(staging)
     if config["TRAINABLE"] == "lora":
         from peft.utils import get_peft_model_state_dict
 
@@ -2364,6 +2831,8 @@ def export_student(models: Models, accelerator, config: dict, teacher_path: str,
             pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=config["SAMPLER_SHIFT"])
         pipe.save_pretrained(staging)
         usage = f"pipe = StableDiffusion3Pipeline.from_pretrained({str(paths.export)!r})\n"
+    sigmas = pipeline_sigmas(config["NUM_ROLLOUT_STEPS"], config["SAMPLER_SPACING"])
+    steps = f"sigmas={sigmas}" if sigmas else f"num_inference_steps={config['NUM_ROLLOUT_STEPS']}"
     card = f"""# {paths.name}: a {config['NUM_ROLLOUT_STEPS']}-step SD3 student
 
 On-policy distilled from `{config['TEACHER_ID']}` into `{config['STUDENT_ID']}` ({config['TRAINABLE']}) by
@@ -2373,9 +2842,10 @@ Held-out teacher-student gap (latent MSE): {gap_before} before, {gap_last} after
 
 ```python
 from diffusers import StableDiffusion3Pipeline
-{usage}image = pipe("a photo of a cat", num_inference_steps={config['NUM_ROLLOUT_STEPS']}, guidance_scale=1.0).images[0]
+{usage}image = pipe("a photo of a cat", {steps}, guidance_scale=1.0).images[0]
 ```
-Guidance is distilled into the student: sample with guidance_scale=1.0.
+Guidance is distilled into the student: sample with guidance_scale=1.0{
+", and with these sigmas, the steps it learned (the scheduler shifts them as it shifts its own)" if sigmas else ""}.
 """
     (staging / "README.md").write_text(card)
     umask = os.umask(0)
@@ -2383,7 +2853,9 @@ Guidance is distilled into the student: sample with guidance_scale=1.0.
     for file in staging.rglob("*"):  # diffusers writes its weights 0600 (through a temporary file); others 0644
         if file.is_file():
             file.chmod(0o666 & ~umask)
-    shutil.rmtree(paths.export, ignore_errors=True)
+    fault_point("export")
+    if paths.export.exists():
+        paths.remove(paths.export)  # the export of an earlier, shorter training of this run
     os.replace(staging, paths.export)
     if config["PUSH_TO_HUB"]:
         from huggingface_hub import create_repo, upload_folder
@@ -2470,7 +2942,14 @@ def build_tiny_sd3(path: Path) -> None:
             tokenizer_3=t5_tokenizer)
         staging = Path(path).with_name(f".tmp-{Path(path).name}-{os.getpid()}")
         pipe.save_pretrained(staging)
-        os.replace(staging, path)
+        try:
+            os.replace(staging, path)
+        except OSError:  # another process put its build there first
+            if not (Path(path) / "model_index.json").is_file():
+                raise
+            import shutil
+
+            shutil.rmtree(staging)  # this process's own scratch folder
 
 # =================================================================================================
 # Colab and Hub helpers: the notebook cells, installing what is missing, prefetching only what a run reads.

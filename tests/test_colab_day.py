@@ -57,11 +57,12 @@ def test_heldout_gap_over_several_noises_equals_the_pipelines(tmp_path):
     prompts = row["prompts"] * 3
     noise = torch.randn((12, 4, 16, 16), generator=torch.Generator().manual_seed(0 + 12345))
 
-    def sample(steps, guidance):
-        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, latents=noise, height=32, width=32,
-                    output_type="latent", max_sequence_length=64).images
+    def sample(guidance, **steps):
+        return pipe(prompts, guidance_scale=guidance, latents=noise, height=32, width=32, output_type="latent",
+                    max_sequence_length=64, **steps).images
 
-    per_sample = (sample(4, 1.0) - sample(8, 3.0)).square().flatten(1).mean(1)
+    # the student samples with the trailing spacing (the pipeline's `sigmas`), the teacher's reference with its own
+    per_sample = (sample(1.0, sigmas=[1.0, 0.75, 0.5, 0.25]) - sample(3.0, num_inference_steps=8)).square().flatten(1).mean(1)
     expected = per_sample.view(3, 4).mean(0)
     assert row["per_prompt"] == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-7)
     assert row["eval_gap"] == pytest.approx(expected.mean().item(), rel=1e-4)
@@ -87,11 +88,11 @@ def test_exported_student_loads_and_samples_in_diffusers(finished_runs):
     weights = dict(pipe.transformer.named_parameters())
     assert all(torch.equal(weights[name], value) for name, value in final.items())
     assert pipe.scheduler.config.shift == 2.0
-    image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=1.0, height=32, width=32,
+    image = pipe("a photo of a cat", sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=1.0, height=32, width=32,
                  generator=torch.Generator().manual_seed(0), max_sequence_length=64).images[0]
     assert image.size == (32, 32)
-    card = (export / "README.md").read_text()
-    assert "4-step SD3 student" in card and "num_inference_steps=4" in card and "before" in card
+    card = (export / "README.md").read_text()  # the student's own (trailing) steps, as the pipeline's sigmas
+    assert "4-step SD3 student" in card and "sigmas=[1.0, 0.75, 0.5, 0.25]" in card and "before" in card
 
 
 def test_exported_lora_loads_onto_the_base_model(finished_runs):
@@ -107,7 +108,7 @@ def test_exported_lora_loads_onto_the_base_model(finished_runs):
     pipe = StableDiffusion3Pipeline.from_pretrained(base_path)
 
     def sample():
-        return pipe("a photo of a cat", num_inference_steps=4, guidance_scale=1.0, height=32, width=32,
+        return pipe("a photo of a cat", sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=1.0, height=32, width=32,
                     generator=torch.Generator().manual_seed(0), max_sequence_length=64, output_type="latent").images
 
     base = sample()

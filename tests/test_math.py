@@ -73,14 +73,13 @@ def test_rollout_states_carry_the_noise_they_are_labelled_with(distill, steps, e
 
 
 def test_kl_by_hand(distill):
-    x = torch.zeros(2)
     v_s, v_t = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])
     sigma, nxt, eta = 0.5, 0.25, 0.7
     rho = 0.7 * math.sqrt(8 / 9)
     coef = -(1 - nxt) * sigma + nxt * math.sqrt(1 - rho**2) * (1 - sigma)  # d mean / d v
     expected = (coef**2 / 2) / (2 * (nxt * rho) ** 2)  # mean over the 2 elements
-    assert distill.transition_kl(x, sigma, nxt, eta, v_s, v_t).item() == pytest.approx(expected)
-    assert distill.transition_kl(x, 0.3, 0.0, eta, v_s, v_t).item() == 0  # the last step has no variance
+    assert distill.transition_kl(sigma, nxt, eta, v_s, v_t).item() == pytest.approx(expected)
+    assert distill.transition_kl(0.3, 0.0, eta, v_s, v_t).item() == 0  # the last step has no variance
 
 
 def test_kl_matches_monte_carlo_of_the_two_gaussian_transitions(distill):
@@ -93,7 +92,7 @@ def test_kl_matches_monte_carlo_of_the_two_gaussian_transitions(distill):
     p, q = torch.distributions.Normal(mu_s, std), torch.distributions.Normal(mu_t, std)
     samples = p.sample((200_000,))
     monte_carlo = (p.log_prob(samples) - q.log_prob(samples)).mean()  # mean over draws and the 8 elements
-    closed = distill.transition_kl(x, sigma, nxt, eta, v_s, v_t)
+    closed = distill.transition_kl(sigma, nxt, eta, v_s, v_t)
     assert closed.item() == pytest.approx(monte_carlo.item(), rel=0.03)
     assert closed.item() == pytest.approx(torch.distributions.kl_divergence(p, q).mean().item(), rel=1e-5)
 
@@ -167,3 +166,112 @@ def test_choose_supervised(distill):
     assert distill.choose_supervised(4, 0, random.Random(0)) == {0, 1, 2, 3}
     chosen = distill.choose_supervised(8, 3, random.Random(0))
     assert len(chosen) == 3 and chosen <= set(range(8))
+
+
+def test_kl_is_its_step_weight_times_the_velocity_mse(distill):
+    """The means of the two transitions differ by b (v_s - v_t), so KL = c mean (v_s - v_t)^2 with c = b^2 / (2 (sigma' rho)^2),
+    whatever the state; c is what puts the KL far above the MSE terms (at the scheduler's 0.60 -> 0.009 step) or not."""
+    torch.manual_seed(0)
+    v_s, v_t = torch.randn(6), torch.randn(6)
+    for sigma, nxt in ((0.75, 0.5), (0.6022, 0.0089), (1.0, 0.9)):
+        c = distill.kl_step_weight(sigma, nxt, 0.7)
+        assert distill.transition_kl(sigma, nxt, 0.7, v_s, v_t).item() == pytest.approx(c * (v_s - v_t).square().mean().item())
+    assert distill.kl_step_weight(0.6022, 0.0089, 0.7) > 1000  # the scheduler's 4-step schedule: thousands
+    assert distill.kl_step_weight(0.75, 0.5, 0.7) < 0.625  # trailing: below that step's MSE weights (1 - s)^2 + s^2
+    assert distill.kl_step_weight(0.5, 0.0, 0.7) == 0 and distill.kl_step_weight(0.5, 0.25, 0.0) == 0
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_trailing_sigmas_are_what_the_pipeline_samples_with(distill, tiny_path, steps):
+    """SAMPLER_SPACING="trailing": u_i = 1 - i/K, shifted; exactly the scheduler's sigmas for the pipeline's `sigmas`
+    argument (what the exported student's card passes), and evenly spread where the default ends at sigma 0.009."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = distill.load_scheduler_config(tiny_path, {"TEACHER_REVISION": None, "COLAB_MODEL_CACHE": ""})
+    sigmas, timesteps = distill.sampler_sigmas(config, steps, None, 64, "trailing")
+    assert distill.pipeline_sigmas(steps, "trailing") == [1 - i / steps for i in range(steps)]
+    assert distill.pipeline_sigmas(steps, "scheduler") is None
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_path, subfolder="scheduler")
+    scheduler.set_timesteps(sigmas=distill.pipeline_sigmas(steps, "trailing"))
+    assert torch.equal(sigmas, scheduler.sigmas) and torch.equal(timesteps, scheduler.timesteps)
+    u = torch.tensor([1 - i / steps for i in range(steps)])
+    assert torch.allclose(sigmas[:-1], 3 * u / (1 + 2 * u)) and sigmas[-1] == 0
+    if steps == 2:
+        assert sigmas.tolist() == pytest.approx([1.0, 0.75, 0.0])
+        assert distill.sampler_sigmas(config, 2, None, 64, "scheduler")[0][1] < 0.01  # one real step, then almost none
+
+
+def linear_field(lam=1.5):
+    """dx/dsigma = lam x + sigma^2 (t = 1000 sigma), and its exact solution from (x0, s0) to s1."""
+    a = -1 / lam
+    b = 2 * a / lam
+    c = b / lam
+
+    def particular(s):
+        return a * s * s + b * s + c
+
+    def velocity(x, t):
+        s = t / 1000
+        return lam * x + s * s
+
+    def exact(x0, s0, s1):
+        return (x0 - particular(s0)) * math.exp(lam * (s1 - s0)) + particular(s1)
+
+    return velocity, exact
+
+
+def test_each_solver_by_hand_on_a_linear_field(distill):
+    velocity, _ = linear_field()
+    x = torch.tensor([1.0], dtype=torch.float64)
+    grid = torch.tensor([0.9, 0.6, 0.2], dtype=torch.float64)
+
+    def v(y, s):
+        return 1.5 * y + s * s
+
+    e1 = x + (0.6 - 0.9) * v(x, 0.9)  # euler
+    euler = e1 + (0.2 - 0.6) * v(e1, 0.6)
+    h1 = x + (-0.3) / 2 * (v(x, 0.9) + v(e1, 0.6))  # heun
+    heun = h1 + (-0.4) / 2 * (v(h1, 0.6) + v(h1 + (-0.4) * v(h1, 0.6), 0.2))
+    m1 = x + (-0.3) * v(x + (-0.15) * v(x, 0.9), 0.75)  # midpoint
+    midpoint = m1 + (-0.4) * v(m1 + (-0.2) * v(m1, 0.6), 0.4)
+    r = 0.4 / 0.3  # ab2: Euler first, then the two-step formula on the uneven grid
+    ab2 = e1 + (-0.4) * ((1 + r / 2) * v(e1, 0.6) - (r / 2) * v(x, 0.9))
+    for solver, expected in (("euler", euler), ("heun", heun), ("midpoint", midpoint), ("ab2", ab2)):
+        assert torch.allclose(distill.solve_flow(velocity, x, grid, solver), expected, rtol=1e-12), solver
+
+
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("ab2", 2), ("heun", 2), ("midpoint", 2)])
+def test_solver_order_of_accuracy(distill, solver, order):
+    """Error against N on the linear field: halving the substeps divides it by 2^order."""
+    velocity, exact = linear_field()
+    x = torch.tensor([1.0], dtype=torch.float64)
+    errors = [abs(float(distill.solve_flow(velocity, x, torch.linspace(0.9, 0.2, n + 1, dtype=torch.float64), solver)
+                        - exact(x, 0.9, 0.2))) for n in (64, 128, 256)]
+    rates = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    assert all(abs(rate - order) < 0.1 for rate in rates), rates
+
+
+def test_teacher_target_with_a_solver_is_its_average_velocity(distill):
+    velocity, exact = linear_field()
+    sigmas = torch.tensor([1.0, 0.6, 0.0], dtype=torch.float64)
+    x = torch.tensor([0.3], dtype=torch.float64)
+    for solver in ("heun", "ab2"):
+        target = distill.teacher_target_velocity(velocity, x, sigmas, 0, 4, 1.0, solver)
+        landed = distill.solve_flow(velocity, x, distill.substep_sigmas(sigmas, 0, 4, 1.0).double(), solver)
+        assert torch.allclose(target, (x - landed) / 0.4)
+    fine = distill.teacher_target_velocity(velocity, x, sigmas, 0, 64, 1.0, "heun")
+    assert torch.allclose(x - 0.4 * fine, exact(x, 1.0, 0.6), atol=1e-5)  # a fine solve lands on the exact flow
+
+
+def test_teacher_passes_per_step(distill):
+    config = {"IMAGES_PER_STEP": 4, "SUPERVISED_STATES": 0, "NUM_ROLLOUT_STEPS": 4, "TEACHER_SUBSTEPS": 4,
+              "TEACHER_SOLVER": "euler", "GUIDANCE_SCALE": 7.0}
+    assert distill.teacher_passes_per_step(config) == 4 * 4 * 4 * 2
+    assert distill.teacher_passes_per_step({**config, "TEACHER_SOLVER": "heun", "TEACHER_SUBSTEPS": 2}) == 4 * 4 * 4 * 2
+    assert distill.teacher_passes_per_step({**config, "SUPERVISED_STATES": 1, "GUIDANCE_SCALE": 1}) == 4 * 1 * 4
+
+
+def test_state_drift_per_state(distill):
+    a = [torch.zeros(2, 3), torch.ones(2, 3)]
+    b = [torch.zeros(2, 3), torch.full((2, 3), 3.0)]
+    assert distill.state_drift(a, b) == [0.0, 4.0]

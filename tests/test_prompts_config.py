@@ -227,7 +227,9 @@ def test_preset_says_what_it_sets_and_the_command_line_wins(distill, capsys):
 
 def test_prompts_go_under_output_root_by_default(distill, tmp_path):
     c = distill.parse_args([f"--OUTPUT_ROOT={tmp_path}/elsewhere"])
-    assert c["PROMPTS_JSONL"] == str(tmp_path / "elsewhere" / "prompts.jsonl")
+    assert c["PROMPTS_JSONL"] == str(tmp_path / "elsewhere" / "prompts" / "generated-n512-seed0.jsonl")
+    c = distill.parse_args([f"--OUTPUT_ROOT={tmp_path}", "--NUM_PROMPTS=64", "--PROMPT_SEED=3"])
+    assert c["PROMPTS_JSONL"] == str(tmp_path / "prompts" / "generated-n64-seed3.jsonl")  # one file per prompt set
     assert distill.parse_args(["--PROMPTS_JSONL=mine.jsonl"])["PROMPTS_JSONL"] == "mine.jsonl"
 
 

@@ -83,15 +83,6 @@ def test_out_of_memory_advice_names_the_knobs(distill):
         assert knob in text
 
 
-def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
-    folder = tmp_path / "checkpoints" / "r"
-    folder.mkdir(parents=True)
-    (folder / ".tmp-step_5.pt-12345").write_bytes(b"half a checkpoint")
-    result = run_script(*tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=2"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert not list(folder.glob(".tmp-*")) and (folder / "final.pt").exists()
-
-
 def test_over_long_prompts_are_named_once(tmp_path):
     prompts = tmp_path / "mine.jsonl"
     long_prompt = "a cat " * 60

@@ -1,0 +1,244 @@
+"""A run that no fault or mistake corrupts. The fault matrix: a run stopped (SIGKILL, or Ctrl-C's SIGINT) at named
+moments, then run again, ends with the same metrics and weights as a run left alone, bit for bit (CPU). The
+mistakes: each is refused in one paragraph with exit 2, or handled with a line that says so, and nothing of another
+run or of the user's is deleted or overwritten."""
+
+import json
+import re
+import signal
+import socket
+import time
+
+import pytest
+import torch
+
+from conftest import run_script, tiny_args
+from test_run import start, strip_timing, wait_for_step
+
+COMMON = ["--RUN_NAME=r", "--LORA_RANK=4", "--MAX_STEPS=6", "--CHECKPOINT_EVERY=2", "--EVAL_EVERY=3",
+          "--CHECKPOINT_EVERY_MINUTES=0"]
+TOKEN = "hf_NEVER_WRITE_THIS_0123456789"
+
+
+def args(root, tiny_path, *extra):
+    return tiny_args(root, f"--TEACHER_ID={tiny_path}", f"--STUDENT_ID={tiny_path}", *COMMON, *extra)
+
+
+def outcome(root):
+    """What a run left: metrics and evaluation rows (without timings), final weights, exported weights, statuses."""
+    from safetensors.torch import load_file
+
+    metrics = [json.loads(line) for line in (root / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()]
+    evals = [{k: v for k, v in json.loads(line).items() if k != "time"}
+             for line in (root / "metrics" / "r" / "eval.jsonl").read_text().splitlines()]
+    final = torch.load(root / "checkpoints" / "r" / "final.pt", weights_only=True)["student"]
+    lora = root / "export" / "r" / "pytorch_lora_weights.safetensors"
+    exported = load_file(lora if lora.exists() else root / "export" / "r" / "transformer" / "diffusion_pytorch_model.safetensors")
+    summary = json.loads((root / "runs" / "r" / "train_summary.json").read_text())
+    latest = json.loads((root / "checkpoints" / "r" / "latest.json").read_text())
+    return strip_timing(metrics), evals, final, exported, (summary["status"], summary["step"], latest["status"])
+
+
+# SIGKILL with a student of all weights, Ctrl-C with LoRA: both kinds of weights and optimizer state come back exactly
+TRAINABLE = {"KILL": "--TRAINABLE=all", "INT": "--TRAINABLE=lora"}
+
+
+@pytest.fixture(scope="module")
+def left_alone(tmp_path_factory, tiny_path):
+    """The runs left alone, one per kind of student; the Hub token in their environment."""
+    runs = {}
+    for sig, trainable in TRAINABLE.items():
+        root = tmp_path_factory.mktemp("left_alone")
+        result = run_script(*args(root, tiny_path, trainable), env={"HF_TOKEN": TOKEN})
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[sig] = (root, outcome(root), result.stdout + result.stderr)
+    return runs
+
+
+def test_the_token_is_never_written(left_alone):
+    for root, _, output in left_alone.values():
+        assert TOKEN not in output
+        assert not [p for p in root.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+
+
+@pytest.mark.parametrize("moment", ["write step_4.pt", "evaluation 3", "export", "after final.pt"])
+@pytest.mark.parametrize("sig", ["KILL", "INT"])
+def test_a_run_stopped_at_any_moment_ends_as_one_left_alone(tmp_path, tiny_path, left_alone, moment, sig):
+    stopped = run_script(*args(tmp_path, tiny_path, TRAINABLE[sig]), env={"DISTILL_FAULT_AT": f"{moment}:{sig}"})
+    assert stopped.returncode == (-signal.SIGKILL if sig == "KILL" else 130), stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    if sig == "INT" and moment in ("write step_4.pt", "evaluation 3"):  # in training: saved and marked
+        summary = json.loads((tmp_path / "runs" / "r" / "train_summary.json").read_text())
+        step = summary["step"]
+        assert summary["status"] == "interrupted" and "interrupted: saved" in stopped.stdout
+        assert torch.load(tmp_path / "checkpoints" / "r" / f"step_{step}.pt", weights_only=True)["step"] == step
+    if moment == "evaluation 3" and sig == "INT":  # Ctrl-C waits for the evaluation's row, grid and checkpoint
+        rows = [json.loads(line)["step"] for line in (tmp_path / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()]
+        assert rows == [1, 2, 3] and (tmp_path / "samples" / "r" / "step_3.png").is_file()
+    again = run_script(*args(tmp_path, tiny_path, TRAINABLE[sig]))
+    assert again.returncode == 0, again.stderr[-3000:]
+    if moment in ("export", "after final.pt"):
+        assert "finishing run r: trained to step 6" in again.stdout
+    metrics, evals, final, exported, statuses = outcome(tmp_path)
+    reference = left_alone[sig][1]
+    assert metrics == reference[0] and evals == reference[1]
+    assert final.keys() == reference[2].keys() and all(torch.equal(final[k], reference[2][k]) for k in final)
+    assert all(torch.equal(exported[k], reference[3][k]) for k in reference[3])
+    assert statuses == ("finished", 6, "finished")
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-") or p.name == "lock.json"]
+    assert not leftovers
+
+
+def test_a_finished_run_is_not_overwritten_or_mixed_with_other_settings(left_alone, tiny_path):
+    root = left_alone["INT"][0]
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    never = run_script(*args(root, tiny_path, TRAINABLE["INT"], "--RESUME=never"))
+    assert never.returncode == 2 and "RESUME='never' would overwrite them" in never.stderr
+    other = run_script(*args(root, tiny_path, TRAINABLE["INT"], "--LEARNING_RATE=0.5", "--GUIDANCE_SCALE=2"))
+    assert other.returncode == 2 and "written with other settings" in other.stderr
+    assert "GUIDANCE_SCALE=3.0 there, 2.0 now" in other.stderr and "LEARNING_RATE=0.001 there, 0.5 now" in other.stderr
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_ctrl_c_while_starting_says_nothing_is_lost(tmp_path, tiny_path):
+    result = run_script(*args(tmp_path, tiny_path), env={"DISTILL_FAULT_AT": "startup:INT"})
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    assert "nothing is lost; the same command continues" in result.stderr
+    assert not (tmp_path / "checkpoints" / "r" / "lock.json").exists()
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", ".hidden"])
+def test_a_run_name_is_one_plain_folder_name(tmp_path, tiny_path, name):
+    (tmp_path / "mine.txt").write_text("a file of the user's")
+    (tmp_path / "export" / "other").mkdir(parents=True)
+    (tmp_path / "export" / "other" / "weights").write_text("another run's export")
+    result = run_script(*tiny_args(tmp_path, f"--TEACHER_ID={tiny_path}", f"--STUDENT_ID={tiny_path}",
+                                   f"--RUN_NAME={name}", "--MAX_STEPS=2"))
+    assert result.returncode == 2 and "must be one plain folder name" in result.stderr
+    assert (tmp_path / "mine.txt").read_text() == "a file of the user's"
+    assert (tmp_path / "export" / "other" / "weights").read_text() == "another run's export"
+
+
+def test_deleting_is_refused_outside_the_runs_own_folders(distill, tmp_path):
+    paths = distill.RunPaths(tmp_path, "r")
+    (tmp_path / "export" / "r").mkdir(parents=True)
+    (tmp_path / "keep.txt").write_text("x")
+    for outside in (tmp_path, tmp_path / "keep.txt", tmp_path / "export", tmp_path / "export" / "r2",
+                    tmp_path / "export" / "r" / ".." / ".." / "keep.txt"):
+        with pytest.raises(RuntimeError, match="not inside run 'r'"):
+            paths.remove(outside)
+    paths.remove(tmp_path / "export" / "r")
+    assert not (tmp_path / "export" / "r").exists() and (tmp_path / "keep.txt").exists()
+
+
+def test_a_users_prompts_file_is_never_overwritten(tmp_path, tiny_path):
+    mine = tmp_path / "mine.jsonl"
+    text = "".join(json.dumps({"prompt": f"a red cube number {i}"}) + "\n" for i in range(8))
+    mine.write_text(text)
+    base = [f"--TEACHER_ID={tiny_path}", f"--STUDENT_ID={tiny_path}", "--RUN_NAME=r", "--MAX_STEPS=1"]
+    refused = run_script("--preset", "tiny", f"--OUTPUT_ROOT={tmp_path}", f"--PROMPTS_JSONL={mine}", *base)
+    assert refused.returncode == 2 and "is not the prompt list that GENERATE_PROMPTS makes" in refused.stderr
+    assert "GENERATE_PROMPTS=False" in refused.stderr and mine.read_text() == text
+    used = run_script("--preset", "tiny", f"--OUTPUT_ROOT={tmp_path}", f"--PROMPTS_JSONL={mine}",
+                      "--GENERATE_PROMPTS=false", *base)
+    assert used.returncode == 0, used.stderr[-2000:]
+    assert mine.read_text() == text
+    # the generated file is the script's; an edit to it is refused the same way, not lost at the next start
+    generated = tmp_path / "prompts" / "generated-n48-seed0.jsonl"
+    assert run_script("--preset", "tiny", f"--OUTPUT_ROOT={tmp_path}", *base[:2], "--RUN_NAME=g",
+                      "--MAX_STEPS=1").returncode == 0
+    generated.write_text(generated.read_text().replace("a ", "an edited ", 1))
+    edited = generated.read_text()
+    again = run_script("--preset", "tiny", f"--OUTPUT_ROOT={tmp_path}", *base[:2], "--RUN_NAME=g2", "--MAX_STEPS=1")
+    assert again.returncode == 2 and generated.read_text() == edited
+
+
+def test_one_process_per_run(tmp_path, tiny_path):
+    long = args(tmp_path, tiny_path, "--MAX_STEPS=400")
+    first = start(long)
+    wait_for_step(tmp_path, "r", 3, first)
+    second = run_script(*long)
+    assert second.returncode == 2 and "is being trained by another process" in second.stderr
+    assert f"pid {first.pid} on {socket.gethostname()}" in second.stderr
+    first.send_signal(signal.SIGKILL)  # gone without releasing its lock, as a disconnected runtime
+    first.wait()
+    last = json.loads((tmp_path / "checkpoints" / "r" / "latest.json").read_text())["step"]
+    third = run_script(*args(tmp_path, tiny_path, f"--MAX_STEPS={last + 2}"))
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"taking over run r from pid {first.pid}" in third.stdout and "no longer running" in third.stdout
+    rows = [json.loads(line)["step"] for line in (tmp_path / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, last + 3))  # one history, each step once
+
+
+def test_a_lock_of_another_machine_is_kept_while_alive_and_taken_over_when_stale(tmp_path, tiny_path):
+    lock = tmp_path / "checkpoints" / "r" / "lock.json"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"host": "colab-runtime-1", "pid": 123, "token": "t", "time": time.time() - 20}))
+    refused = run_script(*args(tmp_path, tiny_path, "--MAX_STEPS=2"))
+    assert refused.returncode == 2 and "pid 123 on colab-runtime-1, last alive 2" in refused.stderr
+    lock.write_text(json.dumps({"host": "colab-runtime-1", "pid": 123, "token": "t", "time": time.time() - 600}))
+    taken = run_script(*args(tmp_path, tiny_path, "--MAX_STEPS=2"))
+    assert taken.returncode == 0 and re.search(r"from pid 123 on colab-runtime-1 \(last alive 6\d\d s ago\)", taken.stdout)
+    assert not lock.exists()
+
+
+def test_new_run_names_are_unique_within_a_second(distill, tmp_path):
+    config = distill.parse_args([f"--OUTPUT_ROOT={tmp_path}"])
+    names = {distill.choose_run_name(config) for _ in range(20)}
+    assert len(names) == 20
+
+
+def test_a_broken_latest_json_falls_back_and_a_finished_run_trains_longer(tmp_path, tiny_path):
+    base = [a for a in args(tmp_path, tiny_path) if a != "--RUN_NAME=r"]
+    assert run_script(*base, "--MAX_STEPS=4").returncode == 0
+    (name,) = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+    (tmp_path / "checkpoints" / name / "latest.json").write_text("{garbage")
+    longer = run_script(*base, "--MAX_STEPS=6")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "latest.json is missing or unreadable" in longer.stdout
+    assert f"continuing run {name} (same config) from step 4 to 6" in longer.stdout
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [name]
+    rows = [json.loads(line)["step"] for line in (tmp_path / "metrics" / name / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4, 5, 6]
+    assert json.loads((tmp_path / "runs" / name / "train_summary.json").read_text())["step"] == 6
+
+
+def test_a_run_with_no_readable_checkpoint_stops_and_keeps_its_history(tmp_path, tiny_path):
+    assert run_script(*args(tmp_path, tiny_path, "--MAX_STEPS=4")).returncode == 0
+    for checkpoint in (tmp_path / "checkpoints" / "r").glob("*.pt"):
+        checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    metrics = (tmp_path / "metrics" / "r" / "metrics.jsonl").read_text()
+    result = run_script(*args(tmp_path, tiny_path, "--MAX_STEPS=6"))
+    assert result.returncode == 2 and "no checkpoint that can be read" in result.stderr
+    assert "Traceback" not in result.stderr and (tmp_path / "metrics" / "r" / "metrics.jsonl").read_text() == metrics
+
+
+def test_non_finite_and_unknown_settings_are_refused_before_any_model(distill):
+    config = distill.parse_args(["--preset", "tiny", "--LEARNING_RATE=inf", "--SAMPLER_ETA=nan",
+                                 "--LR_SCHEDULER=bogus", "--REPORT_TO=bogus"])
+    with pytest.raises(distill.UserError) as err:
+        distill.validate_config(config)
+    text = str(err.value)
+    assert "LEARNING_RATE=inf must be a finite number" in text and "SAMPLER_ETA=nan" in text
+    assert "LR_SCHEDULER='bogus': use one of constant" in text and "REPORT_TO='bogus': use ''" in text
+
+
+def test_damaged_inputs_are_named_not_tracebacks(distill, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(b'{"prompt": "a cat"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(distill.UserError, match=r"p.jsonl:2: not UTF-8 text \(byte 0xe9\)"):
+        distill.read_prompts_jsonl(prompts)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 1, "loss": 1.0}\nnull\n\xff\xfe\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in distill.rows_through(metrics, 10)] == [1, 2]
+    assert "3 line(s) that are not metrics rows" in capsys.readouterr().out
+
+
+def test_a_non_finite_student_is_never_written_as_final(distill, tiny_root):
+    config = distill.parse_args(["--preset", "tiny", f"--OUTPUT_ROOT={tiny_root}", "--TRAINABLE=lora"])
+    models, _ = distill.load_models(config, torch.device("cpu"))
+    distill.check_finite_weights(models, 3)
+    with torch.no_grad():
+        models.trainable[0][0] = float("nan")
+    with pytest.raises(distill.UserError, match="not finite at step 3; it is not exported or marked finished"):
+        distill.check_finite_weights(models, 3)
