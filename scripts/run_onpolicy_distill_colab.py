@@ -64,7 +64,7 @@ GRADIENT_CHECKPOINTING = False  # recompute block activations in backward: less 
 COMPILE = True  # torch.compile each transformer block on CUDA (about 1.35x faster steps on an H100, ~1 min to compile)
 ATTENTION_BACKEND = "auto"  # scaled-dot-product attention kernel: "auto" (PyTorch picks) | "cudnn" | "flash" | "efficient" | "math"
 #   | "fa4": FlashAttention-4 on an H100/H200/B200 (pip install flash-attn-4==4.0.0b36; fastest measured, see README)
-TEACHER_FP8 = False  # the frozen teacher's attention and MLP matmuls in FP8 (row-wise scales), on GPUs that have it (compute capability >= 8.9: L4, H100, H200): True | False | "auto" (where the GPU has it)
+TEACHER_FP8 = "auto"  # the frozen teacher's attention and MLP matmuls in FP8 (row-wise scales): "auto" (on where the GPU has FP8, compute capability >= 8.9: L4, H100, H200) | True | False
 STUDENT_FP8 = False  # LoRA only: the student's frozen base matmuls in FP8 too (forward and input gradients); with shared weights one FP8 base then serves teacher and student
 
 # --- Train setup --------------------------------------------------------------------------------
@@ -2015,6 +2015,11 @@ def fp8_copy(model):
 FP8_ON_CPU = "DISTILL_FP8_ON_CPU"  # =1: allow FP8 on the CPU, where torch emulates it slowly (tests, the experiment)
 
 
+def teacher_fp8_enabled(setting, device) -> bool:
+    """TEACHER_FP8: True, False, or "auto": on a CUDA GPU with FP8 tensor cores that run the FP8 product, else off."""
+    return setting is True or (setting == "auto" and device.type == "cuda" and fp8_problem(device) is None)
+
+
 def fp8_problem(device=None) -> str | None:
     """Why FP8 matmuls cannot run here, with the fix; None if they can (tried on a small product)."""
     import torch
@@ -2343,8 +2348,7 @@ def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_d
     """Check compatibility, freeze the teacher, choose what of the student trains, place both on the device,
     put FP8 matmuls where TEACHER_FP8 / STUDENT_FP8 ask for them."""
     check_compatible(teacher.config, student.config, config["IMAGE_SIZE"], vae_factor)
-    teacher_fp8 = config["TEACHER_FP8"] is True or (config["TEACHER_FP8"] == "auto" and device.type == "cuda"
-                                                     and fp8_problem(device) is None)
+    teacher_fp8 = teacher_fp8_enabled(config["TEACHER_FP8"], device)
     teacher.requires_grad_(False)
     teacher.eval().to(device)
     if teacher_fp8 and shares_weights and not config["STUDENT_FP8"]:

@@ -92,3 +92,8 @@ def test_fp8_linear_on_the_gpu_matches_its_dequantised_product(distill):
     y.sum().backward()  # the input's gradient through the dequantised weight
     torch.testing.assert_close(x.grad.float(), (fp8.weight_fp8.float() * fp8.weight_scale.t()).sum(0).expand_as(x),
                                atol=2e-2, rtol=2e-2)
+
+
+def test_teacher_fp8_auto_is_on_where_the_gpu_has_fp8(distill):
+    expected = torch.cuda.get_device_capability() >= (8, 9)
+    assert distill.teacher_fp8_enabled("auto", torch.device("cuda")) is expected

@@ -242,3 +242,28 @@ def test_a_non_finite_student_is_never_written_as_final(distill, tiny_root):
         models.trainable[0][0] = float("nan")
     with pytest.raises(distill.UserError, match="not finite at step 3; it is not exported or marked finished"):
         distill.check_finite_weights(models, 3)
+
+
+def test_training_longer_lays_the_schedule_out_over_the_new_length(distill):
+    """A resumed schedule follows the new MAX_STEPS from the step reached (README, Resume and safety)."""
+    import math
+
+    def schedule(name, max_steps, state=None):
+        config = {**distill.default_config(), "LR_SCHEDULER": name, "LR_WARMUP_STEPS": 0, "MAX_STEPS": max_steps,
+                  "LEARNING_RATE": 1.0}
+        _, lr_scheduler = distill.build_optimizer([torch.nn.Parameter(torch.zeros(1))], config, torch.device("cpu"), 1)
+        if state:
+            lr_scheduler.load_state_dict(state)
+        return lr_scheduler
+
+    short = schedule("cosine", 10)
+    for _ in range(10):
+        short.optimizer.step()
+        short.step()
+    assert short.get_last_lr()[0] == pytest.approx(0, abs=1e-9)
+    longer = schedule("cosine", 20, short.state_dict())
+    longer.optimizer.step()
+    longer.step()  # the step reached was taken at the old schedule's rate; from the next, the new schedule's
+    assert longer.last_epoch == 11 and longer.get_last_lr()[0] == pytest.approx(0.5 * (1 + math.cos(math.pi * 11 / 20)))
+    constant = schedule("constant_with_warmup", 20, schedule("constant_with_warmup", 10).state_dict())
+    assert constant.get_last_lr()[0] == 1.0

@@ -1,9 +1,10 @@
 """Prompts, the command line and config validation: what a user types and what they are told."""
 
+import json
 
 import pytest
 
-from conftest import run_script, tiny_args
+from conftest import REPO, run_script, tiny_args
 
 
 def test_prompt_generation_is_deterministic_and_duplicate_free(distill):
@@ -18,8 +19,10 @@ def test_prompt_generation_is_deterministic_and_duplicate_free(distill):
 
 
 def test_prompt_generation_refuses_more_than_it_can_make(distill):
-    with pytest.raises(distill.UserError, match="distinct prompts"):
-        distill.generate_prompts(10**9, seed=0)
+    """It counts the distinct texts (templates without {light} repeat some): 11,040, all of which it can make."""
+    assert len({p["prompt"] for p in distill.generate_prompts(11040, seed=0)}) == 11040
+    with pytest.raises(distill.UserError, match="NUM_PROMPTS=11041 exceeds the 11040 distinct prompts"):
+        distill.generate_prompts(11041, seed=0)
 
 
 def test_written_prompts_read_back(distill, tmp_path):
@@ -162,6 +165,15 @@ def test_missing_prompts_file_is_refused_by_the_script_before_loading_models(tmp
     assert "none.jsonl not found" in result.stderr and "GENERATE_PROMPTS=True" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "cache").exists()  # refused before any model was built or loaded
+
+
+def test_the_notebook_holds_the_scripts_own_cells(distill):
+    """scripts/run_onpolicy_distill_colab.ipynb: a note, then exactly the cells --PRINT_COLAB_SETUP prints."""
+    notebook = json.loads((REPO / "scripts" / "run_onpolicy_distill_colab.ipynb").read_text())
+    code = ["".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert "\n".join(code) + "\n" == distill.colab_setup_text()
+    assert len(code) == 4 and all(c.startswith(f"# Cell {i + 1}") for i, c in enumerate(code))
+    assert notebook["metadata"]["accelerator"] == "GPU" and notebook["cells"][0]["cell_type"] == "markdown"
 
 
 def test_print_colab_setup(distill, capsys):

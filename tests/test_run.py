@@ -92,7 +92,7 @@ def wait_for_step(root, name, step, process, timeout=120):
 
 
 def test_empty_run_name_continues_the_unfinished_run_of_the_same_config(tmp_path):
-    args = tiny_args(tmp_path, "--MAX_STEPS=20", "--CHECKPOINT_EVERY=5", "--CHECKPOINT_EVERY_MINUTES=0")
+    args = tiny_args(tmp_path, "--MAX_STEPS=12", "--CHECKPOINT_EVERY=5", "--CHECKPOINT_EVERY_MINUTES=0")
     process = start(args)
     wait_for_step(tmp_path, next_run_name(tmp_path, process), 7, process)
     process.send_signal(signal.SIGKILL)
@@ -100,12 +100,12 @@ def test_empty_run_name_continues_the_unfinished_run_of_the_same_config(tmp_path
     (name,) = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     result = run_script(*args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"continuing run {name} (same config) from step 5 to 20" in result.stdout
+    assert f"continuing run {name} (same config) from step 5 to 12" in result.stdout
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [name]
     # the same command again: the finished run is reported, nothing is trained
     again = run_script(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"run {name} of this config already finished at step 20" in again.stdout
+    assert f"run {name} of this config already finished at step 12" in again.stdout
     assert "held-out gap" in again.stdout and str(tmp_path / "export" / name) in again.stdout
     assert "distill" not in again.stderr and [p.name for p in (tmp_path / "checkpoints").iterdir()] == [name]
     # a new run only when asked for
@@ -138,14 +138,9 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert "step_10.pt is unreadable" in result.stdout and "resumed r from step_5.pt at step 5" in result.stdout
     rows, _, _ = read_run(tmp_path, "r")
     assert [r["step"] for r in rows] == list(range(1, 21))
-
-
-def test_checkpoint_rotation_keeps_the_newest(tmp_path):
-    result = run_script(*tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=26", "--CHECKPOINT_EVERY=5",
-                                   "--KEEP_LAST_CHECKPOINTS=2"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    # the newest KEEP_LAST_CHECKPOINTS are kept (step_5 went once step_15 was in place), final.pt always
     folder = tmp_path / "checkpoints" / "r"
-    assert sorted(p.name for p in folder.iterdir()) == ["final.pt", "latest.json", "step_20.pt", "step_25.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["final.pt", "latest.json", "step_10.pt", "step_15.pt"]
     assert json.loads((folder / "latest.json").read_text())["checkpoint"] == "final.pt"
 
 

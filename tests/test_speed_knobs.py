@@ -129,3 +129,13 @@ def test_whole_fp8_runs_where_fp8_is_emulated(tmp_path):
         assert summary["status"] == "finished" and summary["teacher_fp8"]
         assert summary["student_fp8"] == summary["shares_teacher_weights"] == (name == "shared")
         assert summary["eval_gap_last"] == summary["eval_gap_last"]  # not NaN
+
+
+def test_teacher_fp8_auto_is_off_without_a_gpu_that_has_fp8(distill, monkeypatch):
+    """The default: off on the CPU, even where FP8 is emulated there for tests (it is on only where a GPU has it:
+    tests/test_cuda.py checks that on the GPU)."""
+    assert distill.default_config()["TEACHER_FP8"] == "auto"
+    cpu = torch.device("cpu")
+    assert distill.teacher_fp8_enabled("auto", cpu) is False and distill.teacher_fp8_enabled(False, cpu) is False
+    monkeypatch.setenv("DISTILL_FP8_ON_CPU", "1")
+    assert distill.teacher_fp8_enabled("auto", cpu) is False and distill.teacher_fp8_enabled(True, cpu) is True
