@@ -7,7 +7,8 @@ the FLOPs of one forward pass (counted, and by the per-token formula), the scrip
 images/s, MFU, peak memory) and a straightforward loop doing the same work the plain way. With
 --profile it also records where the step's time goes: matmuls, attention, fused pointwise and the rest.
 
-    python scripts/bench_distill_step.py --suite h200          # on a CUDA GPU: the README's table (defaults, FP8)
+    python scripts/bench_distill_step.py --suite h200-passes   # on a CUDA GPU: the README's table (N = 2 AB2 default)
+    python scripts/bench_distill_step.py --suite h200          # the N = 4 defaults of 2026-12-02, FP8 (lab notes)
     python scripts/bench_distill_step.py --suite h100          # the earlier levers at N = 1 (lab notes)
     python scripts/bench_distill_step.py --suite tiny          # on the CPU: keeps this file working
 
@@ -66,8 +67,9 @@ def fp8_matmul_ceiling_tflops(distill, device, size=8192, repeats=10) -> float |
         return None
     a, scale_a = distill.fp8_quantize_rows(torch.randn(size, size, device=device))
     b, scale_b = distill.fp8_quantize_rows(torch.randn(size, size, device=device))
-    return 2 * size**3 / median_gpu_seconds(lambda: distill.fp8_linear(a, b, scale_b.t().contiguous(), None),
-                                            repeats) / 1e12
+    scale_b = scale_b.t().contiguous()  # the bare product of quantised inputs, as fp8_linear runs it
+    return 2 * size**3 / median_gpu_seconds(
+        lambda: torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16), repeats) / 1e12
 
 
 def fp8_teacher_probe(distill, case: dict, device, ceiling: float, fp8_ceiling: float | None,
@@ -257,7 +259,7 @@ def case_config(distill, case: dict, device) -> dict:
     config.update(TEACHER_ID=case["teacher"], STUDENT_ID=case["student"], IMAGE_SIZE=case["image_size"],
                   BATCH_SIZE=case["batch"], IMAGES_PER_STEP=step_images(case),
                   NUM_ROLLOUT_STEPS=case["steps"], TEACHER_SUBSTEPS=case.get("substeps", config["TEACHER_SUBSTEPS"]),
-                  TEACHER_SOLVER=case.get("solver", "euler"),
+                  TEACHER_SOLVER=case.get("solver", config["TEACHER_SOLVER"]),
                   TEACHER_FP8=case.get("teacher_fp8", False), STUDENT_FP8=case.get("student_fp8", False),
                   SUPERVISED_STATES=case.get("supervised", 0), TRAINABLE=case["trainable"],
                   GRADIENT_CHECKPOINTING=case.get("checkpointing", False), COMPILE=case.get("compile", False),
@@ -488,10 +490,10 @@ def run_case(distill, case: dict, device, ceiling: float, args) -> dict:
 
 
 def suite(name: str) -> list[dict]:
-    base = dict(image_size=1024, text_len=333, steps=4, substeps=1)  # the h100 suite: measured before N existed
-    if name == "h200":  # the script's defaults (K = 4, N = 4, LoRA on shared weights, 4 images per step, auto batch)
-        default = dict(base, teacher="sd3-medium", student="sd3-medium", substeps=4, trainable="lora", batch="auto",
-                       images=4, compile=True, forward=False, count_flops=False)
+    base = dict(image_size=1024, text_len=333, steps=4, substeps=1, solver="euler")  # h100: measured before N existed
+    if name == "h200":  # the defaults of 2026-12-02 (K = 4, N = 4 Euler, LoRA on shared weights, 4 images, auto batch)
+        default = dict(base, teacher="sd3-medium", student="sd3-medium", substeps=4, solver="euler", trainable="lora",
+                       batch="auto", images=4, compile=True, forward=False, count_flops=False)
         return [
             dict(kind="fp8_teacher", teacher="sd3-medium", batch=8, image_size=1024, text_len=333),
             dict(default, batch=1, images=1, compile=False, count_flops=True, repeats=2, warmup=1),  # FLOPs per image
@@ -501,15 +503,17 @@ def suite(name: str) -> list[dict]:
             dict(default, batch=8, images=8, teacher_fp8=True, student_fp8=True, attention="cudnn"),
             dict(default, batch=16, images=16, teacher_fp8=True, student_fp8=True, attention="cudnn"),
         ]
-    if name == "h200-passes":  # 2026-12-03: the teacher's passes per state, N = 2 against the earlier default's 4
+    if name == "h200-passes":  # 2026-12-03: the teacher's passes per state at the FP8 default, N = 2 against N = 4
         default = dict(base, teacher="sd3-medium", student="sd3-medium", substeps=2, trainable="lora", batch="auto",
-                       images=4, compile=True, forward=False, count_flops=False)
+                       images=4, compile=True, forward=False, count_flops=False, teacher_fp8=True, solver="ab2")
         return [
-            dict(default, batch=1, images=1, compile=False, count_flops=True, repeats=1, warmup=1),  # FLOPs per image
-            dict(default, reference=True),  # N = 2; the straightforward loop doing its work
-            dict(default, teacher_fp8=True),
-            dict(default, substeps=4),  # the earlier default, measured again beside them
-            dict(default, substeps=4, supervised=2),  # N = 4 at 2 of the 4 states: the same teacher passes as N = 2
+            dict(default, batch=1, images=1, compile=False, count_flops=True, repeats=1, warmup=1,
+                 teacher_fp8=False),  # FLOPs per image (eager, bf16: FP8 does not change the count)
+            default,  # N = 2 with the 2-step Adams-Bashforth target (the same passes as N = 2 Euler)
+            dict(default, substeps=4, solver="euler", count_flops=True, compile=False, batch=1, images=1, repeats=1,
+                 warmup=1, teacher_fp8=False),  # FLOPs per image at N = 4
+            dict(default, substeps=4, solver="euler"),  # the default, measured again beside it
+            dict(default, reference=True),  # the straightforward loop doing N = 2's work
         ]
     if name == "tiny":
         return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, batch=2, images=4,
@@ -561,8 +565,8 @@ def suite(name: str) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="tiny", help="tiny (CPU), h200 (the defaults, FP8; README) or h100 (N = 1, "
-                        "bf16 levers: the lab notes)")
+    parser.add_argument("--suite", default="tiny", help="tiny (CPU), h200-passes (the defaults: README), h200 "
+                        "(N = 4, FP8) or h100 (N = 1, bf16 levers: the lab notes)")
     parser.add_argument("--only", type=int, nargs="*", help="run only these case indices of the suite")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=6)

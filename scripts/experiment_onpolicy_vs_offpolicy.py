@@ -460,7 +460,8 @@ def distill_run(root: Path, teacher: Path, prompts_path: Path, run: dict, extra:
             "--GENERATE_PROMPTS=false", f"--PROMPTS_JSONL={prompts_path}", f"--HELDOUT_PROMPTS={HELDOUT}",
             f"--RUN_NAME={run['name']}", f"--ON_POLICY_FRACTION={REGIMES[run['regime']]}",
             f"--SEED={run['seed']}", f"--MAX_STEPS={run['steps']}", f"--NUM_ROLLOUT_STEPS={run['K']}",
-            f"--TEACHER_SUBSTEPS={run['N']}", f"--SUPERVISED_STATES={run['M']}", "--EVAL_EVERY=25",
+            f"--TEACHER_SUBSTEPS={run['N']}", f"--TEACHER_SOLVER={run['solver']}", f"--SUPERVISED_STATES={run['M']}",
+            "--EVAL_EVERY=25",
             f"--EVAL_NOISES={RUN_EVAL_NOISES}", "--LOG_EVERY=10", f"--CHECKPOINT_EVERY={run['steps']}",
             "--SAVE_SAMPLE_GRIDS=false", "--T5_MAX_LENGTH=32", "--USE_T5=true", *extra, *STUDENTS[run["student"]],
             *run["args"]]
@@ -481,12 +482,12 @@ def run_record(root: Path, run: dict, ev: FinalEval) -> dict:
             "drift_curve": [(r["step"], r.get("eval_drift")) for r in rows], "state_drift": rows[-1].get("state_drift"),
             "seconds_curve": [(r["step"], r.get("time", 0) - start) for r in rows],
             "train_seconds": summary["timings"]["train_seconds"], "updates": summary["step"],
-            "solver": config["TEACHER_SOLVER"], "spacing": config["SAMPLER_SPACING"],
+            "solver": ev.distill.teacher_solver(config), "spacing": config["SAMPLER_SPACING"],
             "learning_rate": config["LEARNING_RATE"],
             "teacher_passes_per_update": ev.distill.teacher_passes_per_step(config)}
 
 
-def plan_runs(groups: list[dict]) -> list[dict]:
+def plan_runs(groups: list[dict], distill) -> list[dict]:
     """Every run of a plan: each group's K x N x M x regime x seed (M = K is all states: skipped as the same as 0)."""
     runs = []
     for g in groups:
@@ -494,15 +495,19 @@ def plan_runs(groups: list[dict]) -> list[dict]:
         if student not in STUDENTS:
             raise SystemExit(f"unknown student {student!r}; choose one of {sorted(STUDENTS)}")
         for K in g["k"]:
-            for N in g["n"]:
+            for N in [distill.teacher_substeps({"TEACHER_SUBSTEPS": n, "NUM_ROLLOUT_STEPS": K}) for n in g["n"]]:
                 for M in g.get("m", [0]):
                     if M and M >= K:
                         continue
                     for regime in g["regimes"]:
                         for seed in g["seeds"]:
-                            name = f"{student}-K{K}-N{N}-M{M}{'-' + tag if tag else ''}-{regime}-seed{seed}"
+                            solver = distill.teacher_solver({"TEACHER_SOLVER": g["solver"], "NUM_ROLLOUT_STEPS": K})
+                            # the solver is in the name where not Euler, as it is in none of the earlier records
+                            name = (f"{student}-K{K}-N{N}{'' if solver == 'euler' else solver}-M{M}"
+                                    f"{'-' + tag if tag else ''}-{regime}-seed{seed}")
                             runs.append({"name": name, "K": K, "N": N, "M": M, "tag": tag, "student": student,
-                                         "regime": regime, "seed": seed, "steps": g["steps"], "args": g.get("args", [])})
+                                         "solver": solver, "regime": regime, "seed": seed, "steps": g["steps"],
+                                         "args": g.get("args", [])})
     return runs
 
 
@@ -511,12 +516,12 @@ def settings_table(records: list[dict], baselines: dict, reference: dict) -> lis
     spacing, and the scheduler spacing's (where the quality target is set)."""
     groups = {}
     for r in records:
-        groups.setdefault((r.get("student", "all"), r["K"], r["N"], r["M"], r["tag"]), []).append(r)
+        groups.setdefault((r.get("student", "all"), r["K"], r["N"], r["solver"], r["M"], r["tag"]), []).append(r)
     entries = []
-    for (student, K, N, M, tag), rs in sorted(groups.items()):
+    for (student, K, N, solver, M, tag), rs in sorted(groups.items()):
         base, plain = baselines[(K, rs[0]["spacing"])], baselines[(K, "scheduler")]
         entry = {"student": student, "rollout_steps": K, "teacher_substeps": N, "supervised_states": M or K, "tag": tag,
-                 "solver": rs[0]["solver"], "spacing": rs[0]["spacing"], "learning_rate": rs[0]["learning_rate"],
+                 "solver": solver, "spacing": rs[0]["spacing"], "learning_rate": rs[0]["learning_rate"],
                  "args": rs[0].get("args", []), "updates": rs[0]["updates"],
                  "floor": base["floor"]["gap"], "equal_cost": base["equal_cost"]["gap"],
                  "equal_cost_guided_steps": base["equal_cost_steps"], "gap_no_training": base["no_training"]["gap"],
@@ -574,13 +579,16 @@ def add_cost_to_reach(entries: list[dict], jobs: int) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs_colab/experiment")
-    parser.add_argument("--plan", help="a JSON list of groups of runs, each {tag, student, k, n, m, regimes, seeds, steps, "
-                                       "args}; what a group leaves out comes from the options below")
+    parser.add_argument("--plan", help="a JSON list of groups of runs, each {tag, student, k, n, solver, m, regimes, seeds, "
+                                       "steps, args}; what a group leaves out comes from the options below")
     parser.add_argument("--student", default="all", choices=sorted(STUDENTS), help="the student's kind")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=200, help="student updates per run")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="K, the student's sampler steps")
-    parser.add_argument("--n", type=int, nargs="+", default=[4], help="N, the teacher's substeps per step")
+    parser.add_argument("--n", type=int, nargs="+", default=[0], help="N, the teacher's substeps per step (0: the "
+                        "script's default, 8 // K)")
+    parser.add_argument("--solver", default="auto", help="the teacher's substep solver (TEACHER_SOLVER; auto: the "
+                        "script's default, AB2 at K >= 4 and Euler below)")
     parser.add_argument("--m", type=int, nargs="+", default=[0], help="supervised states per rollout (0 = all K)")
     parser.add_argument("--regimes", nargs="+", default=["on_policy", "off_policy"], choices=sorted(REGIMES))
     parser.add_argument("--tag", default="", help="a name for this variant (with the settings passed through)")
@@ -640,10 +648,10 @@ def main(argv=None):
           f"FD {reference['fd']:.3f}", flush=True)
     records_dir = root / "records"
     records_dir.mkdir(exist_ok=True)
-    defaults = {"tag": args.tag, "student": args.student, "k": args.k, "n": args.n, "m": args.m,
+    defaults = {"tag": args.tag, "student": args.student, "k": args.k, "n": args.n, "m": args.m, "solver": args.solver,
                 "regimes": args.regimes, "seeds": args.seeds, "steps": args.steps, "args": []}
     groups = json.loads(Path(args.plan).read_text()) if args.plan else [{}]
-    runs = [] if args.tabulate_only else plan_runs([{**defaults, **g} for g in groups])
+    runs = [] if args.tabulate_only else plan_runs([{**defaults, **g} for g in groups], distill)
     todo = [r for r in runs if not (records_dir / f"{r['name']}.json").is_file()]
     if any(r["student"] == "half-depth" for r in todo):  # made here: loading models in the runs' threads is not safe
         half_depth_student(teacher, root / "half_depth_student")

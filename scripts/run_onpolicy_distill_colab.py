@@ -96,8 +96,8 @@ REPORT_TO = ""  # also log to trackers through accelerate: "tensorboard", "wandb
 NUM_ROLLOUT_STEPS = 4  # K: steps of the student's own sampler, from noise to image
 SAMPLER_SPACING = "trailing"  # where the K steps sit: "trailing" (evenly from noise to image, as few-step models sample) | "scheduler" (diffusers' default, whose last step starts at sigma 0.009: K = 2 is then one real step)
 SAMPLER_SHIFT = None  # sigma shift of the student's sampler; None = the teacher scheduler's config (3.0 for SD3)
-TEACHER_SUBSTEPS = 4  # N: the teacher solves its guided flow over each student step in N substeps; target = its average velocity (1 = instantaneous)
-TEACHER_SOLVER = "euler"  # the solver of those substeps: "euler" | "ab2" (2nd order, reuses the last velocity: 1 pass per substep) | "heun", "midpoint" (2nd order, 2 passes per substep)
+TEACHER_SUBSTEPS = 0  # N: the teacher solves its guided flow over each student step in N substeps; target = its average velocity (1 = instantaneous); 0 = 8 // K: 2 at K = 4, 4 at K = 2, 8 at K = 1
+TEACHER_SOLVER = "auto"  # the solver of those substeps: "auto" = "ab2" at K >= 4, "euler" below (the best measured at each) | "ab2" (2nd order, reuses the last velocity: 1 pass per substep) | "euler" | "heun", "midpoint" (2nd order, 2 passes per substep)
 TEACHER_SUBSTEP_SHIFT = None  # spacing of those substeps: None = as the teacher's scheduler spaces its steps (its shift), 1.0 = uniform in sigma
 SUPERVISED_STATES = 0  # rollout states the teacher supervises: 0 = all K, M = a random M of them per rollout
 GUIDANCE_SCALE = 7.0  # teacher classifier-free guidance (SD3: 7.0, SD3.5: 3.5-4.5); the student learns it
@@ -315,8 +315,23 @@ def teacher_passes_per_step(config: dict) -> int:
     """The teacher's transformer passes on one image per optimizer step (of one process): images x supervised states x
     substeps x the solver's passes per substep x 2 with guidance (conditional and unconditional)."""
     states = config["SUPERVISED_STATES"] or config["NUM_ROLLOUT_STEPS"]
-    return (config["IMAGES_PER_STEP"] * states * config["TEACHER_SUBSTEPS"] * TEACHER_SOLVERS[config["TEACHER_SOLVER"]]
+    return (config["IMAGES_PER_STEP"] * states * teacher_substeps(config) * TEACHER_SOLVERS[teacher_solver(config)]
             * (1 if config["GUIDANCE_SCALE"] == 1 else 2))
+
+
+def teacher_substeps(config: dict) -> int:
+    """N, the teacher's substeps per student step: TEACHER_SUBSTEPS, or with 0, 8 // K (at least 1): about eight
+    substeps over the whole path whatever K, as measured best per teacher pass at K = 4 (N = 2, AB2); at K = 1-2 more
+    substeps were measured to help (Euler), so fewer steps get more."""
+    return config["TEACHER_SUBSTEPS"] or max(1, 8 // config["NUM_ROLLOUT_STEPS"])
+
+
+def teacher_solver(config: dict) -> str:
+    """TEACHER_SOLVER, or with "auto", AB2 from K = 4 up (its students were the best there, at half Euler's passes)
+    and Euler below: on K = 1-2's long steps AB2's extrapolation from the first substep's velocity misses, and its
+    targets were 1.3-20x further from a fine solve than Euler's at equal passes (the trained teacher, 2026-12-03)."""
+    solver = config["TEACHER_SOLVER"]
+    return solver if solver != "auto" else ("ab2" if config["NUM_ROLLOUT_STEPS"] >= 4 else "euler")
 
 
 def solve_flow(velocity_fn, x, grid, solver: str):
@@ -350,9 +365,9 @@ def teacher_target_velocity(velocity_fn, x, sigmas, i: int, num_substeps: int, s
 
         v* = (x - x^T) / (sigma_i - sigma_{i+1}),   x^T = solve_flow over substep_sigmas.
 
-    A student step with v* lands where the teacher's N-substep solve lands. N = 1 with Euler: the teacher's
-    instantaneous velocity velocity_fn(x, t_i) itself."""
-    if num_substeps == 1 and solver == "euler":
+    A student step with v* lands where the teacher's N-substep solve lands. N = 1 with Euler (or AB2, whose
+    first substep is Euler's): the teacher's instantaneous velocity velocity_fn(x, t_i) itself."""
+    if num_substeps == 1 and solver in ("euler", "ab2"):
         return velocity_fn(x, sigmas[i] * 1000)
     y = solve_flow(velocity_fn, x, substep_sigmas(sigmas, i, num_substeps, shift), solver)
     return (x - y) / (float(sigmas[i]) - float(sigmas[i + 1]))
@@ -484,7 +499,7 @@ def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps
     terms = torch.zeros(len(timesteps), 4, device=device)
     plain_student = accelerator.unwrap_model(models.student)
     eta, last_supervised = config["SAMPLER_ETA"], max(supervised)
-    substeps, shift, solver = config["TEACHER_SUBSTEPS"], teacher_substep_shift(config, models), config["TEACHER_SOLVER"]
+    substeps, shift, solver = teacher_substeps(config), teacher_substep_shift(config, models), teacher_solver(config)
 
     def guided_teacher(y, t):
         return teacher_velocity(models.teacher, y, t, cond, uncond, config["GUIDANCE_SCALE"], models.teacher_dtype)
@@ -942,7 +957,7 @@ def run_header(run: Run, models: Models, images_per_step: int, result: TrainResu
         f"  batch {batch} images per rollout, {config['IMAGES_PER_STEP'] // batch} rollout(s) per step, per process"
         + (f"; {run.batch_choice}" if run.batch_choice else ""),
         f"  K = {config['NUM_ROLLOUT_STEPS']} student steps ({config['SAMPLER_SPACING']} spacing), N = "
-        f"{config['TEACHER_SUBSTEPS']} teacher substeps per step ({config['TEACHER_SOLVER']}; "
+        f"{teacher_substeps(config)} teacher substeps per step ({teacher_solver(config)}; "
         f"{teacher_passes_per_step(config) // config['IMAGES_PER_STEP']} teacher passes per image), guidance "
         f"{config['GUIDANCE_SCALE']}; {config['MAX_STEPS']} optimizer steps of {images_per_step} images"
         + (f", from step {result.step}" if result.step else ""),
@@ -1010,7 +1025,7 @@ def teacher_path(models: Models, config: dict, cond, uncond, noise, sigmas) -> l
     states, x = [], noise.float()
     with torch.no_grad(), models.teacher_context():
         for i in range(len(sigmas) - 1):
-            v = teacher_target_velocity(guided, x, sigmas, i, config["TEACHER_SUBSTEPS"], shift, config["TEACHER_SOLVER"])
+            v = teacher_target_velocity(guided, x, sigmas, i, teacher_substeps(config), shift, teacher_solver(config))
             x = euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
             states.append(x)
     return states
@@ -1271,9 +1286,11 @@ def validate_config(c: dict) -> None:
             problems.append(message)
 
     for name in ("IMAGES_PER_STEP", "MAX_STEPS", "LOG_EVERY", "CHECKPOINT_EVERY",
-                 "NUM_ROLLOUT_STEPS", "TEACHER_SUBSTEPS", "TEACHER_EVAL_STEPS", "NUM_PROMPTS", "LORA_RANK", "T5_MAX_LENGTH",
+                 "NUM_ROLLOUT_STEPS", "TEACHER_EVAL_STEPS", "NUM_PROMPTS", "LORA_RANK", "T5_MAX_LENGTH",
                  "KEEP_LAST_CHECKPOINTS", "MAX_CONSECUTIVE_SKIPS", "EVAL_NOISES"):
         need(isinstance(c[name], int) and c[name] >= 1, f"{name}={c[name]!r} must be a whole number >= 1.")
+    need(isinstance(c["TEACHER_SUBSTEPS"], int) and c["TEACHER_SUBSTEPS"] >= 0,
+         f"TEACHER_SUBSTEPS={c['TEACHER_SUBSTEPS']!r} must be a whole number >= 1, or 0 for 8 // K.")
     for name in ("LEARNING_RATE", "ADAM_EPS", "IMAGE_SIZE", "LORA_ALPHA"):
         need(isinstance(c[name], (int, float)) and c[name] > 0, f"{name}={c[name]!r} must be > 0.")
     for name in ("ADAM_WEIGHT_DECAY", "MAX_GRAD_NORM", "LR_WARMUP_STEPS", "KL_WARMUP_STEPS", "EVAL_EVERY",
@@ -1312,8 +1329,8 @@ def validate_config(c: dict) -> None:
         problems.append(problem)
     need(c["TRAINABLE"] in ("all", "lora", "blocks", "norms"), f"TRAINABLE={c['TRAINABLE']!r}: use all, lora, blocks or norms.")
     need(c["SAMPLER_SPACING"] in ("trailing", "scheduler"), f"SAMPLER_SPACING={c['SAMPLER_SPACING']!r}: use trailing or scheduler.")
-    need(c["TEACHER_SOLVER"] in TEACHER_SOLVERS,
-         f"TEACHER_SOLVER={c['TEACHER_SOLVER']!r}: use one of {', '.join(TEACHER_SOLVERS)}.")
+    need(c["TEACHER_SOLVER"] == "auto" or c["TEACHER_SOLVER"] in TEACHER_SOLVERS,
+         f"TEACHER_SOLVER={c['TEACHER_SOLVER']!r}: use 'auto' or one of {', '.join(TEACHER_SOLVERS)}.")
     if c["TRAINABLE"] == "blocks":
         try:
             parse_block_slice(c["TRAIN_BLOCKS"])

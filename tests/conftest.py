@@ -1,6 +1,7 @@
 """Shared fixtures: the script imported as a module, and the built-in tiny SD3 built once per session."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,10 @@ def tiny_path(tiny_root, distill):
 def run_script(*args, env=None, timeout=300):
     """Run the script as a user does: a fresh python process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # Ctrl-C reaches the script as it does in a terminal, also where the tests themselves run with SIGINT ignored
+    # (started with & from a script): Python raises KeyboardInterrupt only if SIGINT was not ignored when it started.
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=REPO)
+                          timeout=timeout, cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def tiny_args(root, *extra):

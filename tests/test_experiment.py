@@ -92,7 +92,7 @@ def test_the_grid_in_a_short_configuration(tmp_path):
         for reading in ("adherence", "adherence_strict"):
             for of in ("on_policy", "reference", "floor", "no_training", "equal_cost"):
                 assert set(e[f"{reading}_{of}"]) == {"shape", "color", "background"}, (reading, of)
-        assert e["spacing"] == "trailing" and e["solver"] == "euler"
+        assert e["spacing"] == "trailing" and e["solver"] == ("ab2" if e["rollout_steps"] >= 4 else "euler")  # "auto"
     four_1, four_4 = settings[("all", 4, 1)], settings[("all", 4, 4)]
     # teacher passes on one image per update: 8 images x 4 states x N substeps x 2 (guidance)
     assert four_4["teacher_passes_per_update"] == 4 * four_1["teacher_passes_per_update"] == 8 * 4 * 4 * 2

@@ -269,6 +269,14 @@ def test_teacher_passes_per_step(distill):
     assert distill.teacher_passes_per_step(config) == 4 * 4 * 4 * 2
     assert distill.teacher_passes_per_step({**config, "TEACHER_SOLVER": "heun", "TEACHER_SUBSTEPS": 2}) == 4 * 4 * 4 * 2
     assert distill.teacher_passes_per_step({**config, "SUPERVISED_STATES": 1, "GUIDANCE_SCALE": 1}) == 4 * 1 * 4
+    # N = 0: 8 // K substeps, the same passes per supervised path at K = 4, 2 and 1 (and one substep past K = 8)
+    assert [distill.teacher_substeps({**config, "TEACHER_SUBSTEPS": 0, "NUM_ROLLOUT_STEPS": k}) for k in (1, 2, 3, 4, 8, 16)] \
+        == [8, 4, 2, 2, 1, 1]
+    assert distill.teacher_passes_per_step({**config, "TEACHER_SUBSTEPS": 0, "TEACHER_SOLVER": "auto"}) == 4 * 4 * 2 * 2
+    # "auto": AB2 from K = 4 up, Euler below
+    assert [distill.teacher_solver({"TEACHER_SOLVER": "auto", "NUM_ROLLOUT_STEPS": k}) for k in (1, 2, 3, 4, 8)] \
+        == ["euler", "euler", "euler", "ab2", "ab2"]
+    assert distill.teacher_solver({"TEACHER_SOLVER": "heun", "NUM_ROLLOUT_STEPS": 4}) == "heun"
 
 
 def test_state_drift_per_state(distill):

@@ -2,6 +2,7 @@
 and what training may and may not change."""
 
 import hashlib
+import itertools
 
 import pytest
 import torch
@@ -222,7 +223,7 @@ def test_rollout_supervises_the_states_of_the_policy_it_follows(distill, tiny_ro
     in TEACHER_SUBSTEPS substeps. Checked by re-running each trajectory by hand."""
     config, accelerator, models, text, sigmas, timesteps = rollout_setup(
         distill, tiny_root, tiny_path, f"--ON_POLICY_FRACTION={fraction}", "--STOCHASTIC_ROLLOUT=false",
-        "--KL_WARMUP_STEPS=0", f"--TEACHER_SUBSTEPS={substeps}")
+        "--KL_WARMUP_STEPS=0", f"--TEACHER_SUBSTEPS={substeps}", "--TEACHER_SOLVER=euler")  # as the hand-written one
     torch.manual_seed(0)
     with torch.no_grad():  # a student that differs from the teacher
         for p in models.student.parameters():
@@ -248,10 +249,10 @@ def test_one_substep_gives_exactly_the_teachers_instantaneous_velocity(distill, 
     cond, uncond = text.batch([0, 1], "cpu", torch.float32), text.empty_batch(2, "cpu", torch.float32)
     x = torch.randn(2, *models.latent_shape)
     with torch.no_grad():
-        for i in range(len(timesteps)):
+        for i, solver in itertools.product(range(len(timesteps)), ("euler", "ab2")):
             target = distill.teacher_target_velocity(
                 lambda y, t: distill.teacher_velocity(models.teacher, y, t, cond, uncond, 3.0, torch.float32),
-                x, sigmas, i, 1, 3.0)
+                x, sigmas, i, 1, 3.0, solver)
             assert torch.equal(target, distill.teacher_velocity(models.teacher, x, timesteps[i], cond, uncond, 3.0,
                                                                 torch.float32))
 

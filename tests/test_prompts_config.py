@@ -107,14 +107,14 @@ def test_validation_lists_every_problem_with_its_fix(distill, monkeypatch):
     monkeypatch.setattr(distill, "hub_answers", lambda timeout=3.0: True)  # the default Hub model is fine online
     c = distill.parse_args(["--BATCH_SIZE=0", "--GUIDANCE_SCALE=0.5", "--TRAINABLE=most", "--KL_WEIGHT=0",
                             "--EPS_MSE_WEIGHT=0", "--LATENT_MSE_WEIGHT=0", "--IMAGE_SIZE=1000",
-                            "--SUPERVISED_STATES=9", "--MIXED_PRECISION=fp8"])
+                            "--SUPERVISED_STATES=9", "--MIXED_PRECISION=fp8", "--TEACHER_SUBSTEPS=-1"])
     with pytest.raises(distill.UserError) as err:
         distill.validate_config(c)
     text = str(err.value)
     for fragment in ("BATCH_SIZE=0", "GUIDANCE_SCALE=0.5", "TRAINABLE='most'", "all 0", "IMAGE_SIZE=1000",
-                     "SUPERVISED_STATES=9", "MIXED_PRECISION='fp8'"):
+                     "SUPERVISED_STATES=9", "MIXED_PRECISION='fp8'", "TEACHER_SUBSTEPS=-1 must be a whole number >= 1, or 0"):
         assert fragment in text
-    assert text.startswith("Config has 7 problem(s)")
+    assert text.startswith("Config has 8 problem(s)")
 
 
 def test_flash_attention_4_is_refused_with_what_is_missing(distill, monkeypatch):
@@ -213,7 +213,7 @@ def test_help_lists_every_setting_by_block_with_default_and_comment(distill, cap
         assert block in out
     for name in distill.CONFIG_NAMES:
         assert f"--{name}={getattr(distill, name)!r}" in out, name
-    assert "--TEACHER_SUBSTEPS=4\n      N: the teacher solves its guided flow" in out
+    assert "--TEACHER_SUBSTEPS=0\n      N: the teacher solves its guided flow" in out
     assert distill.main(["-h"]) == 0
 
 
