@@ -360,7 +360,8 @@ def reference_step_factory(distill, case: dict, device, levers: tuple = ()):
                                                             projection_dim=1280 if real else 32))
     clip_l.eval(), clip_g.eval()
     batch = case["batch"] if case["batch"] != "auto" else step_images(case)
-    K, N, guidance, accum = case["steps"], case.get("substeps", 4), 7.0, step_images(case) // batch
+    K, guidance, accum = case["steps"], 7.0, step_images(case) // batch
+    N = distill.teacher_substeps({"TEACHER_SUBSTEPS": case.get("substeps", 0), "NUM_ROLLOUT_STEPS": K})  # its passes
     latent = case["image_size"] // (8 if real else 2)
     t5_len = case["text_len"] - 77
     sigmas, timesteps = distill.sampler_sigmas(SCHEDULER_CONFIG, K, None, (latent // 2) ** 2)
@@ -516,8 +517,8 @@ def suite(name: str) -> list[dict]:
             dict(default, reference=True),  # the straightforward loop doing N = 2's work
         ]
     if name == "tiny":
-        return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, batch=2, images=4,
-                     trainable="all", reference=True, ladder=True, compile=False)]
+        return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, substeps=2, solver="ab2",
+                     batch=2, images=4, trainable="all", reference=True, ladder=True, compile=False)]
     if name == "h100":
         medium = dict(base, teacher="sd3-medium", student="sd3-medium", forward=False, count_flops=False)
         return [
@@ -597,7 +598,7 @@ def main():
         except torch.cuda.OutOfMemoryError as err:
             result = {"case": case, "error": f"out of memory: {str(err)[:200]}"}
             distill.free_accelerator_memory()
-        work = (case["teacher"], case["student"], case["trainable"], case["steps"], case.get("substeps", 4),
+        work = (case["teacher"], case["student"], case["trainable"], case["steps"], case.get("substeps", 0),
                 case.get("supervised", 0), case["image_size"])
         if "script" in result:  # the same work costs the same FLOPs however it is run: reuse an eager count,
             # per image (every operation of the step is per sample, so FLOPs are proportional to the images
@@ -625,7 +626,7 @@ def summary_line(r: dict) -> str:
             f"{name} {v['forward_ms']:.1f} ms ({v['speedup_vs_bf16']:.2f}x, relative MSE {v['relative_mse_vs_bf16']:.1e})"
             for name, v in r["variants"].items())
     images = f" ({c['images']} per step)" if c.get("images", c["batch"]) != c["batch"] else ""
-    name = f"{c['teacher']}->{c['student']} {c['trainable']} b{c['batch']}{images} K{c['steps']} N{c.get('substeps', 4)}" + (
+    name = f"{c['teacher']}->{c['student']} {c['trainable']} b{c['batch']}{images} K{c['steps']} N{c.get('substeps', 'default')}" + (
         " fp8-teacher" if c.get("teacher_fp8") else "") + (" fp8-student" if c.get("student_fp8") else "") + (
         " ckpt" if c.get("checkpointing") else "") + (f" lora:{c['lora_targets']}" if c.get("lora_targets") else "") + (
         " compiled" if c.get("compile") else "") + (f" {c['attention']}" if c.get("attention") else "")
