@@ -495,13 +495,13 @@ def plan_runs(groups: list[dict], distill) -> list[dict]:
         if student not in STUDENTS:
             raise SystemExit(f"unknown student {student!r}; choose one of {sorted(STUDENTS)}")
         for K in g["k"]:
+            solver = distill.teacher_solver({"TEACHER_SOLVER": g["solver"], "NUM_ROLLOUT_STEPS": K})
             for N in [distill.teacher_substeps({"TEACHER_SUBSTEPS": n, "NUM_ROLLOUT_STEPS": K}) for n in g["n"]]:
                 for M in g.get("m", [0]):
                     if M and M >= K:
                         continue
                     for regime in g["regimes"]:
                         for seed in g["seeds"]:
-                            solver = distill.teacher_solver({"TEACHER_SOLVER": g["solver"], "NUM_ROLLOUT_STEPS": K})
                             # the solver is in the name where not Euler, as it is in none of the earlier records
                             name = (f"{student}-K{K}-N{N}{'' if solver == 'euler' else solver}-M{M}"
                                     f"{'-' + tag if tag else ''}-{regime}-seed{seed}")
