@@ -263,7 +263,8 @@ def case_config(distill, case: dict, device) -> dict:
                   TEACHER_FP8=case.get("teacher_fp8", False), STUDENT_FP8=case.get("student_fp8", False),
                   SUPERVISED_STATES=case.get("supervised", 0), TRAINABLE=case["trainable"],
                   GRADIENT_CHECKPOINTING=case.get("checkpointing", False), COMPILE=case.get("compile", False),
-                  ATTENTION_BACKEND=case.get("attention", "auto"), LR_WARMUP_STEPS=0, KL_WARMUP_STEPS=0,
+                  ATTENTION_BACKEND=case.get("attention", "auto"), DMD_WEIGHT=case.get("dmd", 0.0),
+                  LR_WARMUP_STEPS=0, KL_WARMUP_STEPS=0,
                   LEARNING_RATE=1e-6, MAX_STEPS=10**6, MIXED_PRECISION="bf16" if device.type == "cuda" else "no")
     if case.get("lora_targets"):
         config["LORA_TARGET_MODULES"] = case["lora_targets"]
@@ -291,6 +292,7 @@ def run_script_step(distill, case: dict, device, warmup: int, repeats: int, coun
     distill.set_attention_backend(config["ATTENTION_BACKEND"])
     optimizer, lr_scheduler = distill.build_optimizer(models.trainable, config, device, 1)
     models.student, optimizer, lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
+    fake_optimizer, fake_scaler = distill.build_fake_optimizer(models, config, device, config["MIXED_PRECISION"])
     cfg = SD3_CONFIGS[case["teacher"]]
     text = random_text(distill, 16, case["text_len"], cfg, device, teacher_dtype)
     sigmas, timesteps = distill.sampler_sigmas(SCHEDULER_CONFIG, config["NUM_ROLLOUT_STEPS"], None, models.image_seq_len)
@@ -300,9 +302,12 @@ def run_script_step(distill, case: dict, device, warmup: int, repeats: int, coun
     state = {"step": 0, "finite": 0}
 
     def step():
-        terms, counts = distill.distill_step(models, accelerator, text, state["step"], config, sigmas, timesteps, 16)
+        terms, counts, samples = distill.distill_step(models, accelerator, text, state["step"], config, sigmas,
+                                                      timesteps, 16)
         _, finite = distill.apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config,
                                          config["MIXED_PRECISION"])
+        if models.fake:
+            distill.update_fake_score(models, accelerator, fake_optimizer, fake_scaler, samples, config, state["step"])
         state["step"] += 1
         state["finite"] += finite
 
@@ -516,6 +521,10 @@ def suite(name: str) -> list[dict]:
             dict(default, substeps=4, solver="euler"),  # the default, measured again beside it
             dict(default, reference=True),  # the straightforward loop doing N = 2's work
         ]
+    if name == "dmd":  # 2026-12-06: what DMD_WEIGHT adds to the default step (its fake score: 1 update per step)
+        default = dict(base, teacher="sd3-medium", student="sd3-medium", substeps=2, trainable="lora", batch="auto",
+                       images=4, compile=True, forward=False, count_flops=False, teacher_fp8=True, solver="ab2")
+        return [default, dict(default, dmd=1.0)]
     if name == "tiny":
         return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, substeps=2, solver="ab2",
                      batch=2, images=4, trainable="all", reference=True, ladder=True, compile=False)]
@@ -629,7 +638,8 @@ def summary_line(r: dict) -> str:
     name = f"{c['teacher']}->{c['student']} {c['trainable']} b{c['batch']}{images} K{c['steps']} N{c.get('substeps', 'default')}" + (
         " fp8-teacher" if c.get("teacher_fp8") else "") + (" fp8-student" if c.get("student_fp8") else "") + (
         " ckpt" if c.get("checkpointing") else "") + (f" lora:{c['lora_targets']}" if c.get("lora_targets") else "") + (
-        " compiled" if c.get("compile") else "") + (f" {c['attention']}" if c.get("attention") else "")
+        " compiled" if c.get("compile") else "") + (f" {c['attention']}" if c.get("attention") else "") + (
+        f" DMD x {c['dmd']:g}" if c.get("dmd") else "")
     if "error" in r:
         return f"{name}: {r['error']}"
     s = r["script"]

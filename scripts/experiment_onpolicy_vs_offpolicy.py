@@ -66,6 +66,7 @@ STUDENTS = {  # what each kind of student is, as settings of the main script ("h
     "all": ["--TRAINABLE=all"],  # a full copy of the teacher: it can copy it exactly
     "lora-r4": ["--TRAINABLE=lora", "--LORA_RANK=4", "--LORA_ALPHA=4"],  # rank / width 3%, as r32 on SD3-medium's 1536
     "lora-r16": ["--TRAINABLE=lora", "--LORA_RANK=16", "--LORA_ALPHA=16"],
+    "lora-r64": ["--TRAINABLE=lora", "--LORA_RANK=64", "--LORA_ALPHA=64"],  # half the teacher's width
     "half-depth": ["--TRAINABLE=all"],  # every other block of the teacher (half_depth_student)
 }
 REAL_SIZE_ARGS = ["--IMAGE_SIZE=512", "--MAX_STEPS=60", "--IMAGES_PER_STEP=2", "--BATCH_SIZE=2", "--EVAL_EVERY=20",
@@ -364,17 +365,22 @@ class FinalEval:
     judge: object
     guidance: float
     num_colors: int
+    noises_per_prompt: int
 
     def measure(self, latents) -> dict:
-        """gap (latent MSE to the reference), Frechet distance to the drawn pictures, both adherence readings."""
+        """gap (latent MSE to the reference), Frechet distance to the drawn pictures, both adherence readings, and the
+        diversity ratio: the mean distance between two samples of one prompt (sample_diversity) over the reference's."""
         import torch
 
         with torch.no_grad():
             features, logits = self.judge(latents.to(next(self.judge.parameters()).device))
+        diversity = self.distill.sample_diversity
         return {"gap": (latents.cpu() - self.reference).square().mean().item(),
                 "fd": frechet_distance(features.cpu(), self.drawn_features),
                 "adherence": accuracy(torch.stack([lg.argmax(1) for lg in logits], 1), self.answers),
-                "adherence_strict": accuracy(strict_reading(latents, self.num_colors), self.answers)}
+                "adherence_strict": accuracy(strict_reading(latents, self.num_colors), self.answers),
+                "diversity_ratio": (diversity(latents.cpu(), self.noises_per_prompt)
+                                    / diversity(self.reference, self.noises_per_prompt))}
 
     def teacher(self, steps: int, guidance: float, spacing: str = "scheduler") -> dict:
         sigmas = self.distill.pipeline_sigmas(steps, spacing)
@@ -422,7 +428,7 @@ def final_eval(distill, teacher: Path, heldout: list[dict], noises_per_prompt: i
     with torch.no_grad():
         drawn_features = judge(drawn)[0].cpu()
     return FinalEval(distill, teacher_pipe, [p["prompt"] for p in prompts], labels(prompts, num_colors), noise,
-                     reference, drawn_features, judge, guidance, num_colors)
+                     reference, drawn_features, judge, guidance, num_colors, noises_per_prompt)
 
 
 def half_depth_student(teacher: Path, folder: Path) -> Path:
@@ -483,7 +489,8 @@ def run_record(root: Path, run: dict, ev: FinalEval) -> dict:
             "seconds_curve": [(r["step"], r.get("time", 0) - start) for r in rows],
             "train_seconds": summary["timings"]["train_seconds"], "updates": summary["step"],
             "solver": ev.distill.teacher_solver(config), "spacing": config["SAMPLER_SPACING"],
-            "learning_rate": config["LEARNING_RATE"],
+            "learning_rate": config["LEARNING_RATE"], "teacher_fp8": summary["teacher_fp8"],
+            "device_name": summary.get("device_name", summary["device"]), "config": config,
             "teacher_passes_per_update": ev.distill.teacher_passes_per_step(config)}
 
 
@@ -511,7 +518,7 @@ def plan_runs(groups: list[dict], distill) -> list[dict]:
     return runs
 
 
-def settings_table(records: list[dict], baselines: dict, reference: dict) -> list[dict]:
+def settings_table(records: list[dict], baselines: dict, reference: dict, defaults: dict) -> list[dict]:
     """One entry per (student, K, N, M, tag): means over seeds of each regime, beside the baselines of its K and
     spacing, and the scheduler spacing's (where the quality target is set)."""
     groups = {}
@@ -523,12 +530,17 @@ def settings_table(records: list[dict], baselines: dict, reference: dict) -> lis
         entry = {"student": student, "rollout_steps": K, "teacher_substeps": N, "supervised_states": M or K, "tag": tag,
                  "solver": solver, "spacing": rs[0]["spacing"], "learning_rate": rs[0]["learning_rate"],
                  "args": rs[0].get("args", []), "updates": rs[0]["updates"],
+                 "teacher_fp8": sorted({r.get("teacher_fp8") for r in rs}, key=str),
+                 "devices": sorted({r.get("device_name") or r.get("device", "") for r in rs}),
+                 "settings_off_the_product_defaults": settings_off_defaults(rs[0].get("config"), defaults),
                  "floor": base["floor"]["gap"], "equal_cost": base["equal_cost"]["gap"],
                  "equal_cost_guided_steps": base["equal_cost_steps"], "gap_no_training": base["no_training"]["gap"],
                  "floor_scheduler": plain["floor"]["gap"], "gap_no_training_scheduler": plain["no_training"]["gap"],
                  "fd_reference": reference["fd"], "fd_floor": base["floor"]["fd"],
                  "fd_equal_cost": base["equal_cost"]["fd"], "fd_no_training": base["no_training"]["fd"],
                  "teacher_passes_per_update": rs[0]["teacher_passes_per_update"]}
+        entry.update({"diversity_ratio_floor": base["floor"].get("diversity_ratio"),
+                      "diversity_ratio_no_training": base["no_training"].get("diversity_ratio")})
         for reading in ("adherence", "adherence_strict"):
             entry.update({f"{reading}_reference": reference[reading], f"{reading}_floor": base["floor"][reading],
                           f"{reading}_equal_cost": base["equal_cost"][reading],
@@ -541,7 +553,11 @@ def settings_table(records: list[dict], baselines: dict, reference: dict) -> lis
             entry.update({
                 f"gap_{regime}": statistics.mean(gaps), f"gap_{regime}_per_seed": gaps,
                 f"gap_{regime}_seed_std": statistics.stdev(gaps) if len(gaps) > 1 else None,
+                f"gap_to_floor_{regime}": statistics.mean(gaps) / base["floor"]["gap"],
                 f"fd_{regime}": statistics.mean(r["fd"] for r in mine),
+                f"fd_{regime}_per_seed": [r["fd"] for r in mine],
+                f"diversity_ratio_{regime}": (statistics.mean(r["diversity_ratio"] for r in mine)
+                                              if all("diversity_ratio" in r for r in mine) else None),
                 f"train_seconds_{regime}": statistics.mean(r["train_seconds"] for r in mine),
                 f"curve_{regime}": mean_curve([r["curve"] for r in mine]),
                 f"seconds_curve_{regime}": mean_curve([r["seconds_curve"] for r in mine])})
@@ -556,18 +572,29 @@ def settings_table(records: list[dict], baselines: dict, reference: dict) -> lis
     return entries
 
 
+def settings_off_defaults(config: dict | None, defaults: dict) -> dict:
+    """The run's settings of the main script that differ from the script's own defaults (where its runs go, names and
+    how often it logs left out): what the evidence ran with that a user's run would not."""
+    if not config:
+        return {}
+    ignored = {"OUTPUT_ROOT", "RUN_NAME", "PROMPTS_JSONL", "TEACHER_ID", "STUDENT_ID", "LOG_EVERY", "CHECKPOINT_EVERY",
+               "EVAL_EVERY", "SAVE_SAMPLE_GRIDS", "SEED"}
+    return {k: v for k, v in sorted(config.items()) if k not in ignored and defaults.get(k) != v}
+
+
 def mean_curve(curves: list[list]) -> list:
     steps = [s for s, _ in curves[0]]
     return [(s, statistics.mean(c[i][1] for c in curves)) for i, s in enumerate(steps)]
 
 
 def add_cost_to_reach(entries: list[dict], jobs: int) -> None:
-    """Which setting reaches a given quality first. At each K the target is 0.6 x the better of the unguided start and
-    the guided K-step floor, both with the scheduler's spacing (the issue's bar, one for every setting of that K).
+    """Which setting reaches a given quality first. At each K and spacing the target is 0.6 x the floor: the guided
+    teacher's own K-step sample with the same step spacing (its best few-step sampler).
     For each on-policy setting, from its seed-mean held-out curve: the updates until it first reached the target,
     the teacher passes they took, and the run's wall seconds until then (on a GPU shared by `jobs` runs at once)."""
     for e in entries:
-        e["quality_target"] = target = 0.6 * min(e["gap_no_training_scheduler"], e["floor_scheduler"])
+        e["quality_target"] = target = 0.6 * e["floor"]
+        e["quality_target_rule"] = "0.6 x the guided teacher's own K-step gap with the run's step spacing"
         reached = next((step for step, gap in e.get("curve_on_policy", []) if gap <= target), None)
         e["updates_to_reach_target"] = reached
         e["teacher_passes_to_reach_target"] = None if reached is None else reached * e["teacher_passes_per_update"]
@@ -676,7 +703,8 @@ def main(argv=None):
     # Every record in the folder, this command's and earlier ones' (other groups, tags), makes the table.
     records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
     needed = {(r["K"], spacing) for r in records for spacing in (r["spacing"], "scheduler")}
-    entries = settings_table(records, {key: ev.baselines(*key) for key in sorted(needed)}, reference)
+    entries = settings_table(records, {key: ev.baselines(*key) for key in sorted(needed)}, reference,
+                             distill.default_config())
     add_cost_to_reach(entries, args.jobs)
     summary = {
         "command": "python scripts/experiment_onpolicy_vs_offpolicy.py " + " ".join(argv or sys.argv[1:]),
@@ -834,7 +862,7 @@ def print_table(entries: list[dict], reference: dict) -> None:
     print(f"\nteacher, {REFERENCE_STEPS} steps: adherence judge {fmt_adherence(reference['adherence'])}, strict "
           f"{fmt_adherence(reference['adherence_strict'])}, FD {reference['fd']:.1f}")
     print("student    K  N  solver  spacing   tag     | no training  floor | gap on (seed std) / off / dagger "
-          "| drift on / off | strict shape on / off | judge on | passes/update, to target")
+          "| drift on / off | strict shape on / off | judge on | FD on | diversity on | passes/update, to target")
     for e in entries:
         def gap(regime):
             return "-" if f"gap_{regime}" not in e else f"{e[f'gap_{regime}']:.4f}"
@@ -849,7 +877,8 @@ def print_table(entries: list[dict], reference: dict) -> None:
               f"{e['tag'] or '-':7} | {e['gap_no_training']:.4f}  {e['floor']:.4f} | {gap('on_policy')} "
               f"({value('gap_on_policy_seed_std')}) / {gap('off_policy')} / {gap('dagger')} | "
               f"{value('drift_on_policy')} / {value('drift_off_policy')} | {strict('on_policy')} / {strict('off_policy')} | "
-              f"{fmt_adherence(e.get('adherence_on_policy'))} | {e['teacher_passes_per_update']}, "
+              f"{fmt_adherence(e.get('adherence_on_policy'))} | {value('fd_on_policy', '{:.0f}')} | "
+              f"{value('diversity_ratio_on_policy', '{:.2f}')} | {e['teacher_passes_per_update']}, "
               f"{value('teacher_passes_to_reach_target', '{}')}")
 
 
@@ -964,8 +993,14 @@ def real_size_run(args, main_script_args: list[str]) -> dict:
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     rows = [json.loads(line) for line in (root / "metrics" / f"real-{args.real_size}" / "eval.jsonl").read_text().splitlines()]
-    summary = {"architecture": args.real_size, "command": " ".join(command[1:]),
-               "gap": [(r["step"], r["eval_gap"]) for r in rows]}
+    run = json.loads((root / "runs" / f"real-{args.real_size}" / "train_summary.json").read_text())
+    metrics = [json.loads(line) for line in
+               (root / "metrics" / f"real-{args.real_size}" / "metrics.jsonl").read_text().splitlines()]
+    summary = {"architecture": args.real_size, "command": " ".join(command[1:]), "date": time.strftime("%Y-%m-%d"),
+               "device": run["device_name"], "gap": [(r["step"], r["eval_gap"]) for r in rows],
+               "sec_per_step_after_the_first": statistics.median(r["sec_per_step"] for r in metrics[1:]) if metrics[1:] else None,
+               "peak_mem_gb": max(r["peak_mem_gb"] or 0 for r in metrics), "teacher_fp8": run["teacher_fp8"],
+               "batch_size": run["batch_size"], "train_seconds": run["timings"]["train_seconds"], "config": run["config"]}
     (root / f"real_size_{args.real_size}.json").write_text(json.dumps(summary, indent=2))
     print(f"{args.real_size}: held-out gap " + " ".join(f"{s}:{g:.4g}" for s, g in summary["gap"]))
     return summary

@@ -108,6 +108,10 @@ KL_WEIGHT = 0.0  # weight of the transition KL after warmup (its last steps are 
 EPS_MSE_WEIGHT = 1.0  # weight of the epsilon MSE
 LATENT_MSE_WEIGHT = 1.0  # weight of the latent (x0) MSE
 KL_WARMUP_STEPS = 100  # optimizer steps over which the KL weight ramps linearly from 0 to KL_WEIGHT
+DMD_WEIGHT = 0.0  # weight of distribution matching (DMD2) on the student's own x0 predictions at the supervised states; 0 = off
+FAKE_LORA_RANK = 32  # DMD's fake score: a LoRA adapter of this rank on the frozen teacher, trained on the student's samples
+FAKE_LEARNING_RATE = 1e-4  # AdamW learning rate of the fake score (constant)
+FAKE_UPDATES_PER_STEP = 1  # fake-score updates per student update (DMD2's two time scales), each over all of the step's samples
 TEACHER_EVAL_STEPS = 28  # steps of the teacher's own sampler for held-out reference samples
 
 # --- Prompt setup -------------------------------------------------------------------------------
@@ -273,6 +277,56 @@ def kl_weight_at(step: int, kl_weight: float, warmup_steps: int) -> float:
     return kl_weight * min(1.0, step / warmup_steps)
 
 
+def noised(x0, sigma, noise):
+    """The forward process, x_s = (1 - s) x0 + s eps, with s one number or one per sample."""
+    if not isinstance(sigma, float):
+        sigma = sigma.reshape(-1, *[1] * (x0.ndim - 1))
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def dmd_noise_levels(normal, shift: float, low: float = 0.02, high: float = 0.98):
+    """The sigma at which DMD compares the scores (and the fake score learns), from standard-normal draws n: SD3's
+    training density, logit-normal u = sigmoid(n), shifted as its scheduler shifts, s = shift u / (1 + (shift - 1) u),
+    kept within [0.02, 0.98] as DMD2 keeps its timesteps."""
+    import torch
+
+    u = torch.sigmoid(normal)
+    return (shift * u / (1 + (shift - 1) * u)).clamp(low, high)
+
+
+def dmd_direction(x0_student, x0_real, x0_fake):
+    """DMD's gradient for a sample x (here the student's x0 prediction), from the x0 predictions of the two scores at
+    its noised x_s:   g = (x0_fake - x0_real) / mean |x - x0_real|   (the mean per sample: DMD2's normalisation).
+
+    x0_real comes from the guided teacher, x0_fake from the fake score, which models the student's own samples; a step
+    against g moves x towards the teacher's distribution and away from the student's, the gradient of
+    KL(p_student || p_teacher) through the sample."""
+    scale = (x0_student - x0_real).abs().mean(dim=tuple(range(1, x0_student.ndim)), keepdim=True)
+    return (x0_fake - x0_real) / scale.clamp(min=1e-8)
+
+
+def dmd_loss(x0_student, direction):
+    """0.5 mean || x - sg(x - g) ||^2, the stop-gradient form of DMD: its gradient in x is g / (number of elements), so
+    g, not the loss's value (0.5 mean g^2), sets the step."""
+    return 0.5 * (x0_student - (x0_student - direction).detach()).square().mean()
+
+
+def flow_matching_loss(velocity, x0, noise):
+    """mean || v - (eps - x0) ||^2 for the velocity v predicted at x_s = (1 - s) x0 + s eps: SD3's training loss, here
+    the fake score's, on the student's samples."""
+    return (velocity - (noise - x0)).square().mean()
+
+
+def sample_diversity(samples, num_noises: int) -> float:
+    """The mean Euclidean distance between two samples of one prompt from different noises, averaged over prompts.
+    `samples` are noise-major: row n * P + p is prompt p's sample from noise n (num_noises >= 2)."""
+    import torch
+
+    per_prompt = samples.reshape(num_noises, -1, samples[0].numel()).transpose(0, 1).double()  # (P, noises, D)
+    distances = torch.cdist(per_prompt, per_prompt)  # zero on the diagonal
+    return float(distances.sum() / (per_prompt.shape[0] * num_noises * (num_noises - 1)))
+
+
 def predict_velocity(transformer, x, timestep, embeds, pooled, dtype):
     """One SD3 transformer call: the velocity at state x and timestep t = 1000 sigma, in fp32.
     The timestep goes in as float32, as StableDiffusion3Pipeline passes it, whatever the model's dtype."""
@@ -284,11 +338,14 @@ def predict_velocity(transformer, x, timestep, embeds, pooled, dtype):
 
 
 def teacher_velocity(teacher, x, timestep, cond, uncond, guidance_scale: float, dtype):
-    """The teacher's guided velocity; conditional and unconditional in one batched call."""
+    """The teacher's guided velocity; conditional and unconditional in one batched call. The timestep: one, or one
+    per sample."""
     if guidance_scale == 1:
         return predict_velocity(teacher, x, timestep, cond[0], cond[1], dtype)
     import torch
 
+    if torch.is_tensor(timestep) and timestep.ndim:
+        timestep = torch.cat([timestep, timestep])
     v_uncond, v_cond = predict_velocity(teacher, torch.cat([x, x]), timestep, torch.cat([uncond[0], cond[0]]),
                                         torch.cat([uncond[1], cond[1]]), dtype).chunk(2)
     return guided_velocity(v_uncond, v_cond, guidance_scale)
@@ -312,11 +369,11 @@ TEACHER_SOLVERS = {"euler": 1, "ab2": 1, "heun": 2, "midpoint": 2}  # transforme
 
 
 def teacher_passes_per_step(config: dict) -> int:
-    """The teacher's transformer passes on one image per optimizer step (of one process): images x supervised states x
-    substeps x the solver's passes per substep x 2 with guidance (conditional and unconditional)."""
+    """The teacher's transformer passes per optimizer step (of one process): images x supervised states x (substeps x
+    the solver's passes per substep, + 1 for DMD's real score) x 2 with guidance (conditional and unconditional)."""
     states = config["SUPERVISED_STATES"] or config["NUM_ROLLOUT_STEPS"]
-    return (config["IMAGES_PER_STEP"] * states * teacher_substeps(config) * TEACHER_SOLVERS[teacher_solver(config)]
-            * (1 if config["GUIDANCE_SCALE"] == 1 else 2))
+    per_state = teacher_substeps(config) * TEACHER_SOLVERS[teacher_solver(config)] + (config["DMD_WEIGHT"] > 0)
+    return config["IMAGES_PER_STEP"] * states * per_state * (1 if config["GUIDANCE_SCALE"] == 1 else 2)
 
 
 def teacher_substeps(config: dict) -> int:
@@ -413,9 +470,17 @@ class Models:
     patch_size: int
     teacher_fp8: bool = False  # its attention and MLP matmuls in FP8
     student_fp8: bool = False  # its frozen base matmuls in FP8
+    fake: list = dataclasses.field(default_factory=list)  # DMD's fake score: its FAKE_ADAPTER weights (fp32)
+    fake_host: object = None  # the model that carries them: the frozen base weights (add_fake_score)
 
     def teacher_context(self):
-        return adapters_disabled(self.teacher) if self.shares_weights else contextlib.nullcontext()
+        """The teacher itself: its model with every adapter (the student's where shared, the fake score's) off."""
+        has_adapters = self.shares_weights or self.fake_host is self.teacher
+        return adapters_disabled(self.teacher) if has_adapters else contextlib.nullcontext()
+
+    def fake_context(self):
+        """DMD's fake score: the frozen base with only the FAKE_ADAPTER on."""
+        return adapter_active(self.fake_host, FAKE_ADAPTER)
 
     @property
     def image_seq_len(self) -> int:
@@ -430,6 +495,17 @@ def adapters_disabled(model):
         yield model
     finally:
         model.enable_adapters()
+
+
+@contextlib.contextmanager
+def adapter_active(model, name: str):
+    """Only the named adapter on, then the ones before (peft also makes only the active one's weights require grad)."""
+    previous = model.active_adapters()
+    model.set_adapter(name)
+    try:
+        yield model
+    finally:
+        model.set_adapter(previous)
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int, device):
@@ -477,6 +553,25 @@ class RolloutPlan:
     student_leads: set[int]
     loss_scale: float  # 1 / (supervised states x accumulated rollouts)
     sync_gradients: bool  # the last rollout of an optimizer step: synchronise gradients across processes
+    samples: list = dataclasses.field(default_factory=list)  # with DMD: (the student's x0, detached; cond) per state
+
+
+def distribution_scores(models: Models, config: dict, x0, cond, uncond, generator, shift: float):
+    """The two scores DMD compares, at the student's sample x0 noised to x_s = (1 - s) x0 + s eps, s per sample from
+    SD3's training density (dmd_noise_levels): the x0 predictions x_s - s v of the guided teacher (real) and of the fake
+    score (conditional, as the student samples). Without gradients."""
+    import torch
+
+    sigma = dmd_noise_levels(torch.randn(x0.shape[0], generator=generator, device=x0.device), shift)
+    x_s = noised(x0, sigma, torch.randn(x0.shape, generator=generator, device=x0.device))
+    with torch.no_grad():
+        with models.teacher_context():
+            v_real = teacher_velocity(models.teacher, x_s, sigma * 1000, cond, uncond, config["GUIDANCE_SCALE"],
+                                      models.teacher_dtype)
+        with models.fake_context():
+            v_fake = predict_velocity(models.fake_host, x_s, sigma * 1000, cond[0], cond[1], models.teacher_dtype)
+    sigma = sigma.reshape(-1, *[1] * (x0.ndim - 1))
+    return x0_from_velocity(x_s, sigma, v_real), x0_from_velocity(x_s, sigma, v_fake)
 
 
 def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps, plan: RolloutPlan, kl_weight: float):
@@ -489,14 +584,16 @@ def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps
     same student prediction, detached, moves the rollout on, by the flow-DDIM transition (ddim_step)
     or, with STOCHASTIC_ROLLOUT off, the ODE. At steps not in `plan.student_leads` the teacher's
     target moves it instead (ON_POLICY_FRACTION < 1: off-policy or DAgger-style mixes).
-    Returns per-step loss terms (fp32, detached) as a (K, 4) tensor: total, kl, eps_mse, latent_mse
+    With DMD_WEIGHT > 0 the student's x0 prediction there, x_i - sigma_i v (at the last state: its sample), also
+    takes DMD's step (dmd_direction, from distribution_scores), and is kept for the fake score (plan.samples).
+    Returns per-step loss terms (fp32, detached) as a (K, 5) tensor: total, kl, eps_mse, latent_mse, dmd
     (zeros where not supervised)."""
     import torch
 
     cond, uncond, supervised, student_leads = plan.cond, plan.uncond, plan.supervised, plan.student_leads
     device = accelerator.device
     x = torch.randn((cond[0].shape[0], *models.latent_shape), generator=plan.generator, device=device)
-    terms = torch.zeros(len(timesteps), 4, device=device)
+    terms = torch.zeros(len(timesteps), 5, device=device)
     plain_student = accelerator.unwrap_model(models.student)
     eta, last_supervised = config["SAMPLER_ETA"], max(supervised)
     substeps, shift, solver = teacher_substeps(config), teacher_substep_shift(config, models), teacher_solver(config)
@@ -518,9 +615,16 @@ def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps
                 kl = transition_kl(sigma, sigma_next, eta, v_student, v_teacher)
                 eps = epsilon_mse(x, sigma, v_student, v_teacher)
                 lat = latent_mse(x, sigma, v_student, v_teacher)
-                total = kl_weight * kl + config["EPS_MSE_WEIGHT"] * eps + config["LATENT_MSE_WEIGHT"] * lat
+                dmd = torch.zeros((), device=device)
+                if config["DMD_WEIGHT"] > 0:
+                    x0 = x0_from_velocity(x, sigma, v_student)
+                    real, fake = distribution_scores(models, config, x0.detach(), cond, uncond, plan.generator, shift)
+                    dmd = dmd_loss(x0, dmd_direction(x0.detach(), real, fake))
+                    plan.samples.append((x0.detach(), cond))
+                total = (kl_weight * kl + config["EPS_MSE_WEIGHT"] * eps + config["LATENT_MSE_WEIGHT"] * lat
+                         + config["DMD_WEIGHT"] * dmd)
                 accelerator.backward(total * plan.loss_scale)
-            terms[i] = torch.stack([total, kl, eps, lat]).detach()
+            terms[i] = torch.stack([total, kl, eps, lat, dmd]).detach()
             v_student = v_student.detach()
         elif i in student_leads:
             with torch.no_grad(), accelerator.autocast():
@@ -538,14 +642,15 @@ def distill_step(models: Models, accelerator, text: "TextEmbeddings", step: int,
                  num_train_prompts: int):
     """IMAGES_PER_STEP / BATCH_SIZE on-policy rollouts of BATCH_SIZE training prompts (BATCH_SIZE resolved
     to a number), gradients accumulated (and synchronised across processes only on the last). Returns the
-    summed (K, 4) loss terms and how often each rollout step was supervised."""
+    summed (K, 5) loss terms, how often each rollout step was supervised, and (with DMD) the student's samples."""
     import torch
 
     K, batch = len(timesteps), config["BATCH_SIZE"]
     accum = config["IMAGES_PER_STEP"] // batch
     kl_weight = kl_weight_at(step, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"])
-    terms = torch.zeros(K, 4, device=accelerator.device)
+    terms = torch.zeros(K, 5, device=accelerator.device)
     counts = torch.zeros(K, device=accelerator.device)
+    samples = []
     for micro in range(accum):
         idx = prompt_indices(step, micro, accelerator.process_index, accelerator.num_processes, batch, accum,
                              num_train_prompts, config["SEED"])
@@ -557,9 +662,45 @@ def distill_step(models: Models, accelerator, text: "TextEmbeddings", step: int,
                            supervised, choose_student_leads(K, config["ON_POLICY_FRACTION"], rng),
                            1.0 / (len(supervised) * accum), micro == accum - 1)
         terms += distill_rollout(models, accelerator, config, sigmas, timesteps, plan, kl_weight)
+        samples += plan.samples
         for i in supervised:
             counts[i] += 1
-    return terms, counts
+    return terms, counts, samples
+
+
+def update_fake_score(models: Models, accelerator, optimizer, scaler, samples: list, config: dict, step: int):
+    """DMD's fake score follows the student: FAKE_UPDATES_PER_STEP AdamW steps, each over all of this step's samples
+    (the student's detached x0 predictions, in the micro-batches they were made in, gradients accumulated), of
+    flow_matching_loss at s from SD3's training density, conditional on each sample's prompt. Draws are seeded by
+    (SEED, step), as the rollouts' are. A step whose loss or gradient is not finite is skipped. Returns the mean loss."""
+    import torch
+
+    shift, device, total = teacher_substep_shift(config, models), accelerator.device, 0.0
+    for update in range(config["FAKE_UPDATES_PER_STEP"]):
+        generator = step_generator(config["SEED"], step, 1_000 + update, accelerator.process_index, device)
+        loss_sum = torch.zeros((), device=device)
+        with models.fake_context():
+            for x0, cond in samples:
+                sigma = dmd_noise_levels(torch.randn(x0.shape[0], generator=generator, device=device), shift)
+                noise = torch.randn(x0.shape, generator=generator, device=device)
+                with accelerator.autocast():
+                    v = predict_velocity(models.fake_host, noised(x0, sigma, noise), sigma * 1000, cond[0], cond[1],
+                                         models.teacher_dtype)
+                loss = flow_matching_loss(v, x0, noise)
+                scaler.scale(loss / len(samples)).backward()
+                loss_sum += loss.detach()
+        if accelerator.num_processes > 1:  # the fake score is no part of the student's DDP: its own all-reduce
+            grads = accelerator.reduce(torch.cat([p.grad.flatten() for p in models.fake]), "mean")
+            for p, g in zip(models.fake, grads.split([p.numel() for p in models.fake]), strict=True):
+                p.grad.copy_(g.view_as(p))
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(models.fake, config["MAX_GRAD_NORM"] or float("inf"))
+        if bool(torch.isfinite(loss_sum) and torch.isfinite(norm)) or scaler.is_enabled():
+            scaler.step(optimizer)  # under fp16 the scaler itself skips a step with overflowing gradients
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        total += float(loss_sum) / len(samples)
+    return total / config["FAKE_UPDATES_PER_STEP"]
 
 # =================================================================================================
 # The training loop, its setup, the held-out evaluation.
@@ -649,6 +790,18 @@ def build_optimizer(params: list, config: dict, device, num_processes: int):
     return optimizer, lr_scheduler
 
 
+def build_fake_optimizer(models: Models, config: dict, device, mixed_precision: str):
+    """DMD's fake score's own AdamW (FAKE_LEARNING_RATE, constant) and fp16 gradient scaler (off under bf16 or fp32),
+    outside accelerate's, whose scaler and data parallelism are the student's; (None, None) without DMD."""
+    import torch
+
+    if not models.fake:
+        return None, None
+    optimizer, _ = build_optimizer(models.fake, {**config, "LEARNING_RATE": config["FAKE_LEARNING_RATE"],
+                                                 "LR_SCHEDULER": "constant"}, device, 1)
+    return optimizer, torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
+
+
 def apply_update(models: Models, accelerator, optimizer, lr_scheduler, terms, counts, config: dict, mixed_precision: str):
     """Clip, then step, unless the loss or the gradient is not finite: then the weights and the
     optimizer state stay exactly as they were. (Under fp16 the gradient scaler handles overflowing
@@ -686,6 +839,8 @@ class Training:
     evaluate: HeldoutEval | None  # main process only
     metrics: MetricsWriter | None  # main process only
     result: TrainResult
+    fake_optimizer: object = None  # with DMD: the fake score's AdamW and its fp16 gradient scaler (off otherwise)
+    fake_scaler: object = None
 
 
 def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts: list[dict],
@@ -704,6 +859,7 @@ def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts
                                                                    resumed_batch)
     optimizer, lr_scheduler = build_optimizer(models.trainable, config, device, accelerator.num_processes)
     models.student, optimizer, lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
+    fake_optimizer, fake_scaler = build_fake_optimizer(models, config, device, run.mixed_precision)
     vae = None
     if config["SAVE_SAMPLE_GRIDS"] and accelerator.is_main_process:
         vae = load_vae(teacher_path, config, models.teacher_dtype, device)
@@ -714,7 +870,7 @@ def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts
     result = TrainResult()
     if run.resume:
         result.step, result.skipped_steps, result.gap_before = restore_checkpoint(
-            run.resume, models, optimizer, lr_scheduler, accelerator)
+            run.resume, models, optimizer, lr_scheduler, accelerator, fake_optimizer, fake_scaler)
         print(f"resumed {paths.name} from {run.resume[0].name} at step {result.step}")
     metrics = None
     if accelerator.is_main_process:
@@ -727,7 +883,7 @@ def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts
         result.gap_before = evaluate(0) if evaluate else None
     evaluations = rows_through(paths.metrics / "eval.jsonl", result.step) if run.resume else []
     result.gap_last = evaluations[-1]["eval_gap"] if evaluations else result.gap_before
-    return Training(optimizer, lr_scheduler, sigmas, timesteps, evaluate, metrics, result)
+    return Training(optimizer, lr_scheduler, sigmas, timesteps, evaluate, metrics, result, fake_optimizer, fake_scaler)
 
 
 def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int, training: Training) -> TrainResult:
@@ -743,8 +899,12 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
         if accelerator.is_main_process:
             extra = {"skipped_steps": result.skipped_steps, "gap_before": result.gap_before,
                      "num_processes": accelerator.num_processes, "prompts_sha256": run.prompts_sha256}
+            if models.fake:
+                extra.update(fake=named_state(models.fake_host, models.fake),
+                             fake_optimizer=training.fake_optimizer.state_dict(),
+                             fake_scaler=training.fake_scaler.state_dict())
             run.checkpoints.save(name, result.step, status, config_fingerprint(config),
-                                 lambda path: save_checkpoint(path, models.student, optimizer, lr_scheduler, accelerator,
+                                 lambda path: save_checkpoint(path, models, optimizer, lr_scheduler, accelerator,
                                                               result.step, config, extra))
         accelerator.wait_for_everyone()
 
@@ -760,16 +920,20 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
         torch.cuda.reset_peak_memory_stats()
     try:
         while result.step < max_steps:
-            terms, counts = distill_step(models, accelerator, text, result.step, config, training.sigmas,
-                                         training.timesteps, num_train_prompts)
-            # A Ctrl-C from here on takes effect once the update, the step's row and grid and its checkpoint are
+            terms, counts, samples = distill_step(models, accelerator, text, result.step, config, training.sigmas,
+                                                  training.timesteps, num_train_prompts)
+            # A Ctrl-C from here on takes effect once the updates, the step's row and grid and its checkpoint are
             # written, so a resumed run goes on exactly as one left alone.
             with interrupt_after():
                 grad_norm, finite = apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config,
                                                  run.mixed_precision)
+                fake_loss = None
+                if models.fake:
+                    fake_loss = update_fake_score(models, accelerator, training.fake_optimizer, training.fake_scaler,
+                                                  samples, config, result.step)
                 if finite:
                     consecutive_skips = 0
-                    window.add(terms, counts, grad_norm)
+                    window.add(terms, counts, grad_norm, fake_loss)
                 else:
                     result.skipped_steps += 1
                     consecutive_skips += 1
@@ -787,8 +951,7 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
                 if step % config["LOG_EVERY"] == 0 or step == max_steps or evaluate_now:
                     row = window.row(accelerator, step, kl_weight_at(step - 1, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
                                      lr_scheduler.get_last_lr()[0], images_per_step, result.skipped_steps,
-                                     result.gap_last if evaluate_now else None,
-                                     training.evaluate.drift if evaluate_now and training.evaluate else None)
+                                     training.evaluate.readings if evaluate_now and training.evaluate else None)
                     if training.metrics:
                         training.metrics.write(row)
                     if config["REPORT_TO"]:
@@ -904,38 +1067,41 @@ class LogWindow:
         import torch
 
         num_steps, device = self.num_steps, self.device
-        self.terms = torch.zeros(num_steps, 4, device=device)
+        self.terms = torch.zeros(num_steps, len(LOSS_TERMS), device=device)
         self.counts = torch.zeros(num_steps, device=device)
         self.grad = torch.zeros((), device=device)
-        self.steps, self.start = 0, time.time()
+        self.steps, self.fake_loss, self.start = 0, [], time.time()
 
-    def add(self, terms, counts, grad_norm):
+    def add(self, terms, counts, grad_norm, fake_loss=None):
         self.terms += terms
         self.counts += counts
         self.grad += grad_norm.detach().float()
         self.steps += 1
+        if fake_loss is not None:
+            self.fake_loss.append(fake_loss)
 
-    def row(self, accelerator, step, kl_weight, lr, images_per_step, skipped, gap, drift) -> dict:
-        """Means over the window and all processes, read from the device once; then the window starts again."""
+    def row(self, accelerator, step, kl_weight, lr, images_per_step, skipped, evaluation: dict | None) -> dict:
+        """Means over the window and all processes, read from the device once; then the window starts again.
+        `evaluation`: the held-out evaluation's readings at this step (eval_gap, eval_drift, eval_diversity), if any."""
         import torch
 
         elapsed, steps = time.time() - self.start, max(self.steps, 1)
-        K = self.num_steps  # one all-reduce and one host read for the whole row
+        K, n = self.num_steps, len(LOSS_TERMS)  # one all-reduce and one host read for the whole row
         summed = accelerator.reduce(torch.cat([self.terms.flatten(), self.counts, self.grad.reshape(1)]), "sum").tolist()
-        terms, counts = [summed[4 * i:4 * i + 4] for i in range(K)], summed[4 * K:5 * K]
+        terms, counts = [summed[n * i:n * i + n] for i in range(K)], summed[n * K:(n + 1) * K]
         total, grad_norm = sum(counts), summed[-1] / accelerator.num_processes
 
         def mean(col):
             return sum(t[col] for t in terms) / total if total else None
 
-        row = {"step": step, "loss": mean(0), "kl": mean(1), "eps_mse": mean(2), "latent_mse": mean(3),
+        row = {"step": step, **{name: mean(col) for col, name in enumerate(LOSS_TERMS)},
+               "fake_loss": sum(self.fake_loss) / len(self.fake_loss) if self.fake_loss else None,
                "kl_weight": kl_weight, "lr": lr, "grad_norm": grad_norm / steps, "sec_per_step": elapsed / steps,
                "images_per_sec": images_per_step * steps / elapsed if elapsed > 0 else None,
                "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-               "skipped_steps": skipped, "eval_gap": gap, "eval_drift": drift}
+               "skipped_steps": skipped, **dict.fromkeys(EVAL_COLUMNS), **(evaluation or {})}
         for i, (t, c) in enumerate(zip(terms, counts, strict=True)):
-            row.update({f"kl_{i}": t[1] / c if c else None, f"eps_mse_{i}": t[2] / c if c else None,
-                        f"latent_mse_{i}": t[3] / c if c else None})
+            row.update({f"{name}_{i}": t[col] / c if c else None for col, name in enumerate(LOSS_TERMS) if col})
         self.reset()
         return row
 
@@ -959,7 +1125,11 @@ def run_header(run: Run, models: Models, images_per_step: int, result: TrainResu
         f"  K = {config['NUM_ROLLOUT_STEPS']} student steps ({config['SAMPLER_SPACING']} spacing), N = "
         f"{teacher_substeps(config)} teacher substeps per step ({teacher_solver(config)}; "
         f"{teacher_passes_per_step(config) // config['IMAGES_PER_STEP']} teacher passes per image), guidance "
-        f"{config['GUIDANCE_SCALE']}; {config['MAX_STEPS']} optimizer steps of {images_per_step} images"
+        f"{config['GUIDANCE_SCALE']}"
+        + (f"; DMD x {config['DMD_WEIGHT']:g} (fake score: LoRA r{config['FAKE_LORA_RANK']} on the teacher, "
+           f"{config['FAKE_UPDATES_PER_STEP']} update(s) per step at {config['FAKE_LEARNING_RATE']:g})"
+           if models.fake else "")
+        + f"; {config['MAX_STEPS']} optimizer steps of {images_per_step} images"
         + (f", from step {result.step}" if result.step else ""),
         f"  held-out gap at step 0: {gap or 'n/a'}" + (f", latest {result.gap_last:.4g}"
                                                         if run.resume and result.gap_last is not None else "")
@@ -975,19 +1145,25 @@ def pace_line(sec_per_step: float, steps_left: int) -> str:
             f" and the {steps_left} steps left about {duration(steps_left * sec_per_step)}")
 
 
-def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelerator):
-    """Weights, optimizer, schedule, scaler; returns (step, skipped steps, gap before). No RNG state: every draw of a
-    step comes from generators seeded by (SEED, step), so a resumed run continues exactly without one."""
+def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelerator, fake_optimizer=None,
+                       fake_scaler=None):
+    """Weights, optimizer, schedule, scaler, and DMD's fake score with its own; returns (step, skipped steps, gap
+    before). No RNG state: every draw of a step comes from generators seeded by (SEED, step), so a resumed run
+    continues exactly without one."""
     path, payload = resume
     student = accelerator.unwrap_model(models.student)
-    missing = set(trainable_state(student)) - set(payload["student"])
-    if missing:
-        raise UserError(f"Checkpoint {path} lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}).")
-    student.load_state_dict(payload["student"], strict=False)
+    for model, params, key in ((student, models.trainable, "student"), (models.fake_host, models.fake, "fake")):
+        missing = set(named_state(model, params)) - set(payload.get(key) or {})
+        if missing:
+            raise UserError(f"Checkpoint {path} lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}).")
+        model.load_state_dict(payload.get(key) or {}, strict=False)
     optimizer.load_state_dict(payload["optimizer"])
     lr_scheduler.load_state_dict(payload["lr_scheduler"])
     if payload["scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(payload["scaler"])
+    if models.fake:
+        fake_optimizer.load_state_dict(payload["fake_optimizer"])
+        fake_scaler.load_state_dict(payload["fake_scaler"])
     return payload["step"], payload.get("skipped_steps", 0), payload.get("gap_before")
 
 
@@ -1055,7 +1231,8 @@ class HeldoutEval:
         self.teacher = torch.cat([teacher_reference_samples(models, self.cond, uncond, config, noise) for noise in chunks])
         paths = [teacher_path(models, config, self.cond, uncond, noise, sigmas) for noise in chunks]
         self.teacher_path = [torch.cat(states) for states in zip(*paths, strict=True)]
-        self.num_steps, self.noises, self.drift = config["NUM_ROLLOUT_STEPS"], config["EVAL_NOISES"], None
+        self.num_steps, self.noises, self.readings = config["NUM_ROLLOUT_STEPS"], config["EVAL_NOISES"], {}
+        self.teacher_diversity = sample_diversity(self.teacher, self.noises) if self.noises > 1 else None
 
     def __call__(self, step: int) -> float:
         import torch
@@ -1068,10 +1245,15 @@ class HeldoutEval:
         per_prompt = per_sample.view(self.noises, len(self.prompts)).mean(0).tolist()
         gap = sum(per_prompt) / len(per_prompt)
         drift = state_drift(states, self.teacher_path)
-        self.drift = sum(drift[:-1]) / (len(drift) - 1) if len(drift) > 1 else None  # the states learned at, past the noise
+        self.readings = {"eval_gap": gap,
+                         # the states learned at, past the noise and before the sample
+                         "eval_drift": sum(drift[:-1]) / (len(drift) - 1) if len(drift) > 1 else None,
+                         # below 1: the student's samples of a prompt vary less than the teacher's (DMD can collapse modes)
+                         "eval_diversity": (sample_diversity(samples, self.noises) / self.teacher_diversity
+                                            if self.teacher_diversity else None)}
         if self.accelerator.is_main_process:
-            row = {"step": step, "eval_gap": gap, "per_prompt": per_prompt, "prompts": self.prompts,
-                   "noises_per_prompt": self.noises, "eval_drift": self.drift, "state_drift": drift, "time": time.time()}
+            row = {"step": step, **self.readings, "per_prompt": per_prompt, "prompts": self.prompts,
+                   "noises_per_prompt": self.noises, "state_drift": drift, "time": time.time()}
             fault_point(f"evaluation {step}")
             append_line(self.paths.metrics / "eval.jsonl", json.dumps(row))
             if self.vae is not None:
@@ -1289,6 +1471,10 @@ def validate_config(c: dict) -> None:
                  "NUM_ROLLOUT_STEPS", "TEACHER_EVAL_STEPS", "NUM_PROMPTS", "LORA_RANK", "T5_MAX_LENGTH",
                  "KEEP_LAST_CHECKPOINTS", "MAX_CONSECUTIVE_SKIPS", "EVAL_NOISES"):
         need(isinstance(c[name], int) and c[name] >= 1, f"{name}={c[name]!r} must be a whole number >= 1.")
+    for name in ("FAKE_LORA_RANK", "FAKE_UPDATES_PER_STEP"):
+        need(isinstance(c[name], int) and c[name] >= 1, f"{name}={c[name]!r} must be a whole number >= 1.")
+    need(isinstance(c["FAKE_LEARNING_RATE"], (int, float)) and c["FAKE_LEARNING_RATE"] > 0,
+         f"FAKE_LEARNING_RATE={c['FAKE_LEARNING_RATE']!r} must be > 0.")
     need(isinstance(c["TEACHER_SUBSTEPS"], int) and c["TEACHER_SUBSTEPS"] >= 0,
          f"TEACHER_SUBSTEPS={c['TEACHER_SUBSTEPS']!r} must be a whole number >= 1, or 0 for 8 // K.")
     for name in ("LEARNING_RATE", "ADAM_EPS", "IMAGE_SIZE", "LORA_ALPHA"):
@@ -1303,9 +1489,10 @@ def validate_config(c: dict) -> None:
     need(0 <= c["ON_POLICY_FRACTION"] <= 1, f"ON_POLICY_FRACTION={c['ON_POLICY_FRACTION']} must be in [0, 1].")
     for name in ("ADAM_BETA1", "ADAM_BETA2"):
         need(0 <= c[name] < 1, f"{name}={c[name]!r} must be in [0, 1).")
-    weights = [c["KL_WEIGHT"], c["EPS_MSE_WEIGHT"], c["LATENT_MSE_WEIGHT"]]
-    need(all(w >= 0 for w in weights), "KL_WEIGHT, EPS_MSE_WEIGHT and LATENT_MSE_WEIGHT must be >= 0.")
-    need(any(w > 0 for w in weights), "KL_WEIGHT, EPS_MSE_WEIGHT and LATENT_MSE_WEIGHT are all 0: nothing to learn; set one > 0.")
+    weights = [c["KL_WEIGHT"], c["EPS_MSE_WEIGHT"], c["LATENT_MSE_WEIGHT"], c["DMD_WEIGHT"]]
+    need(all(w >= 0 for w in weights), "KL_WEIGHT, EPS_MSE_WEIGHT, LATENT_MSE_WEIGHT and DMD_WEIGHT must be >= 0.")
+    need(any(w > 0 for w in weights), "KL_WEIGHT, EPS_MSE_WEIGHT, LATENT_MSE_WEIGHT and DMD_WEIGHT are all 0: nothing to "
+                                      "learn; set one > 0.")
     need(c["SAMPLER_ETA"] <= 1, f"SAMPLER_ETA={c['SAMPLER_ETA']} must be in [0, 1] (1 = the forward process's own posterior).")
     need(not (c["KL_WEIGHT"] > 0 and c["SAMPLER_ETA"] <= 0),
          "KL_WEIGHT > 0 needs SAMPLER_ETA > 0 (the KL is between stochastic transitions); set SAMPLER_ETA=0.7 or KL_WEIGHT=0.")
@@ -1679,7 +1866,8 @@ def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointD
 
 
 # Settings added since earlier checkpoints were written, as those runs had them.
-SETTINGS_BEFORE_THEY_EXISTED = {"SAMPLER_SPACING": "scheduler", "TEACHER_SOLVER": "euler"}
+SETTINGS_BEFORE_THEY_EXISTED = {"SAMPLER_SPACING": "scheduler", "TEACHER_SOLVER": "euler", "DMD_WEIGHT": 0.0,
+                               "FAKE_LORA_RANK": 32, "FAKE_LEARNING_RATE": 1e-4, "FAKE_UPDATES_PER_STEP": 1}
 # Not part of what a run is: where outputs go, how often, memory and speed only (a run resumes on a smaller GPU with
 # a smaller BATCH_SIZE, IMAGES_PER_STEP unchanged), how long (MAX_STEPS: a run can be trained longer), and the path of
 # the prompts file (its contents are checked apart, so OUTPUT_ROOT can be moved, to Drive say).
@@ -1809,6 +1997,15 @@ def resolve_dtype(name: str, device):
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return getattr(torch, name)
+
+
+def device_name(device) -> str:
+    """The GPU's name (e.g. NVIDIA H100 80GB HBM3), or the CPU's architecture: what a record says it ran on."""
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
 
 
 def resolve_mixed_precision(name: str) -> str:
@@ -2003,6 +2200,8 @@ def fp8_targets(model) -> dict:
     for block in model.transformer_blocks:
         for name, module in block.named_modules():
             if not (isinstance(module, torch.nn.Linear) and name.startswith(FP8_LAYERS)) or module.weight.requires_grad:
+                continue
+            if ".lora_" in name:  # an adapter's own layers (one not active has requires_grad off) stay as they are
                 continue
             if module.in_features % 16 or module.out_features % 16:
                 continue
@@ -2331,6 +2530,29 @@ def set_trainable(student, config: dict) -> list:
     return params
 
 
+FAKE_ADAPTER = "fake"  # the name of DMD's fake-score adapter; the student's LoRA is peft's "default"
+
+
+def add_fake_score(model, config: dict) -> list:
+    """DMD's fake score: a LoRA adapter (FAKE_ADAPTER, rank FAKE_LORA_RANK, on LORA_TARGET_MODULES) on a model of the
+    teacher's frozen weights (with a LoRA student on them: its own model, so no third copy of the transformer).
+    Its B matrices start at zero, so it starts as the teacher without guidance. Returns its weights, in fp32 as the
+    student's trainable ones; the adapters active before stay active."""
+    import torch
+    from peft import LoraConfig
+
+    active = model.active_adapters() if getattr(model, "_hf_peft_config_loaded", False) else None
+    targets = [t.strip() for t in config["LORA_TARGET_MODULES"].split(",") if t.strip()]
+    model.add_adapter(LoraConfig(r=config["FAKE_LORA_RANK"], lora_alpha=config["FAKE_LORA_RANK"],
+                                 init_lora_weights="gaussian", target_modules=targets), adapter_name=FAKE_ADAPTER)
+    if active:
+        model.set_adapter(active)
+    params = [p for name, p in model.named_parameters() if f".{FAKE_ADAPTER}." in name]
+    for p in params:
+        p.data = p.data.to(torch.float32)
+    return params
+
+
 def load_models(config: dict, device) -> tuple[Models, str]:
     """Teacher and student SD3 transformers through diffusers' from_pretrained, checked for
     compatibility, the teacher frozen, the student's trainable part chosen; returns the models and the
@@ -2365,12 +2587,16 @@ def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_d
     """Check compatibility, freeze the teacher, choose what of the student trains, place both on the device,
     put FP8 matmuls where TEACHER_FP8 / STUDENT_FP8 ask for them."""
     check_compatible(teacher.config, student.config, config["IMAGE_SIZE"], vae_factor)
+    # DMD's fake score sits on the frozen base weights: the student's own model where it is LoRA on the teacher's
+    # weights (also where the teacher becomes an FP8 copy below), else the teacher's.
+    fake_host = student if shares_weights else teacher
     teacher_fp8 = teacher_fp8_enabled(config["TEACHER_FP8"], device)
     teacher.requires_grad_(False)
     teacher.eval().to(device)
     if teacher_fp8 and shares_weights and not config["STUDENT_FP8"]:
         teacher, shares_weights = fp8_copy(teacher), False  # an FP8 teacher beside the student's bf16 base
     trainable = set_trainable(student, config)
+    fake = add_fake_score(fake_host, config) if config["DMD_WEIGHT"] > 0 else []
     student.to(device).train()
     if config["STUDENT_FP8"]:
         convert_to_fp8(student)  # with shared weights the teacher's base too
@@ -2397,7 +2623,8 @@ def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_d
     latent_size = config["IMAGE_SIZE"] // vae_factor
     return Models(student, teacher, shares_weights, teacher_dtype, student_dtype,
                   (teacher.config.in_channels, latent_size, latent_size), trainable, scheduler_config,
-                  teacher.config.patch_size, teacher_fp8 or (shares_weights and config["STUDENT_FP8"]), config["STUDENT_FP8"])
+                  teacher.config.patch_size, teacher_fp8 or (shares_weights and config["STUDENT_FP8"]), config["STUDENT_FP8"],
+                  fake, fake_host if fake else None)
 
 
 def load_scheduler_config(model_path: str, config: dict) -> dict:
@@ -2581,15 +2808,19 @@ def remove_stale_temporaries(paths: "RunPaths", folder: Path) -> None:
             paths.remove(tmp)
 
 
-def trainable_state(student) -> dict:
-    """Only what trains: all weights, the chosen blocks, or just the LoRA adapters."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in student.named_parameters() if p.requires_grad}
+def named_state(model, params: list) -> dict:
+    """{name: a CPU copy} of the given weights of a model: only what trains (all weights, the chosen blocks, or just
+    the LoRA adapters), or DMD's fake score."""
+    wanted = {id(p) for p in params}
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if id(p) in wanted}
 
 
-def save_checkpoint(path: Path, student, optimizer, lr_scheduler, accelerator, step: int, config: dict, extra: dict) -> None:
+def save_checkpoint(path: Path, models: Models, optimizer, lr_scheduler, accelerator, step: int, config: dict,
+                    extra: dict) -> None:
     import torch
 
-    payload = {"format": "onpolicy-distill-v1", "step": step, "student": trainable_state(accelerator.unwrap_model(student)),
+    student = accelerator.unwrap_model(models.student)
+    payload = {"format": "onpolicy-distill-v1", "step": step, "student": named_state(student, models.trainable),
                "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                "config": config, "fingerprint": config_fingerprint(config), **extra}
@@ -2655,11 +2886,15 @@ class CheckpointDir:
 # =================================================================================================
 
 
+LOSS_TERMS = ("loss", "kl", "eps_mse", "latent_mse", "dmd")  # the columns of distill_rollout's terms; "loss" = total
+EVAL_COLUMNS = ("eval_gap", "eval_drift", "eval_diversity")
+
+
 def metric_columns(num_steps: int) -> list[str]:
-    columns = ["step", "loss", "kl", "eps_mse", "latent_mse", "kl_weight", "lr", "grad_norm", "sec_per_step",
-               "images_per_sec", "peak_mem_gb", "skipped_steps", "eval_gap", "eval_drift"]
+    columns = [*("step",) + LOSS_TERMS, "fake_loss", "kl_weight", "lr", "grad_norm", "sec_per_step", "images_per_sec",
+               "peak_mem_gb", "skipped_steps", *EVAL_COLUMNS]
     for i in range(num_steps):
-        columns += [f"kl_{i}", f"eps_mse_{i}", f"latent_mse_{i}"]
+        columns += [f"{name}_{i}" for name in LOSS_TERMS[1:]]
     return columns
 
 
@@ -2810,7 +3045,8 @@ def write_summary(run: Run, result: TrainResult, models: Models) -> dict:
                     "model_load_seconds": run.timings.get("model_load_seconds"),
                     "text_embedding_seconds": run.timings.get("text_embedding_seconds"),
                     "train_seconds": now - run.timings.get("train_started", now)},
-        "device": str(run.accelerator.device), "mixed_precision": run.mixed_precision,
+        "device": str(run.accelerator.device), "device_name": device_name(run.accelerator.device),
+        "mixed_precision": run.mixed_precision,
         "num_processes": run.accelerator.num_processes, "batch_size": config["BATCH_SIZE"],
         "batch_size_choice": run.batch_choice or "set in the config", "teacher_fp8": models.teacher_fp8,
         "student_fp8": models.student_fp8,
