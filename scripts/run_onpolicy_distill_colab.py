@@ -116,7 +116,7 @@ TEACHER_EVAL_STEPS = 28  # steps of the teacher's own sampler for held-out refer
 
 # --- Prompt setup -------------------------------------------------------------------------------
 GENERATE_PROMPTS = True  # write PROMPTS_JSONL from the built-in generator (False = read your own file)
-PROMPTS_JSONL = ""  # one {"id", "prompt", "category"} per line; "" = OUTPUT_ROOT/prompts.jsonl
+PROMPTS_JSONL = ""  # one {"id", "prompt", "category"} per line; "" = OUTPUT_ROOT/prompts/generated-n<NUM_PROMPTS>-seed<PROMPT_SEED>.jsonl
 NUM_PROMPTS = 512  # prompts generated (train + held-out)
 PROMPT_SEED = 0  # seeds the generator; the same seed gives the same prompts
 HELDOUT_PROMPTS = 8  # the last N prompts of the file are held out for evaluation, never trained on
@@ -826,6 +826,8 @@ class TrainResult:
     gap_before: float | None = None
     gap_last: float | None = None
     last_row: dict = dataclasses.field(default_factory=dict)
+    exit_code: int = 0  # 130 after Ctrl-C, 143 after SIGTERM
+    last_checkpoint: tuple | None = None  # (file name, step) of the newest checkpoint this run has
 
 
 @dataclasses.dataclass
@@ -896,6 +898,7 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
     optimizer, lr_scheduler, result = training.optimizer, training.lr_scheduler, training.result
 
     def checkpoint(name, status):
+        result.last_checkpoint = (name, result.step)
         if accelerator.is_main_process:
             extra = {"skipped_steps": result.skipped_steps, "gap_before": result.gap_before,
                      "num_processes": accelerator.num_processes, "prompts_sha256": run.prompts_sha256}
@@ -913,6 +916,9 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
     if accelerator.is_main_process:
         print(run_header(run, models, images_per_step, result))
     window, last_checkpoint_time, consecutive_skips, rows = LogWindow(K, device), time.time(), 0, 0
+    if run.resume:
+        result.last_checkpoint = (run.resume[0].name, result.step)
+    before_divergence = result.last_checkpoint  # the newest checkpoint written before a run of non-finite steps
     bar = tqdm(total=max_steps, initial=result.step, disable=not accelerator.is_local_main_process, desc="distill",
                dynamic_ncols=True)
     run.timings["train_started"] = time.time()
@@ -924,7 +930,7 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
                                                   training.timesteps, num_train_prompts)
             # A Ctrl-C from here on takes effect once the updates, the step's row and grid and its checkpoint are
             # written, so a resumed run goes on exactly as one left alone.
-            with interrupt_after():
+            with held_signals():
                 grad_norm, finite = apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config,
                                                  run.mixed_precision)
                 fake_loss = None
@@ -935,12 +941,11 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
                     consecutive_skips = 0
                     window.add(terms, counts, grad_norm, fake_loss)
                 else:
+                    before_divergence = result.last_checkpoint if consecutive_skips == 0 else before_divergence
                     result.skipped_steps += 1
                     consecutive_skips += 1
                     if consecutive_skips >= config["MAX_CONSECUTIVE_SKIPS"]:
-                        raise UserError(f"{consecutive_skips} steps in a row had a non-finite loss or gradient (last at "
-                                        f"step {result.step}); stopped. The last good checkpoint is intact. Lower "
-                                        f"LEARNING_RATE, use MIXED_PRECISION='bf16' or 'no', or lower GUIDANCE_SCALE.")
+                        raise UserError(diverged_message(consecutive_skips, result.step, before_divergence, paths))
                 result.step += 1
                 step = result.step
                 bar.update(1)
@@ -972,10 +977,12 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
         check_finite_weights(models, result.step)
         checkpoint("final.pt", "trained")  # then the ending: finish_run
         result.status = "trained"
-    except KeyboardInterrupt:
-        result.status = "interrupted"
-        checkpoint(f"step_{result.step}.pt", "interrupted")
-        print(f"\ninterrupted: saved {paths.checkpoints / f'step_{result.step}.pt'}; run again to continue.")
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Stopped): what Colab, Kaggle, SLURM and timeout send
+        result.status, result.exit_code = "interrupted", stop_exit_code(stop)
+        with held_signals(reraise=False):  # a second Ctrl-C must not cut this checkpoint short
+            checkpoint(f"step_{result.step}.pt", "interrupted")
+        print(f"\ninterrupted ({'SIGTERM' if result.exit_code == 143 else 'Ctrl-C'}) at step {result.step}: saved "
+              f"{paths.checkpoints / f'step_{result.step}.pt'}. To continue: {run.command}")
     except BaseException:
         result.status = "failed"
         raise
@@ -984,6 +991,19 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
         if result.status != "trained":
             write_summary_after_a_stop(run, result, models)
     return result
+
+
+def diverged_message(skips: int, step: int, before: tuple | None, paths: "RunPaths") -> str:
+    """Why a run stopped after MAX_CONSECUTIVE_SKIPS non-finite steps, and which of its checkpoints came before that."""
+    if before is None:
+        kept = "No checkpoint of this run was written before it diverged."
+    else:
+        kept = (f"The newest checkpoint written before the first of them is {paths.checkpoints / before[0]} (step "
+                f"{before[1]}); if the loss was already climbing before that (metrics.jsonl), it may be damaged too, "
+                f"so none is known good.")
+    return (f"{skips} steps in a row had a non-finite loss or gradient (the last at step {step}); stopped. {kept} Start "
+            f"a new run (a new RUN_NAME) with a lower LEARNING_RATE, MIXED_PRECISION='bf16' or 'no', or a lower "
+            f"GUIDANCE_SCALE.")
 
 
 def check_finite_weights(models: Models, step: int) -> None:
@@ -995,29 +1015,46 @@ def check_finite_weights(models: Models, step: int) -> None:
                         f"Lower LEARNING_RATE (or use MIXED_PRECISION='bf16' or 'no') and start a new run.")
 
 
-@contextlib.contextmanager
-def interrupt_after():
-    """A Ctrl-C (SIGINT) inside the block is held until the block is done, then raised."""
-    import signal
-    import threading
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (the run saves, writes its summary, says how to continue), with exit code 143."""
 
-    if threading.current_thread() is not threading.main_thread():
+
+def raise_stopped(*_):
+    raise Stopped
+
+
+def stop_exit_code(stop: KeyboardInterrupt) -> int:
+    return 143 if isinstance(stop, Stopped) else 130
+
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+@contextlib.contextmanager
+def held_signals(reraise: bool = True):
+    """A Ctrl-C (SIGINT) or SIGTERM inside the block is held until the block is done, then raised (as KeyboardInterrupt
+    or Stopped) or, with reraise=False, dropped: the run is stopping already."""
+    import signal
+
+    if not threading_main():
         yield
         return
     held = []
 
-    def hold(*_):
+    def hold(signum, _):
         if not held:
-            print("\nfinishing this step's update, row and checkpoint, then stopping")
-        held.append(True)
+            print("\nfinishing this step's update, row and checkpoint, then stopping" if reraise else
+                  "\nalready stopping: the checkpoint is being written")
+        held.append(signum)
 
-    previous = signal.signal(signal.SIGINT, hold)
+    previous = {name: signal.signal(getattr(signal, name), hold) for name in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if held:
-        raise KeyboardInterrupt
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+    if held and reraise:
+        raise Stopped if held[0] == signal.SIGTERM else KeyboardInterrupt
 
 
 def finish_run(run: Run, models: Models, teacher_path: str, result: TrainResult) -> None:
@@ -1040,8 +1077,10 @@ def trained_result(run: Run, models: Models) -> TrainResult:
     run.accelerator.unwrap_model(models.student).load_state_dict(payload["student"], strict=False)
     evaluations = rows_through(run.paths.metrics / "eval.jsonl", payload["step"])
     rows = rows_through(run.paths.metrics / "metrics.jsonl", payload["step"])
-    print(f"finishing run {run.paths.name}: trained to step {payload['step']} ({path.name}), its export and summary "
-          f"were cut off; writing them now.")
+    problem = export_problem(run.paths.export) if run.config["EXPORT_DIFFUSERS"] else None
+    why = f"its export {problem}" if problem and run.paths.export.exists() else "its export and summary were cut off"
+    print(f"finishing run {run.paths.name}: trained to step {payload['step']} ({path.name}); {why}; writing them "
+          f"again from {path.name}.")
     return TrainResult("trained", payload["step"], payload.get("skipped_steps", 0), payload.get("gap_before"),
                        evaluations[-1]["eval_gap"] if evaluations else None, rows[-1] if rows else {})
 
@@ -1153,6 +1192,8 @@ def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelera
     path, payload = resume
     student = accelerator.unwrap_model(models.student)
     for model, params, key in ((student, models.trainable, "student"), (models.fake_host, models.fake, "fake")):
+        if not params:
+            continue
         missing = set(named_state(model, params)) - set(payload.get(key) or {})
         if missing:
             raise UserError(f"Checkpoint {path} lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}).")
@@ -1289,8 +1330,13 @@ def main(argv: list[str] | None = None) -> int:
         if config["INSTALL_DEPS"]:
             dep_install()
         quiet_libraries()
+        if threading_main():
+            import signal
+
+            signal.signal(signal.SIGTERM, raise_stopped)  # handled as Ctrl-C is: the run saves and says how to go on
 
         run = start_run(config)
+        run.command = resume_command(argv, run.paths.name)
         try:
             code = train_and_finish(run)
         finally:
@@ -1307,11 +1353,19 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(code)
         run.accelerator.end_training()  # trackers closed
         return code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print("\ninterrupted: nothing is lost; the same command continues the run where it stopped.", file=sys.stderr)
-        return 130
+        return stop_exit_code(stop)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a write that failed outside atomic_write (a metrics row, the lock): the same refusal
+        import errno
+
+        if errno.errorcode.get(err.errno) not in WRITE_ERRNOS:
+            raise
+        print(f"error: {write_failure(Path(err.filename or (config or {}).get('OUTPUT_ROOT', '.')), err)}",
+              file=sys.stderr)
         return 2
     except Exception as err:
         if type(err).__name__ != "OutOfMemoryError":
@@ -1336,7 +1390,7 @@ def train_and_finish(run: Run) -> int:
         training = setup_training(run, models, text, train_prompts, heldout_prompts, teacher_path)
         result = train(run, models, text, len(train_prompts), training)
     if result.status == "interrupted":
-        return 130
+        return result.exit_code
     finish_run(run, models, teacher_path, result)
     if run.accelerator.is_main_process:
         print(json.dumps({"status": result.status, "run_name": run.paths.name, "step": result.step,
@@ -1543,6 +1597,8 @@ def validate_config(c: dict) -> None:
     need(not (c["RESUME"] not in ("auto", "never") and not Path(c["RESUME"]).is_file()),
          f"RESUME={c['RESUME']!r} is neither auto, never nor an existing checkpoint file.")
     need(bool(str(c["OUTPUT_ROOT"]).strip()), "OUTPUT_ROOT is empty; give a folder such as outputs_colab.")
+    need(len(c["RUN_NAME"]) <= 100, f"RUN_NAME is {len(c['RUN_NAME'])} characters long; at most 100 fit in the "
+         f"names of its files and folders. Give a shorter one, e.g. 'sd3-4step'.")
     need(not c["RUN_NAME"] or (c["RUN_NAME"][0].isalnum() and all(ch.isalnum() or ch in "-_." for ch in c["RUN_NAME"])),
          f"RUN_NAME={c['RUN_NAME']!r} must be one plain folder name: letters, digits, '-', '_' and '.', starting with a "
          f"letter or digit (no '/', no '..'), e.g. 'sd3-4step'; or '' for an automatic one.")
@@ -1684,7 +1740,7 @@ class RunPaths:
 
         target = Path(os.path.abspath(target))
         owned = [Path(os.path.abspath(self.root / kind / self.name)) for kind in self.KINDS]
-        owned.append(Path(os.path.abspath(self.export_staging)))
+        owned += [Path(os.path.abspath(self.export_staging))] + [staging_folder(folder) for folder in owned]
         if not self.name or not any(target == folder or folder in target.parents for folder in owned):
             raise RuntimeError(f"refused to delete {target}: it is not inside run {self.name!r}'s folders")
         if target.is_dir() and not target.is_symlink():
@@ -1705,6 +1761,7 @@ class Run:
     resume: tuple | None  # (path, payload) of the checkpoint to continue, or None
     timings: dict
     lock: RunLock | None = None  # held by the main process
+    command: str = ""  # the command that continues this run (resume_command)
     batch_choice: str = ""  # how BATCH_SIZE="auto" was resolved
     prompts_sha256: str = ""  # of the prompt texts, kept in checkpoints
 
@@ -1722,7 +1779,7 @@ class Run:
         pointer = read_json(self.paths.checkpoints / "latest.json") or {}
         return (summary.get("status") == "finished" and summary.get("step") == self.resume[1]["step"]
                 and pointer.get("status") == "finished"
-                and (not self.config["EXPORT_DIFFUSERS"] or self.paths.export.is_dir()))
+                and (not self.config["EXPORT_DIFFUSERS"] or export_problem(self.paths.export) is None))
 
 
 def read_json(path: Path):
@@ -1765,7 +1822,7 @@ def start_run(config: dict) -> Run:
     checkpoints = CheckpointDir(paths, config["KEEP_LAST_CHECKPOINTS"])
     try:
         if accelerator.is_main_process:  # the lock is held: no other process writes here
-            for folder in (paths.metrics, paths.checkpoints, paths.run):
+            for folder in (paths.metrics, paths.checkpoints, paths.run, paths.samples):
                 remove_stale_temporaries(paths, folder)
             if paths.export_staging.exists():
                 paths.remove(paths.export_staging)  # an export cut off by a kill; it is made again
@@ -1778,6 +1835,21 @@ def start_run(config: dict) -> Run:
     # fp32 matmuls and convolutions (MIXED_PRECISION="no" runs, VAE decoding) on the tensor cores, as diffusers' --allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return Run(config, accelerator, mixed_precision, paths, checkpoints, resume, {"started": started}, lock)
+
+
+def resume_command(argv: list[str], run_name: str) -> str:
+    """The command line that continues this run: this one, with the run's name where it did not give one."""
+    import shlex
+
+    named = any(arg.startswith("--RUN_NAME=") and arg != "--RUN_NAME=" for arg in argv)
+    return shlex.join(["python", sys.argv[0] or "run_onpolicy_distill_colab.py", *argv,
+                       *([] if named else [f"--RUN_NAME={run_name}"])])
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def choose_run_name(config: dict) -> str:
@@ -1835,8 +1907,10 @@ def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointD
     resume = None
     if config["RESUME"] == "auto":
         resume = checkpoints.newest_valid()
-        if resume is None and (checkpoints.step_files() or (paths.checkpoints / "final.pt").exists()
-                               or rows_through(paths.metrics / "metrics.jsonl", math.inf)):
+        has_checkpoints = checkpoints.step_files() or (paths.checkpoints / "final.pt").exists()
+        if resume is None and not has_checkpoints and rows_through(paths.metrics / "metrics.jsonl", math.inf):
+            print(f"note: run {paths.name} stopped before its first checkpoint; it starts again from step 0.")
+        if resume is None and has_checkpoints:
             raise UserError(f"Run {paths.name} has history (metrics or checkpoints) but no checkpoint that can be read, "
                             f"so it cannot continue, and starting it again would overwrite that history. Start a new "
                             f"run (a new RUN_NAME, or RESUME='never' with RUN_NAME=''), or point RESUME at a good "
@@ -1854,6 +1928,11 @@ def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointD
         raise UserError(f"Checkpoint {resume[0]} was written with other settings: "
                         f"{settings_that_differ(checkpoint_config(resume[1]), config)}. Resuming would mix two runs. Set "
                         f"them back to continue it, or use a new RUN_NAME for a new run.")
+    if resume and resume[1]["step"] > config["MAX_STEPS"]:
+        raise UserError(f"Run {paths.name} has trained to step {resume[1]['step']} ({resume[0].name}), past "
+                        f"MAX_STEPS={config['MAX_STEPS']}; a run is not cut back, so nothing was changed. To go on with "
+                        f"it, set MAX_STEPS to {resume[1]['step']} or more; for a shorter run, start a new one (a new "
+                        f"RUN_NAME, or RESUME='never' with RUN_NAME='').")
     written_by = resume[1].get("num_processes", num_processes) if resume else num_processes
     trained = resume and resume[1]["step"] >= config["MAX_STEPS"]
     if written_by != num_processes and not trained:
@@ -1967,7 +2046,11 @@ class RunLock:
         self.stop.set()
         holder = read_json(self.path)
         if isinstance(holder, dict) and holder.get("token") == self.mine["token"]:
-            self.paths.remove(self.path)
+            try:
+                self.paths.remove(self.path)
+            except OSError as err:  # a folder gone read-only: the lock stays, and goes stale (taken over) with its pid
+                print(f"warning: could not remove {self.path} ({err.strerror}); the next run of {self.paths.name} "
+                      f"takes it over, at once on this machine.", file=sys.stderr)
 
 
 def pid_alive(pid) -> bool:
@@ -2103,6 +2186,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated")
     warnings.filterwarnings("ignore", message="Argument aux_data .* cannot be converted to a JitArgument")  # FA4, per kernel
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")  # DMD's second adapter, meant
     import diffusers
     import transformers
 
@@ -2765,9 +2849,9 @@ def atomic_write(path: Path, write, local_first: bool | None = None) -> None:
     A rename within one folder is atomic, so a reader (or a resumed run) sees the old file or the
     new one, never half of one, even when the runtime dies mid-write. When `path` is on another
     filesystem than the local temp folder (a mounted Google Drive), the file is written locally
-    first and then copied beside its destination, so a slow or cut-off mount never holds a file
-    half-written by torch.save. A full disk leaves the previous file in place and says so."""
-    import errno
+    first (in staging_folder, which the next run of the folder's run clears) and then copied beside its
+    destination, so a slow or cut-off mount never holds a file half-written by torch.save. A failed write
+    (a full disk, a file-size limit, a read-only folder) leaves the previous file in place and says so."""
     import shutil
     import tempfile
 
@@ -2776,8 +2860,9 @@ def atomic_write(path: Path, write, local_first: bool | None = None) -> None:
     if local_first is None:
         local_first = os.stat(path.parent).st_dev != os.stat(tempfile.gettempdir()).st_dev
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    staged = Path(tempfile.gettempdir()) / f"stage-{os.getpid()}-{path.name}" if local_first else tmp
+    staged = staging_folder(path.parent) / f"{os.getpid()}-{path.name}" if local_first else tmp
     try:
+        staged.parent.mkdir(parents=True, exist_ok=True)
         write(staged)
         if local_first:
             shutil.copyfile(staged, tmp)
@@ -2785,16 +2870,51 @@ def atomic_write(path: Path, write, local_first: bool | None = None) -> None:
             os.fsync(f.fileno())
         fault_point(f"write {path.name}")
         os.replace(tmp, path)
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            kept = "the previous version of it is intact" if path.exists() else "nothing was written there"
-            raise UserError(f"Disk full while writing {path}; {kept}. Free space, lower KEEP_LAST_CHECKPOINTS, or point "
-                            f"OUTPUT_ROOT at a larger disk (e.g. Google Drive).") from err
+    except Exception as err:
+        if failure := write_failure(path, err):
+            raise failure from err
         raise
     finally:
         for leftover in {tmp, staged}:
-            if leftover.exists():
-                leftover.unlink()
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+        if local_first:
+            with contextlib.suppress(OSError):  # emptied: nothing left in the local temp folder
+                staged.parent.rmdir()
+
+
+WRITE_ERRNOS = {"ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "EIO", "ENAMETOOLONG"}
+
+
+def write_failure(path: Path, err: BaseException, kept: str | None = None) -> UserError | None:
+    """The one-paragraph refusal for a write that failed for a reason outside the script (a full disk or quota, a
+    file-size limit such as `ulimit -f`, a read-only or vanished folder: an OSError, torch.save's RuntimeError from a
+    short write, safetensors' "os error"), saying what was kept and how to go on; None for any other error."""
+    import errno
+
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and errno.errorcode.get(err.errno) in WRITE_ERRNOS:
+        reason = err.strerror
+    elif isinstance(err, OSError) or (not isinstance(err, UserError) and (
+            "os error" in text or "PytorchStreamWriter" in text or "unexpected pos" in text)):
+        reason = text[:160]
+    else:
+        return None
+    if kept is None:
+        kept = "its previous version is intact" if Path(path).exists() else "nothing was written there"
+    return UserError(f"Could not write {path} ({reason}); {kept}, and everything the run wrote before is intact. Free "
+                     f"space (or lower KEEP_LAST_CHECKPOINTS), make OUTPUT_ROOT writable, or point it at a larger disk "
+                     f"(e.g. Google Drive), then run the same command again: it continues from the newest checkpoint.")
+
+
+def staging_folder(folder: Path) -> Path:
+    """Where files bound for `folder` are first written when it is on another filesystem (a mounted Drive): one
+    folder in the local temp folder per destination, named by its path, so the next run that owns `folder` finds and
+    clears what a kill left there (the full weights of a checkpoint, say)."""
+    import tempfile
+
+    key = hashlib.sha256(os.path.abspath(folder).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"onpolicy-distill-staging-{key}"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -2802,10 +2922,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def remove_stale_temporaries(paths: "RunPaths", folder: Path) -> None:
-    """A run killed mid-write leaves .tmp-* files; they are never valid, so remove them at start."""
+    """A run killed mid-write leaves .tmp-* files beside their targets and staged ones in the folder's staging_folder;
+    they are never valid, so remove them at start."""
     if folder.is_dir():
         for tmp in folder.glob(".tmp-*"):
             paths.remove(tmp)
+    if staging_folder(folder).is_dir():
+        paths.remove(staging_folder(folder))
 
 
 def named_state(model, params: list) -> dict:
@@ -2868,12 +2991,17 @@ class CheckpointDir:
         atomic_write_text(self.pointer, json.dumps({**pointer, "status": status, "time": time.time()}))
 
     def newest_valid(self) -> tuple[Path, dict] | None:
-        """The newest checkpoint that loads; a truncated or corrupt one is named and skipped."""
-        candidates = self.step_files()[::-1]
+        """The checkpoint of the highest step that loads, by its step, not its name: final.pt of an earlier, shorter
+        training of a run that then trained longer is older than that training's step files. A truncated or corrupt
+        one is named and skipped."""
+        candidates = [(int(path.stem[5:]), path) for path in self.step_files()]
         final = self.folder / "final.pt"
         if final.is_file():
-            candidates.insert(0, final)
-        for path in candidates:
+            with contextlib.suppress(Exception):  # unreadable: named below, when it is tried
+                candidates.append((load_checkpoint(final, mmap=True)["step"] + 0.5, final))  # first at its step
+            if all(path != final for _, path in candidates):
+                candidates.append((math.inf, final))
+        for _, path in sorted(candidates, key=lambda c: c[0], reverse=True):
             try:
                 return path, load_checkpoint(path)
             except Exception as err:
@@ -3062,8 +3190,57 @@ def write_summary(run: Run, result: TrainResult, models: Models) -> dict:
     return summary
 
 
+EXPORT_MANIFEST = "export_manifest.json"  # {file: {"bytes", "sha256"}} of everything else in the export
+
+
+def export_manifest(folder: Path) -> dict:
+    def sha256(path):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    return {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": sha256(f)}
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != EXPORT_MANIFEST}
+
+
+def export_problem(folder: Path) -> str | None:
+    """What is wrong with an export folder (missing, no manifest, a file missing, cut short or changed), or None where
+    every file is as its manifest says: a re-run of a finished run checks this, and exports again where it fails."""
+    manifest = read_json(folder / EXPORT_MANIFEST)
+    if not folder.is_dir():
+        return "is missing"
+    if not isinstance(manifest, dict):
+        return f"has no readable {EXPORT_MANIFEST}"
+    try:
+        found = export_manifest(folder)
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    for name, entry in manifest.items():
+        if name not in found:
+            return f"lacks {name}"
+        if found[name] != entry:
+            return f"has {name} at {found[name]['bytes']:,} bytes, not the {entry['bytes']:,} it was written with" if (
+                found[name]["bytes"] != entry["bytes"]) else f"has {name} changed since it was written"
+    return None
+
+
 def export_student(models: Models, accelerator, config: dict, teacher_path: str, paths: "RunPaths", gap_before,
                    gap_last) -> None:
+    """export_student_files, with a failed write (a full disk, say) refused in one paragraph."""
+    try:
+        export_student_files(models, accelerator, config, teacher_path, paths, gap_before, gap_last)
+    except Exception as err:
+        kept = (f"the export was not finished (final.pt holds the trained student; the same command exports it again; "
+                f"a half-written {paths.export_staging.name} is cleared then)")
+        if failure := write_failure(paths.export_staging, err, kept):
+            raise failure from err
+        raise
+
+
+def export_student_files(models: Models, accelerator, config: dict, teacher_path: str, paths: "RunPaths", gap_before,
+                         gap_last) -> None:
     """The student in the form diffusers users load: LoRA weights for pipe.load_lora_weights in LoRA
     mode, else a whole StableDiffusion3Pipeline folder (without T5 when it was trained without it);
     a model card beside it; optionally pushed to the Hub."""
@@ -3076,7 +3253,11 @@ def export_student(models: Models, accelerator, config: dict, teacher_path: str,
     if config["TRAINABLE"] == "lora":
         from peft.utils import get_peft_model_state_dict
 
-        StableDiffusion3Pipeline.save_lora_weights(staging, transformer_lora_layers=get_peft_model_state_dict(student))
+        # The adapter's config (rank, alpha, targets) rides in the file's metadata, so diffusers loads it at the
+        # strength it was trained at (alpha / rank); DMD's fake-score adapter is never part of it.
+        StableDiffusion3Pipeline.save_lora_weights(
+            staging, transformer_lora_layers=get_peft_model_state_dict(student, adapter_name="default"),
+            transformer_lora_adapter_metadata=student.peft_config["default"].to_dict())
         base = teacher_path if config["STUDENT_ID"] == TINY_MODEL_ID else config["STUDENT_ID"]  # the built-in one's folder
         usage = (f"pipe = StableDiffusion3Pipeline.from_pretrained({base!r})\n"
                  f"pipe.load_lora_weights({str(paths.export)!r})\n")
@@ -3110,6 +3291,7 @@ Guidance is distilled into the student: sample with guidance_scale=1.0{
     for file in staging.rglob("*"):  # diffusers writes its weights 0600 (through a temporary file); others 0644
         if file.is_file():
             file.chmod(0o666 & ~umask)
+    (staging / EXPORT_MANIFEST).write_text(json.dumps(export_manifest(staging), indent=1))
     fault_point("export")
     if paths.export.exists():
         paths.remove(paths.export)  # the export of an earlier, shorter training of this run
@@ -3214,7 +3396,7 @@ def build_tiny_sd3(path: Path) -> None:
 
 
 REQUIREMENTS = {  # the ranges of requirements.txt, for dep_install()
-    "torch": ">=2.4", "diffusers": ">=0.32", "transformers": ">=4.45", "accelerate": ">=0.34",
+    "torch": ">=2.4", "diffusers": ">=0.34", "transformers": ">=4.45", "accelerate": ">=0.34",
     "huggingface_hub": ">=0.25", "sentencepiece": ">=0.2", "protobuf": ">=3.20", "tqdm": ">=4.60", "peft": ">=0.13",
 }
 
@@ -3222,7 +3404,7 @@ REQUIREMENTS = {  # the ranges of requirements.txt, for dep_install()
 def colab_setup_text() -> str:
     return """\
 # Cell 1: install (skips what is already there)
-!pip install -q "diffusers>=0.32" "transformers>=4.45" "accelerate>=0.34" "peft>=0.13" sentencepiece protobuf
+!pip install -q "diffusers>=0.34" "transformers>=4.45" "accelerate>=0.34" "peft>=0.13" sentencepiece protobuf
 # Cell 2: Hugging Face token. Add HF_TOKEN under Colab's key icon (Secrets) first; a !python process
 # cannot read secrets itself, so hand it over through the environment:
 from google.colab import userdata; import os; os.environ["HF_TOKEN"] = userdata.get("HF_TOKEN")

@@ -9,20 +9,36 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, SCRIPT, run_script, tiny_args
+from conftest import REPO, SCRIPT, run_main, run_script, tiny_args
+
+
+# The full student learns with DMD beside the regression (its fake score a LoRA adapter on the separate teacher); the
+# LoRA student's alpha is not its rank, so its export must carry both.
+EXTRA = {"all": ["--DMD_WEIGHT=1", "--FAKE_LORA_RANK=4"], "lora": ["--LORA_ALPHA=16"]}
 
 
 @pytest.fixture(scope="module")
-def finished_runs(tmp_path_factory):
+def finished_runs(tmp_path_factory, distill):
     """One full and one LoRA tiny run, shared by the export tests."""
     roots = {}
     for trainable in ("all", "lora"):
         root = tmp_path_factory.mktemp(trainable)
-        result = run_script(*tiny_args(root, "--RUN_NAME=r", f"--TRAINABLE={trainable}", "--MAX_STEPS=12",
-                                       "--EVAL_EVERY=5", "--LORA_RANK=4", "--SAMPLER_SHIFT=2.0"))
-        assert result.returncode == 0, result.stderr[-3000:]
+        code, _, err = run_main(distill, *tiny_args(root, "--RUN_NAME=r", f"--TRAINABLE={trainable}", "--MAX_STEPS=12",
+                                                    "--EVAL_EVERY=5", "--LORA_RANK=4", "--SAMPLER_SHIFT=2.0",
+                                                    "--EVAL_NOISES=2", *EXTRA[trainable]))
+        assert code == 0, err[-3000:]
         roots[trainable] = root
     return roots
+
+
+def test_dmd_runs_end_to_end_and_logs_its_terms(finished_runs):
+    root = finished_runs["all"]
+    rows = [json.loads(line) for line in (root / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["dmd"] > 0 and r["fake_loss"] > 0 and all(r[f"dmd_{i}"] > 0 for i in range(4)) for r in rows)
+    evals = [json.loads(line) for line in (root / "metrics" / "r" / "eval.jsonl").read_text().splitlines()]
+    assert all(0 < r["eval_diversity"] < 3 for r in evals)  # two noises per prompt: the diversity ratio is read
+    final = torch.load(root / "checkpoints" / "r" / "final.pt", weights_only=True)
+    assert final["fake"] and all(".fake." in name for name in final["fake"]) and final["fake_optimizer"]["state"]
 
 
 def test_eval_grids_and_gap_rows_at_the_evaluation_steps(finished_runs):
@@ -87,6 +103,7 @@ def test_exported_student_loads_and_samples_in_diffusers(finished_runs):
     final = torch.load(root / "checkpoints" / "r" / "final.pt", weights_only=True)["student"]
     weights = dict(pipe.transformer.named_parameters())
     assert all(torch.equal(weights[name], value) for name, value in final.items())
+    assert not [name for name in weights if "lora" in name or "fake" in name]  # the student only, no fake score
     assert pipe.scheduler.config.shift == 2.0
     image = pipe("a photo of a cat", sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=1.0, height=32, width=32,
                  generator=torch.Generator().manual_seed(0), max_sequence_length=64).images[0]
@@ -118,6 +135,11 @@ def test_exported_lora_loads_onto_the_base_model(finished_runs):
     loaded = {n: p for n, p in pipe.transformer.named_parameters() if "lora" in n}
     final = torch.load(root / "checkpoints" / "r" / "final.pt", weights_only=True)["student"]
     assert len(loaded) == len(final)
+    # trained with rank 4 and alpha 16: diffusers loads it at that strength, alpha / rank = 4, not at 1
+    (config,) = pipe.transformer.peft_config.values()
+    assert (config.r, config.lora_alpha) == (4, 16)
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert list(layer.scaling.values()) == [4.0]
     assert sorted(torch.sort(p.flatten())[0].sum().item() for p in loaded.values()) == pytest.approx(
         sorted(torch.sort(p.flatten())[0].sum().item() for p in final.values()))
 

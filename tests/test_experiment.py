@@ -71,7 +71,8 @@ def test_the_grid_in_a_short_configuration(tmp_path):
             {"k": [4], "n": [1], "regimes": ["on_policy"]},
             {"k": [4], "n": [4], "regimes": ["on_policy", "off_policy"]},
             {"student": "lora-r4", "k": [4], "n": [4], "regimes": ["on_policy", "dagger"]},
-            {"student": "half-depth", "k": [4], "n": [4], "regimes": ["on_policy"]}]
+            {"student": "half-depth", "k": [4], "n": [4], "regimes": ["on_policy"]},
+            {"k": [1], "n": [4], "regimes": ["on_policy"], "tag": "dmd", "args": ["--DMD_WEIGHT=1", "--FAKE_LORA_RANK=4"]}]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     result = subprocess.run([sys.executable, str(EXPERIMENT), "--out", str(tmp_path), "--teacher-steps", "300",
                              "--teacher-width", "32", "--teacher-layers", "2", "--teacher-batch", "32",
@@ -84,7 +85,16 @@ def test_the_grid_in_a_short_configuration(tmp_path):
     assert "StableDiffusion3Pipeline" in summary["final_eval"]
     assert min(summary["strict_on_drawn_pictures"].values()) >= 0.95
     settings = {(e["student"], e["rollout_steps"], e["teacher_substeps"]): e for e in summary["settings"]}
+    dmd = next(e for e in summary["settings"] if e["tag"] == "dmd")
+    settings = {(e["student"], e["rollout_steps"], e["teacher_substeps"]): e for e in summary["settings"] if not e["tag"]}
     assert set(settings) == {("all", 1, 4), ("all", 4, 1), ("all", 4, 4), ("lora-r4", 4, 4), ("half-depth", 4, 4)}
+    # DMD's run goes through the same path: its real score adds one guided teacher pass per state and image, and every
+    # student is read for diversity beside the teacher's own samples (the ratio 1 where they vary as much)
+    assert dmd["teacher_passes_per_update"] == settings[("all", 1, 4)]["teacher_passes_per_update"] + 8 * 1 * 1 * 2
+    assert dmd["settings_off_the_product_defaults"]["DMD_WEIGHT"] == 1.0 and dmd["teacher_fp8"] == [False]
+    for e in summary["settings"]:
+        assert e["diversity_ratio_on_policy"] > 0 and e["diversity_ratio_floor"] > 0 and e["devices"]
+        assert e["quality_target"] == pytest.approx(0.6 * e["floor"])
     for e in settings.values():
         for key in ("floor", "floor_scheduler", "gap_no_training", "gap_on_policy", "fd_on_policy", "fd_floor",
                     "equal_cost", "teacher_passes_per_update", "quality_target", "gpu_seconds_to_reach_target"):

@@ -4,15 +4,22 @@ mistakes: each is refused in one paragraph with exit 2, or handled with a line t
 run or of the user's is deleted or overwritten."""
 
 import json
+import os
 import re
+import resource
+import shutil
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_script, tiny_args
+from conftest import REPO, SCRIPT, run_main, run_script, tiny_args
 from test_run import start, strip_timing, wait_for_step
 
 COMMON = ["--RUN_NAME=r", "--LORA_RANK=4", "--MAX_STEPS=6", "--CHECKPOINT_EVERY=2", "--EVAL_EVERY=3",
@@ -31,7 +38,8 @@ def outcome(root):
     metrics = [json.loads(line) for line in (root / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()]
     evals = [{k: v for k, v in json.loads(line).items() if k != "time"}
              for line in (root / "metrics" / "r" / "eval.jsonl").read_text().splitlines()]
-    final = torch.load(root / "checkpoints" / "r" / "final.pt", weights_only=True)["student"]
+    checkpoint = torch.load(root / "checkpoints" / "r" / "final.pt", weights_only=True)
+    final = {**checkpoint["student"], **{f"fake:{k}": v for k, v in (checkpoint.get("fake") or {}).items()}}
     lora = root / "export" / "r" / "pytorch_lora_weights.safetensors"
     exported = load_file(lora if lora.exists() else root / "export" / "r" / "transformer" / "diffusion_pytorch_model.safetensors")
     summary = json.loads((root / "runs" / "r" / "train_summary.json").read_text())
@@ -39,19 +47,32 @@ def outcome(root):
     return strip_timing(metrics), evals, final, exported, (summary["status"], summary["step"], latest["status"])
 
 
-# SIGKILL with a student of all weights, Ctrl-C with LoRA: both kinds of weights and optimizer state come back exactly
-TRAINABLE = {"KILL": "--TRAINABLE=all", "INT": "--TRAINABLE=lora"}
+# SIGKILL with a student of all weights; Ctrl-C and SIGTERM with LoRA (and DMD's fake score beside it): both kinds of
+# weights and optimizer state come back exactly. SIGKILL needs a process of its own; Ctrl-C and SIGTERM are handled by
+# main() itself, which runs in the test's process (run_main: a second a run instead of five).
+TRAINABLE = {"KILL": ["--TRAINABLE=all"], "INT": ["--TRAINABLE=lora", "--DMD_WEIGHT=1", "--FAKE_LORA_RANK=4"]}
+TRAINABLE["TERM"] = TRAINABLE["INT"]
+EXIT_CODE = {"KILL": -signal.SIGKILL, "INT": 130, "TERM": 143}
+
+
+def run_kind(distill, sig, *arguments, env=None):
+    """(exit code, stdout, stderr) of a run of the kind of student `sig` tests, in a process of its own for SIGKILL."""
+    if sig == "KILL":
+        result = run_script(*arguments, env=env)
+        return result.returncode, result.stdout, result.stderr
+    return run_main(distill, *arguments, env=env)
 
 
 @pytest.fixture(scope="module")
-def left_alone(tmp_path_factory, tiny_path):
+def left_alone(tmp_path_factory, tiny_path, distill):
     """The runs left alone, one per kind of student; the Hub token in their environment."""
     runs = {}
-    for sig, trainable in TRAINABLE.items():
+    for sig in ("KILL", "INT"):
         root = tmp_path_factory.mktemp("left_alone")
-        result = run_script(*args(root, tiny_path, trainable), env={"HF_TOKEN": TOKEN})
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[sig] = (root, outcome(root), result.stdout + result.stderr)
+        code, out, err = run_kind(distill, sig, *args(root, tiny_path, *TRAINABLE[sig]), env={"HF_TOKEN": TOKEN})
+        assert code == 0, err[-3000:]
+        runs[sig] = (root, outcome(root), out + err)
+    runs["TERM"] = runs["INT"]
     return runs
 
 
@@ -62,41 +83,43 @@ def test_the_token_is_never_written(left_alone):
 
 
 @pytest.mark.parametrize("moment", ["write step_4.pt", "evaluation 3", "export", "after final.pt"])
-@pytest.mark.parametrize("sig", ["KILL", "INT"])
-def test_a_run_stopped_at_any_moment_ends_as_one_left_alone(tmp_path, tiny_path, left_alone, moment, sig):
-    stopped = run_script(*args(tmp_path, tiny_path, TRAINABLE[sig]), env={"DISTILL_FAULT_AT": f"{moment}:{sig}"})
-    assert stopped.returncode == (-signal.SIGKILL if sig == "KILL" else 130), stopped.stderr[-2000:]
-    assert "Traceback" not in stopped.stderr
-    if sig == "INT" and moment in ("write step_4.pt", "evaluation 3"):  # in training: saved and marked
+@pytest.mark.parametrize("sig", ["KILL", "INT", "TERM"])
+def test_a_run_stopped_at_any_moment_ends_as_one_left_alone(tmp_path, tiny_path, distill, left_alone, moment, sig):
+    code, out, err = run_kind(distill, sig, *args(tmp_path, tiny_path, *TRAINABLE[sig]),
+                              env={"DISTILL_FAULT_AT": f"{moment}:{sig}"})
+    assert code == EXIT_CODE[sig], err[-2000:]
+    assert "Traceback" not in err
+    if sig != "KILL" and moment in ("write step_4.pt", "evaluation 3"):  # in training: saved and marked
         summary = json.loads((tmp_path / "runs" / "r" / "train_summary.json").read_text())
         step = summary["step"]
-        assert summary["status"] == "interrupted" and "interrupted: saved" in stopped.stdout
-        assert torch.load(tmp_path / "checkpoints" / "r" / f"step_{step}.pt", weights_only=True)["step"] == step
-    if moment == "evaluation 3" and sig == "INT":  # Ctrl-C waits for the evaluation's row, grid and checkpoint
+        assert summary["status"] == "interrupted"
+        assert f"interrupted ({'SIGTERM' if sig == 'TERM' else 'Ctrl-C'}) at step {step}: saved" in out
+        assert "To continue: python" in out and "--RUN_NAME=r" in out
+        payload = torch.load(tmp_path / "checkpoints" / "r" / f"step_{step}.pt", weights_only=True)
+        assert payload["step"] == step and payload["fake"] and payload["fake_optimizer"]["state"]
+    if moment == "evaluation 3" and sig != "KILL":  # the signal waits for the evaluation's row, grid and checkpoint
         rows = [json.loads(line)["step"] for line in (tmp_path / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()]
         assert rows == [1, 2, 3] and (tmp_path / "samples" / "r" / "step_3.png").is_file()
-    again = run_script(*args(tmp_path, tiny_path, TRAINABLE[sig]))
-    assert again.returncode == 0, again.stderr[-3000:]
+    code, out, err = run_kind(distill, sig, *args(tmp_path, tiny_path, *TRAINABLE[sig]))
+    assert code == 0, err[-3000:]
     if moment in ("export", "after final.pt"):
-        assert "finishing run r: trained to step 6" in again.stdout
-    metrics, evals, final, exported, statuses = outcome(tmp_path)
-    reference = left_alone[sig][1]
-    assert metrics == reference[0] and evals == reference[1]
-    assert final.keys() == reference[2].keys() and all(torch.equal(final[k], reference[2][k]) for k in final)
-    assert all(torch.equal(exported[k], reference[3][k]) for k in reference[3])
-    assert statuses == ("finished", 6, "finished")
+        assert "finishing run r: trained to step 6" in out
+    same_as(tmp_path, left_alone[sig][1])
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-") or p.name == "lock.json"]
     assert not leftovers
 
 
-def test_a_finished_run_is_not_overwritten_or_mixed_with_other_settings(left_alone, tiny_path):
+def test_a_finished_run_is_not_overwritten_or_mixed_with_other_settings(left_alone, tiny_path, distill):
     root = left_alone["INT"][0]
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
-    never = run_script(*args(root, tiny_path, TRAINABLE["INT"], "--RESUME=never"))
-    assert never.returncode == 2 and "RESUME='never' would overwrite them" in never.stderr
-    other = run_script(*args(root, tiny_path, TRAINABLE["INT"], "--LEARNING_RATE=0.5", "--GUIDANCE_SCALE=2"))
-    assert other.returncode == 2 and "written with other settings" in other.stderr
-    assert "GUIDANCE_SCALE=3.0 there, 2.0 now" in other.stderr and "LEARNING_RATE=0.001 there, 0.5 now" in other.stderr
+    code, _, err = run_main(distill, *args(root, tiny_path, *TRAINABLE["INT"], "--RESUME=never"))
+    assert code == 2 and "RESUME='never' would overwrite them" in err
+    code, _, err = run_main(distill, *args(root, tiny_path, *TRAINABLE["INT"], "--LEARNING_RATE=0.5", "--GUIDANCE_SCALE=2"))
+    assert code == 2 and "written with other settings" in err
+    assert "GUIDANCE_SCALE=3.0 there, 2.0 now" in err and "LEARNING_RATE=0.001 there, 0.5 now" in err
+    # a lower MAX_STEPS than the run has trained to is refused too, not a run cut back
+    code, _, err = run_main(distill, *args(root, tiny_path, *TRAINABLE["INT"], "--MAX_STEPS=4"))
+    assert code == 2 and "has trained to step 6 (final.pt), past MAX_STEPS=4" in err and "MAX_STEPS to 6 or more" in err
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
 
 
@@ -267,3 +290,112 @@ def test_training_longer_lays_the_schedule_out_over_the_new_length(distill):
     assert longer.last_epoch == 11 and longer.get_last_lr()[0] == pytest.approx(0.5 * (1 + math.cos(math.pi * 11 / 20)))
     constant = schedule("constant_with_warmup", 20, schedule("constant_with_warmup", 10).state_dict())
     assert constant.get_last_lr()[0] == 1.0
+
+
+def same_as(root, reference):
+    metrics, evals, final, exported, statuses = outcome(root)
+    assert metrics == reference[0] and evals == reference[1]
+    assert final.keys() == reference[2].keys() and all(torch.equal(final[k], reference[2][k]) for k in final)
+    assert all(torch.equal(exported[k], reference[3][k]) for k in reference[3])
+    assert statuses == ("finished", 6, "finished")
+
+
+def test_the_export_holds_the_student_only(left_alone):
+    """DMD's fake score is saved in the checkpoints (resumed with the rest), never exported."""
+    root, (_, _, final, exported, _), _ = left_alone["INT"]
+    assert any(k.startswith("fake:") and ".fake." in k for k in final)
+    assert exported and not [k for k in exported if "fake" in k]
+
+
+def test_a_run_trained_longer_then_killed_resumes_from_its_newest_step_not_its_old_final(tmp_path, tiny_path, distill):
+    assert run_main(distill, *args(tmp_path, tiny_path, "--MAX_STEPS=4"))[0] == 0  # final.pt at step 4
+    longer = args(tmp_path, tiny_path, "--MAX_STEPS=14", "--CHECKPOINT_EVERY=5", "--EVAL_EVERY=12")
+    killed = run_script(*longer, env={"DISTILL_FAULT_AT": "evaluation 12:KILL"})
+    assert killed.returncode == -signal.SIGKILL and (tmp_path / "checkpoints" / "r" / "step_10.pt").is_file()
+    code, out, err = run_main(distill, *longer)
+    assert code == 0, err[-2000:]
+    assert "resumed r from step_10.pt at step 10" in out
+    rows = [json.loads(line)["step"] for line in (tmp_path / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 15))
+
+
+def test_a_full_disk_is_one_paragraph_and_the_next_run_loses_nothing(tmp_path, tiny_path, distill, left_alone):
+    """A file-size limit (`ulimit -f`, as a full disk) fails the first checkpoint's write: one paragraph, exit 2, no
+    half-written file; the next run, with room, starts over and ends as the run left alone did, bit for bit."""
+    shutil.copytree(left_alone["KILL"][0] / "cache", tmp_path / "cache")  # the text embeddings (the largest file)
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # an all-weights checkpoint is about 700 kB
+
+    full = subprocess.run([sys.executable, str(SCRIPT), *args(tmp_path, tiny_path, *TRAINABLE["KILL"])],
+                          capture_output=True, text=True, cwd=REPO, timeout=300, preexec_fn=limited)
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-2000:]
+    # torch.save meets the limit as a short write ("unexpected pos ..."), a plain write as EFBIG ("File too large")
+    assert re.search(r"Could not write \S*step_2.pt \((File too large|.*unexpected pos.*)\); nothing was written there",
+                     full.stderr), full.stderr[-1000:]
+    assert "run the same command again" in full.stderr
+    assert not list((tmp_path / "checkpoints" / "r").glob("*.pt"))
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-") or p.name == "lock.json"]
+    code, out, err = run_kind(distill, "KILL", *args(tmp_path, tiny_path, *TRAINABLE["KILL"]))
+    assert code == 0, err[-2000:]
+    assert "stopped before its first checkpoint; it starts again from step 0" in out
+    same_as(tmp_path, left_alone["KILL"][1])
+
+
+def test_a_damaged_export_is_made_again_from_final(tmp_path, left_alone, tiny_path, distill):
+    root = tmp_path / "run"
+    shutil.copytree(left_alone["INT"][0], root)
+    weights = root / "export" / "r" / "pytorch_lora_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, out, err = run_main(distill, *args(root, tiny_path, *TRAINABLE["INT"]))
+    assert code == 0, err[-2000:]
+    assert "its export has pytorch_lora_weights.safetensors at 1,000 bytes, not the" in out
+    assert "writing them again from final.pt" in out
+    same_as(root, left_alone["INT"][1])
+    assert "already finished at step 6" in run_main(distill, *args(root, tiny_path, *TRAINABLE["INT"]))[1]
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(tempfile.gettempdir()).st_dev,
+                    reason="needs /dev/shm on another filesystem than the temp folder, as a mounted Drive is")
+def test_a_kill_while_staging_on_another_filesystem_leaves_nothing_behind(tiny_path, distill, left_alone):
+    """OUTPUT_ROOT on another filesystem (as Google Drive is): files are staged in the local temp folder first. A kill
+    there leaves the staged checkpoint; the run's next start removes it, and the run ends as one left alone."""
+    root = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        killed = run_script(*args(root, tiny_path, *TRAINABLE["KILL"]), env={"DISTILL_FAULT_AT": "write step_4.pt:KILL"})
+        assert killed.returncode == -signal.SIGKILL
+        staged = distill.staging_folder(root / "checkpoints" / "r")
+        assert [p.name.split("-", 1)[1] for p in staged.iterdir()] == ["step_4.pt"]  # <pid>-step_4.pt
+        code, _, err = run_kind(distill, "KILL", *args(root, tiny_path, *TRAINABLE["KILL"]))
+        assert code == 0, err[-2000:]
+        assert not staged.exists()
+        same_as(root, left_alone["KILL"][1])
+    finally:
+        shutil.rmtree(root)
+
+
+def test_a_second_ctrl_c_while_stopping_does_not_cut_the_checkpoint_short(distill):
+    done = []
+    with distill.held_signals(reraise=False):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        done.append(True)  # reached: neither signal interrupted the block, and none is raised after it
+    assert done
+    with pytest.raises(distill.Stopped), distill.held_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        done.append(True)
+    assert len(done) == 2
+
+
+def test_write_failures_of_torch_and_safetensors_are_named(distill, tmp_path):
+    target = tmp_path / "step_2.pt"
+    short = distill.write_failure(target, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2"))
+    disk = distill.write_failure(target, Exception("No space left on device (os error 28)"))
+    assert "Could not write" in str(short) and "unexpected pos" in str(short) and "os error 28" in str(disk)
+    assert distill.write_failure(target, ValueError("a bug")) is None
+
+
+def test_an_over_long_run_name_is_refused(distill):
+    config = distill.parse_args(["--preset", "tiny", "--RUN_NAME=" + "a" * 300])
+    with pytest.raises(distill.UserError, match="RUN_NAME is 300 characters long; at most 100"):
+        distill.validate_config(config)

@@ -265,8 +265,9 @@ def test_teacher_target_with_a_solver_is_its_average_velocity(distill):
 
 def test_teacher_passes_per_step(distill):
     config = {"IMAGES_PER_STEP": 4, "SUPERVISED_STATES": 0, "NUM_ROLLOUT_STEPS": 4, "TEACHER_SUBSTEPS": 4,
-              "TEACHER_SOLVER": "euler", "GUIDANCE_SCALE": 7.0}
+              "TEACHER_SOLVER": "euler", "GUIDANCE_SCALE": 7.0, "DMD_WEIGHT": 0.0}
     assert distill.teacher_passes_per_step(config) == 4 * 4 * 4 * 2
+    assert distill.teacher_passes_per_step({**config, "DMD_WEIGHT": 1.0}) == 4 * 4 * (4 + 1) * 2  # + the real score
     assert distill.teacher_passes_per_step({**config, "TEACHER_SOLVER": "heun", "TEACHER_SUBSTEPS": 2}) == 4 * 4 * 4 * 2
     assert distill.teacher_passes_per_step({**config, "SUPERVISED_STATES": 1, "GUIDANCE_SCALE": 1}) == 4 * 1 * 4
     # N = 0: 8 // K substeps, the same passes per supervised path at K = 4, 2 and 1 (and one substep past K = 8)
@@ -283,3 +284,63 @@ def test_state_drift_per_state(distill):
     a = [torch.zeros(2, 3), torch.ones(2, 3)]
     b = [torch.zeros(2, 3), torch.full((2, 3), 3.0)]
     assert distill.state_drift(a, b) == [0.0, 4.0]
+
+
+def gaussian_x0(x_s, sigma, mean, std):
+    """E[x0 | x_s] for x0 ~ N(mean, std^2) and x_s = (1 - s) x0 + s eps: the x0 prediction of a perfect score."""
+    a = 1 - sigma
+    return mean + a * std**2 / (a * a * std**2 + sigma**2) * (x_s - a * mean)
+
+
+def test_dmd_moves_the_students_samples_to_the_teachers_distribution(distill):
+    """Particles x (the student's samples) start as N(2, 0.5^2) per element; the teacher's distribution is N(0, 1). Each
+    step the fake score is the particles' own Gaussian and the real score the teacher's, both in closed form, at s from
+    SD3's density; the particles step against DMD's direction. They must reach the teacher's mean and spread: a flipped
+    sign runs away (to a mean of 17); without the normalisation the spread stays at 0.97, at a tenth of the step at
+    0.71. (The direction's exact scale is pinned by hand in the next test.)"""
+    generator = torch.Generator().manual_seed(0)
+    x = 2 + 0.5 * torch.randn(4096, 16, generator=generator)
+    for _ in range(300):
+        sigma = distill.dmd_noise_levels(torch.randn(x.shape[0], generator=generator), 3.0)
+        x_s = distill.noised(x, sigma, torch.randn(x.shape, generator=generator))
+        s = sigma[:, None]
+        real = gaussian_x0(x_s, s, 0.0, 1.0)
+        fake = gaussian_x0(x_s, s, x.mean(), x.std())
+        x = x - 0.05 * distill.dmd_direction(x, real, fake)
+    assert abs(x.mean().item()) < 0.02 and abs(x.std().item() - 1) < 0.02, (x.mean().item(), x.std().item())
+
+
+def test_dmd_loss_gradient_is_the_direction_per_element(distill):
+    """0.5 mean ||x - sg(x - g)||^2 has gradient g / numel in x; its value is 0.5 mean g^2. The direction by hand:
+    (x0_fake - x0_real) / mean |x - x0_real| per sample."""
+    x = torch.tensor([[1.0, 3.0], [0.0, -2.0]], requires_grad=True)
+    real, fake = torch.tensor([[0.0, 1.0], [1.0, -1.0]]), torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    g = distill.dmd_direction(x.detach(), real, fake)
+    # sample 0: |x - real| = [1, 2], mean 1.5; sample 1: [1, 1], mean 1
+    assert torch.allclose(g, torch.tensor([[2 / 1.5, -1 / 1.5], [-1.0, 2.0]]))
+    loss = distill.dmd_loss(x, g)
+    loss.backward()
+    assert torch.allclose(x.grad, g / 4) and loss.item() == pytest.approx(0.5 * g.square().mean().item())
+
+
+def test_dmd_noise_levels_follow_sd3s_shifted_logit_normal(distill):
+    """s = shift u / (1 + (shift - 1) u), u = sigmoid(n); kept in [0.02, 0.98]; its median is the shifted sigmoid(0)."""
+    n = torch.tensor([0.0, -100.0, 100.0, 1.0])
+    s = distill.dmd_noise_levels(n, 3.0)
+    u = 1 / (1 + math.exp(-1.0))
+    assert s.tolist() == pytest.approx([0.75, 0.02, 0.98, 3 * u / (1 + 2 * u)])
+
+
+def test_flow_matching_loss_is_zero_for_the_true_velocity(distill):
+    x0, noise = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    assert distill.flow_matching_loss(noise - x0, x0, noise).item() == 0
+    assert distill.flow_matching_loss(noise - x0 + 1, x0, noise).item() == pytest.approx(1.0)
+
+
+def test_sample_diversity_by_hand(distill):
+    """Two prompts, two noises each (noise-major rows): prompt 0's samples 3 apart, prompt 1's 5 apart: mean 4."""
+    samples = torch.zeros(4, 1, 1, 2)
+    samples[2, 0, 0] = torch.tensor([3.0, 0.0])  # noise 1, prompt 0 (noise 0, prompt 0 is zero)
+    samples[1, 0, 0] = torch.tensor([1.0, 1.0])  # noise 0, prompt 1
+    samples[3, 0, 0] = torch.tensor([4.0, 5.0])  # noise 1, prompt 1: (3, 4) away
+    assert distill.sample_diversity(samples, 2) == pytest.approx(4.0)

@@ -214,6 +214,8 @@ def test_help_lists_every_setting_by_block_with_default_and_comment(distill, cap
     for name in distill.CONFIG_NAMES:
         assert f"--{name}={getattr(distill, name)!r}" in out, name
     assert "--TEACHER_SUBSTEPS=0\n      N: the teacher solves its guided flow" in out
+    # where the generated prompts go, as the script writes them
+    assert '"" = OUTPUT_ROOT/prompts/generated-n<NUM_PROMPTS>-seed<PROMPT_SEED>.jsonl' in out
     assert distill.main(["-h"]) == 0
 
 

@@ -17,7 +17,8 @@ def test_disk_full_keeps_the_previous_file_and_says_what_to_do(distill, tmp_path
         tmp.write_text("half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(distill.UserError, match="Disk full while writing .*step_5.pt.*KEEP_LAST_CHECKPOINTS"):
+    with pytest.raises(distill.UserError, match=r"Could not write .*step_5.pt \(No space left on device\); its "
+                                                r"previous version is intact.*KEEP_LAST_CHECKPOINTS.*run the same command"):
         distill.atomic_write(path, write)
     assert path.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["step_5.pt"]
 

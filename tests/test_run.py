@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,6 +151,10 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
                                    "--MAX_GRAD_NORM=0"))
     assert result.returncode == 2
     assert "3 steps in a row had a non-finite loss or gradient" in result.stderr and "Traceback" not in result.stderr
+    # which checkpoint came before the divergence, and that none is known good (not "the last good one is intact")
+    before = re.search(r"The newest checkpoint written before the first of them is \S+step_(\d+).pt \(step (\d+)\)",
+                       result.stderr)
+    assert before and before[1] == before[2] and "none is known good" in result.stderr
     summary = json.loads((tmp_path / "runs" / "r" / "train_summary.json").read_text())
     assert summary["status"] == "failed" and summary["skipped_steps"] == 3
     last = json.loads((tmp_path / "checkpoints" / "r" / "latest.json").read_text())

@@ -28,8 +28,8 @@ def main():
     for step in range(3):
         started = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            terms, counts = distill.distill_step(models, run.accelerator, text, step, run.config, training.sigmas,
-                                                 training.timesteps, len(train_prompts))
+            terms, counts, _ = distill.distill_step(models, run.accelerator, text, step, run.config, training.sigmas,
+                                                    training.timesteps, len(train_prompts))
             distill.apply_update(models, run.accelerator, training.optimizer, training.lr_scheduler, terms, counts,
                                  run.config, run.mixed_precision)
         collectives, waiting = {}, 0.0
