@@ -45,9 +45,10 @@ def tiny_args(root, *extra):
 
 
 def run_main(distill, *args, env=None):
-    """The script's main() in this process, as run_script runs it in a new one, without the interpreter's start (most
-    of a tiny run's time): (exit code, stdout, stderr). Ctrl-C and SIGTERM sent by the script's fault points reach it
-    as they would a process of its own; the signal handlers and the environment are restored after."""
+    """The script's main() in this process, as run_script runs it in a new one but without the interpreter's start
+    (most of a tiny run's time), answered as run_script answers: returncode, stdout, stderr. Ctrl-C and SIGTERM sent by
+    the script's fault points reach it as they would a process of its own; the signal handlers and the environment
+    are restored after. (SIGKILL, several processes and settings read at import need run_script.)"""
     import contextlib
     import io
 
@@ -63,4 +64,4 @@ def run_main(distill, *args, env=None):
         os.environ.update(saved_env)
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    return code, out.getvalue(), err.getvalue()
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, SCRIPT, run_main, run_script, tiny_args
+from conftest import REPO, SCRIPT, run_main, tiny_args
 
 
 # The full student learns with DMD beside the regression (its fake score a LoRA adapter on the separate teacher); the
@@ -23,10 +23,10 @@ def finished_runs(tmp_path_factory, distill):
     roots = {}
     for trainable in ("all", "lora"):
         root = tmp_path_factory.mktemp(trainable)
-        code, _, err = run_main(distill, *tiny_args(root, "--RUN_NAME=r", f"--TRAINABLE={trainable}", "--MAX_STEPS=12",
-                                                    "--EVAL_EVERY=5", "--LORA_RANK=4", "--SAMPLER_SHIFT=2.0",
-                                                    "--EVAL_NOISES=2", *EXTRA[trainable]))
-        assert code == 0, err[-3000:]
+        result = run_main(distill, *tiny_args(root, "--RUN_NAME=r", f"--TRAINABLE={trainable}", "--MAX_STEPS=12",
+                                              "--EVAL_EVERY=5", "--LORA_RANK=4", "--SAMPLER_SHIFT=2.0", "--EVAL_NOISES=2",
+                                              *EXTRA[trainable]))
+        assert result.returncode == 0, result.stderr[-3000:]
         roots[trainable] = root
     return roots
 
@@ -58,12 +58,12 @@ def test_eval_grids_and_gap_rows_at_the_evaluation_steps(finished_runs):
     assert summary["eval_gap_before"] == rows[0]["eval_gap"] and summary["eval_gap_last"] == rows[-1]["eval_gap"]
 
 
-def test_heldout_gap_over_several_noises_equals_the_pipelines(tmp_path):
+def test_heldout_gap_over_several_noises_equals_the_pipelines(tmp_path, distill):
     """EVAL_NOISES=3: the gap at step 0 (student = teacher, unguided, 4 steps) against the teacher's
     guided 8-step sample, recomputed by hand through diffusers' pipeline from the same noises."""
     from diffusers import StableDiffusion3Pipeline
 
-    result = run_script(*tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=1", "--EVAL_NOISES=3",
+    result = run_main(distill, *tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=1", "--EVAL_NOISES=3",
                                    "--SAVE_SAMPLE_GRIDS=false", "--EXPORT_DIFFUSERS=false"))
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads((tmp_path / "metrics" / "r" / "eval.jsonl").read_text().splitlines()[0])
@@ -144,7 +144,7 @@ def test_exported_lora_loads_onto_the_base_model(finished_runs):
         sorted(torch.sort(p.flatten())[0].sum().item() for p in final.values()))
 
 
-def test_two_processes_write_one_set_of_outputs(tmp_path):
+def test_two_processes_write_one_set_of_outputs(tmp_path, distill):
     # On GPUs: accelerate launch --num_processes 2 ...; on CPUs accelerate needs torch's launcher (its --cpu means one process).
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT),
                *tiny_args(tmp_path, "--MAX_STEPS=6", "--CHECKPOINT_EVERY=4", "--KEEP_LAST_CHECKPOINTS=2",
@@ -166,7 +166,7 @@ def test_two_processes_write_one_set_of_outputs(tmp_path):
     # The prompt stream and the schedule are laid out per process: another process count is refused, not mixed.
     checkpoint = tmp_path / "checkpoints" / name / "step_4.pt"
     assert torch.load(checkpoint, weights_only=True)["num_processes"] == 2
-    one = run_script(*tiny_args(tmp_path, "--RUN_NAME=r1", "--MAX_STEPS=6", f"--RESUME={checkpoint}"))
+    one = run_main(distill, *tiny_args(tmp_path, "--RUN_NAME=r1", "--MAX_STEPS=6", f"--RESUME={checkpoint}"))
     assert one.returncode == 2 and "Traceback" not in one.stderr
     assert "written by 2 process(es) and this run has 1" in one.stderr and "--num_processes 2" in one.stderr
     assert not (tmp_path / "checkpoints" / "r1").exists() or not list((tmp_path / "checkpoints" / "r1").iterdir())

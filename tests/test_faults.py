@@ -57,10 +57,8 @@ EXIT_CODE = {"KILL": -signal.SIGKILL, "INT": 130, "TERM": 143}
 
 def run_kind(distill, sig, *arguments, env=None):
     """(exit code, stdout, stderr) of a run of the kind of student `sig` tests, in a process of its own for SIGKILL."""
-    if sig == "KILL":
-        result = run_script(*arguments, env=env)
-        return result.returncode, result.stdout, result.stderr
-    return run_main(distill, *arguments, env=env)
+    result = run_script(*arguments, env=env) if sig == "KILL" else run_main(distill, *arguments, env=env)
+    return result.returncode, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -112,30 +110,30 @@ def test_a_run_stopped_at_any_moment_ends_as_one_left_alone(tmp_path, tiny_path,
 def test_a_finished_run_is_not_overwritten_or_mixed_with_other_settings(left_alone, tiny_path, distill):
     root = left_alone["INT"][0]
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
-    code, _, err = run_main(distill, *args(root, tiny_path, *TRAINABLE["INT"], "--RESUME=never"))
+    code, _, err = run_kind(distill, "INT", *args(root, tiny_path, *TRAINABLE["INT"], "--RESUME=never"))
     assert code == 2 and "RESUME='never' would overwrite them" in err
-    code, _, err = run_main(distill, *args(root, tiny_path, *TRAINABLE["INT"], "--LEARNING_RATE=0.5", "--GUIDANCE_SCALE=2"))
+    code, _, err = run_kind(distill, "INT", *args(root, tiny_path, *TRAINABLE["INT"], "--LEARNING_RATE=0.5", "--GUIDANCE_SCALE=2"))
     assert code == 2 and "written with other settings" in err
     assert "GUIDANCE_SCALE=3.0 there, 2.0 now" in err and "LEARNING_RATE=0.001 there, 0.5 now" in err
     # a lower MAX_STEPS than the run has trained to is refused too, not a run cut back
-    code, _, err = run_main(distill, *args(root, tiny_path, *TRAINABLE["INT"], "--MAX_STEPS=4"))
+    code, _, err = run_kind(distill, "INT", *args(root, tiny_path, *TRAINABLE["INT"], "--MAX_STEPS=4"))
     assert code == 2 and "has trained to step 6 (final.pt), past MAX_STEPS=4" in err and "MAX_STEPS to 6 or more" in err
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
 
 
-def test_ctrl_c_while_starting_says_nothing_is_lost(tmp_path, tiny_path):
-    result = run_script(*args(tmp_path, tiny_path), env={"DISTILL_FAULT_AT": "startup:INT"})
+def test_ctrl_c_while_starting_says_nothing_is_lost(tmp_path, tiny_path, distill):
+    result = run_main(distill, *args(tmp_path, tiny_path), env={"DISTILL_FAULT_AT": "startup:INT"})
     assert result.returncode == 130 and "Traceback" not in result.stderr
     assert "nothing is lost; the same command continues" in result.stderr
     assert not (tmp_path / "checkpoints" / "r" / "lock.json").exists()
 
 
 @pytest.mark.parametrize("name", ["..", ".", "a/b", ".hidden"])
-def test_a_run_name_is_one_plain_folder_name(tmp_path, tiny_path, name):
+def test_a_run_name_is_one_plain_folder_name(tmp_path, tiny_path, name, distill):
     (tmp_path / "mine.txt").write_text("a file of the user's")
     (tmp_path / "export" / "other").mkdir(parents=True)
     (tmp_path / "export" / "other" / "weights").write_text("another run's export")
-    result = run_script(*tiny_args(tmp_path, f"--TEACHER_ID={tiny_path}", f"--STUDENT_ID={tiny_path}",
+    result = run_main(distill, *tiny_args(tmp_path, f"--TEACHER_ID={tiny_path}", f"--STUDENT_ID={tiny_path}",
                                    f"--RUN_NAME={name}", "--MAX_STEPS=2"))
     assert result.returncode == 2 and "must be one plain folder name" in result.stderr
     assert (tmp_path / "mine.txt").read_text() == "a file of the user's"
@@ -154,53 +152,53 @@ def test_deleting_is_refused_outside_the_runs_own_folders(distill, tmp_path):
     assert not (tmp_path / "export" / "r").exists() and (tmp_path / "keep.txt").exists()
 
 
-def test_a_users_prompts_file_is_never_overwritten(tmp_path, tiny_path):
+def test_a_users_prompts_file_is_never_overwritten(tmp_path, tiny_path, distill):
     mine = tmp_path / "mine.jsonl"
     text = "".join(json.dumps({"prompt": f"a red cube number {i}"}) + "\n" for i in range(8))
     mine.write_text(text)
     base = [f"--TEACHER_ID={tiny_path}", f"--STUDENT_ID={tiny_path}", "--RUN_NAME=r", "--MAX_STEPS=1"]
-    refused = run_script("--preset", "tiny", f"--OUTPUT_ROOT={tmp_path}", f"--PROMPTS_JSONL={mine}", *base)
+    refused = run_main(distill, "--preset", "tiny", f"--OUTPUT_ROOT={tmp_path}", f"--PROMPTS_JSONL={mine}", *base)
     assert refused.returncode == 2 and "is not the prompt list that GENERATE_PROMPTS makes" in refused.stderr
     assert "GENERATE_PROMPTS=False" in refused.stderr and mine.read_text() == text
-    used = run_script("--preset", "tiny", f"--OUTPUT_ROOT={tmp_path}", f"--PROMPTS_JSONL={mine}",
+    used = run_main(distill, "--preset", "tiny", f"--OUTPUT_ROOT={tmp_path}", f"--PROMPTS_JSONL={mine}",
                       "--GENERATE_PROMPTS=false", *base)
     assert used.returncode == 0, used.stderr[-2000:]
     assert mine.read_text() == text
     # the generated file is the script's; an edit to it is refused the same way, not lost at the next start
     generated = tmp_path / "prompts" / "generated-n48-seed0.jsonl"
-    assert run_script("--preset", "tiny", f"--OUTPUT_ROOT={tmp_path}", *base[:2], "--RUN_NAME=g",
+    assert run_main(distill, "--preset", "tiny", f"--OUTPUT_ROOT={tmp_path}", *base[:2], "--RUN_NAME=g",
                       "--MAX_STEPS=1").returncode == 0
     generated.write_text(generated.read_text().replace("a ", "an edited ", 1))
     edited = generated.read_text()
-    again = run_script("--preset", "tiny", f"--OUTPUT_ROOT={tmp_path}", *base[:2], "--RUN_NAME=g2", "--MAX_STEPS=1")
+    again = run_main(distill, "--preset", "tiny", f"--OUTPUT_ROOT={tmp_path}", *base[:2], "--RUN_NAME=g2", "--MAX_STEPS=1")
     assert again.returncode == 2 and generated.read_text() == edited
 
 
-def test_one_process_per_run(tmp_path, tiny_path):
+def test_one_process_per_run(tmp_path, tiny_path, distill):
     long = args(tmp_path, tiny_path, "--MAX_STEPS=400")
     first = start(long)
     wait_for_step(tmp_path, "r", 3, first)
-    second = run_script(*long)
+    second = run_main(distill, *long)
     assert second.returncode == 2 and "is being trained by another process" in second.stderr
     assert f"pid {first.pid} on {socket.gethostname()}" in second.stderr
     first.send_signal(signal.SIGKILL)  # gone without releasing its lock, as a disconnected runtime
     first.wait()
     last = json.loads((tmp_path / "checkpoints" / "r" / "latest.json").read_text())["step"]
-    third = run_script(*args(tmp_path, tiny_path, f"--MAX_STEPS={last + 2}"))
+    third = run_main(distill, *args(tmp_path, tiny_path, f"--MAX_STEPS={last + 2}"))
     assert third.returncode == 0, third.stderr[-2000:]
     assert f"taking over run r from pid {first.pid}" in third.stdout and "no longer running" in third.stdout
     rows = [json.loads(line)["step"] for line in (tmp_path / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()]
     assert rows == list(range(1, last + 3))  # one history, each step once
 
 
-def test_a_lock_of_another_machine_is_kept_while_alive_and_taken_over_when_stale(tmp_path, tiny_path):
+def test_a_lock_of_another_machine_is_kept_while_alive_and_taken_over_when_stale(tmp_path, tiny_path, distill):
     lock = tmp_path / "checkpoints" / "r" / "lock.json"
     lock.parent.mkdir(parents=True)
     lock.write_text(json.dumps({"host": "colab-runtime-1", "pid": 123, "token": "t", "time": time.time() - 20}))
-    refused = run_script(*args(tmp_path, tiny_path, "--MAX_STEPS=2"))
+    refused = run_main(distill, *args(tmp_path, tiny_path, "--MAX_STEPS=2"))
     assert refused.returncode == 2 and "pid 123 on colab-runtime-1, last alive 2" in refused.stderr
     lock.write_text(json.dumps({"host": "colab-runtime-1", "pid": 123, "token": "t", "time": time.time() - 600}))
-    taken = run_script(*args(tmp_path, tiny_path, "--MAX_STEPS=2"))
+    taken = run_main(distill, *args(tmp_path, tiny_path, "--MAX_STEPS=2"))
     assert taken.returncode == 0 and re.search(r"from pid 123 on colab-runtime-1 \(last alive 6\d\d s ago\)", taken.stdout)
     assert not lock.exists()
 
@@ -211,12 +209,12 @@ def test_new_run_names_are_unique_within_a_second(distill, tmp_path):
     assert len(names) == 20
 
 
-def test_a_broken_latest_json_falls_back_and_a_finished_run_trains_longer(tmp_path, tiny_path):
+def test_a_broken_latest_json_falls_back_and_a_finished_run_trains_longer(tmp_path, tiny_path, distill):
     base = [a for a in args(tmp_path, tiny_path) if a != "--RUN_NAME=r"]
-    assert run_script(*base, "--MAX_STEPS=4").returncode == 0
+    assert run_main(distill, *base, "--MAX_STEPS=4").returncode == 0
     (name,) = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     (tmp_path / "checkpoints" / name / "latest.json").write_text("{garbage")
-    longer = run_script(*base, "--MAX_STEPS=6")
+    longer = run_main(distill, *base, "--MAX_STEPS=6")
     assert longer.returncode == 0, longer.stderr[-2000:]
     assert "latest.json is missing or unreadable" in longer.stdout
     assert f"continuing run {name} (same config) from step 4 to 6" in longer.stdout
@@ -226,12 +224,12 @@ def test_a_broken_latest_json_falls_back_and_a_finished_run_trains_longer(tmp_pa
     assert json.loads((tmp_path / "runs" / name / "train_summary.json").read_text())["step"] == 6
 
 
-def test_a_run_with_no_readable_checkpoint_stops_and_keeps_its_history(tmp_path, tiny_path):
-    assert run_script(*args(tmp_path, tiny_path, "--MAX_STEPS=4")).returncode == 0
+def test_a_run_with_no_readable_checkpoint_stops_and_keeps_its_history(tmp_path, tiny_path, distill):
+    assert run_main(distill, *args(tmp_path, tiny_path, "--MAX_STEPS=4")).returncode == 0
     for checkpoint in (tmp_path / "checkpoints" / "r").glob("*.pt"):
         checkpoint.write_bytes(checkpoint.read_bytes()[:100])
     metrics = (tmp_path / "metrics" / "r" / "metrics.jsonl").read_text()
-    result = run_script(*args(tmp_path, tiny_path, "--MAX_STEPS=6"))
+    result = run_main(distill, *args(tmp_path, tiny_path, "--MAX_STEPS=6"))
     assert result.returncode == 2 and "no checkpoint that can be read" in result.stderr
     assert "Traceback" not in result.stderr and (tmp_path / "metrics" / "r" / "metrics.jsonl").read_text() == metrics
 
@@ -308,11 +306,11 @@ def test_the_export_holds_the_student_only(left_alone):
 
 
 def test_a_run_trained_longer_then_killed_resumes_from_its_newest_step_not_its_old_final(tmp_path, tiny_path, distill):
-    assert run_main(distill, *args(tmp_path, tiny_path, "--MAX_STEPS=4"))[0] == 0  # final.pt at step 4
+    assert run_main(distill, *args(tmp_path, tiny_path, "--MAX_STEPS=4")).returncode == 0  # final.pt at step 4
     longer = args(tmp_path, tiny_path, "--MAX_STEPS=14", "--CHECKPOINT_EVERY=5", "--EVAL_EVERY=12")
     killed = run_script(*longer, env={"DISTILL_FAULT_AT": "evaluation 12:KILL"})
     assert killed.returncode == -signal.SIGKILL and (tmp_path / "checkpoints" / "r" / "step_10.pt").is_file()
-    code, out, err = run_main(distill, *longer)
+    code, out, err = run_kind(distill, "INT", *longer)
     assert code == 0, err[-2000:]
     assert "resumed r from step_10.pt at step 10" in out
     rows = [json.loads(line)["step"] for line in (tmp_path / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -347,12 +345,12 @@ def test_a_damaged_export_is_made_again_from_final(tmp_path, left_alone, tiny_pa
     shutil.copytree(left_alone["INT"][0], root)
     weights = root / "export" / "r" / "pytorch_lora_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    code, out, err = run_main(distill, *args(root, tiny_path, *TRAINABLE["INT"]))
+    code, out, err = run_kind(distill, "INT", *args(root, tiny_path, *TRAINABLE["INT"]))
     assert code == 0, err[-2000:]
     assert "its export has pytorch_lora_weights.safetensors at 1,000 bytes, not the" in out
     assert "writing them again from final.pt" in out
     same_as(root, left_alone["INT"][1])
-    assert "already finished at step 6" in run_main(distill, *args(root, tiny_path, *TRAINABLE["INT"]))[1]
+    assert "already finished at step 6" in run_main(distill, *args(root, tiny_path, *TRAINABLE["INT"])).stdout
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(tempfile.gettempdir()).st_dev,

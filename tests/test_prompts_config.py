@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import REPO, run_script, tiny_args
+from conftest import REPO, run_main, run_script, tiny_args
 
 
 def test_prompt_generation_is_deterministic_and_duplicate_free(distill):
@@ -159,8 +159,8 @@ def test_defaults_are_valid(distill, monkeypatch):
     distill.validate_config(distill.parse_args(["--preset", "tiny"]))
 
 
-def test_missing_prompts_file_is_refused_by_the_script_before_loading_models(tmp_path):
-    result = run_script(*tiny_args(tmp_path, "--GENERATE_PROMPTS=false", f"--PROMPTS_JSONL={tmp_path}/none.jsonl"))
+def test_missing_prompts_file_is_refused_by_the_script_before_loading_models(tmp_path, distill):
+    result = run_main(distill, *tiny_args(tmp_path, "--GENERATE_PROMPTS=false", f"--PROMPTS_JSONL={tmp_path}/none.jsonl"))
     assert result.returncode == 2
     assert "none.jsonl not found" in result.stderr and "GENERATE_PROMPTS=True" in result.stderr
     assert "Traceback" not in result.stderr
@@ -252,10 +252,10 @@ def test_prompts_go_under_output_root_by_default(distill, tmp_path):
     (["--OUTPUT_ROOT={file}/below"], "cannot be created (Not a directory)"),
     (["--IMAGE_SIZE=33", "--LEARNING_RATE=-1"], "IMAGE_SIZE=33 must be a multiple of 4 for TEACHER_ID"),
 ])
-def test_setup_failures_are_one_paragraph_and_exit_2(tmp_path, args, message):
+def test_setup_failures_are_one_paragraph_and_exit_2(tmp_path, args, message, distill):
     (tmp_path / "file").write_text("not a folder")
     args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
-    result = run_script(*tiny_args(tmp_path, *args))
+    result = run_main(distill, *tiny_args(tmp_path, *args))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message in result.stderr, result.stderr
     if "IMAGE_SIZE" in message:  # reported with the other problems, before any model is built

@@ -6,7 +6,7 @@ import pytest
 import torch
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-from conftest import run_script, tiny_args
+from conftest import run_main, tiny_args
 
 
 def test_disk_full_keeps_the_previous_file_and_says_what_to_do(distill, tmp_path):
@@ -63,8 +63,8 @@ def test_missing_model_and_revision(distill):
     assert "Revision not found" in str(err) and "TEACHER_REVISION" in str(err)
 
 
-def test_unknown_model_id_is_refused_by_the_script_in_one_paragraph(tmp_path):
-    result = run_script(*tiny_args(tmp_path, "--TEACHER_ID=no-such-user/no-such-model",
+def test_unknown_model_id_is_refused_by_the_script_in_one_paragraph(tmp_path, distill):
+    result = run_main(distill, *tiny_args(tmp_path, "--TEACHER_ID=no-such-user/no-such-model",
                                    "--STUDENT_ID=no-such-user/no-such-model"), env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "Could not load no-such-user/no-such-model" in result.stderr and "PREFETCH_MODELS" in result.stderr
@@ -84,11 +84,11 @@ def test_out_of_memory_advice_names_the_knobs(distill):
         assert knob in text
 
 
-def test_over_long_prompts_are_named_once(tmp_path):
+def test_over_long_prompts_are_named_once(tmp_path, distill):
     prompts = tmp_path / "mine.jsonl"
     long_prompt = "a cat " * 60
     prompts.write_text("".join(f'{{"prompt": "{p}"}}\n' for p in [long_prompt] + [f"a dog {i}" for i in range(9)]))
-    result = run_script(*tiny_args(tmp_path, "--GENERATE_PROMPTS=false", f"--PROMPTS_JSONL={prompts}",
+    result = run_main(distill, *tiny_args(tmp_path, "--GENERATE_PROMPTS=false", f"--PROMPTS_JSONL={prompts}",
                                    "--HELDOUT_PROMPTS=2", "--MAX_STEPS=1"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "1 prompt(s) exceed CLIP's 77 tokens and are truncated" in result.stdout

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import SCRIPT, run_script, tiny_args
+from conftest import SCRIPT, run_main, tiny_args
 
 TIMING = {"sec_per_step", "images_per_sec", "peak_mem_gb"}
 
@@ -27,7 +27,7 @@ def read_run(root, name):
 
 @pytest.mark.parametrize("trainable", ["all", "lora"])
 def test_tiny_run_writes_every_output(tmp_path, distill, trainable):
-    result = run_script(*tiny_args(tmp_path, f"--TRAINABLE={trainable}", "--RUN_NAME=r", "--MAX_STEPS=12",
+    result = run_main(distill, *tiny_args(tmp_path, f"--TRAINABLE={trainable}", "--RUN_NAME=r", "--MAX_STEPS=12",
                                    "--CHECKPOINT_EVERY=5", "--EVAL_EVERY=6", "--LOG_EVERY=2"))
     assert result.returncode == 0, result.stderr[-3000:]
     rows, csv_rows, summary = read_run(tmp_path, "r")
@@ -57,8 +57,8 @@ def test_tiny_run_writes_every_output(tmp_path, distill, trainable):
     assert len(prompts) == 48 and set(prompts[0]) == {"id", "prompt", "category"}
 
 
-def test_loss_and_heldout_gap_fall(tmp_path):
-    result = run_script(*tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=60", "--KL_WARMUP_STEPS=0",
+def test_loss_and_heldout_gap_fall(tmp_path, distill):
+    result = run_main(distill, *tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=60", "--KL_WARMUP_STEPS=0",
                                    "--EVAL_EVERY=60", "--CHECKPOINT_EVERY=100"))
     assert result.returncode == 0, result.stderr[-3000:]
     rows, _, summary = read_run(tmp_path, "r")
@@ -92,26 +92,26 @@ def wait_for_step(root, name, step, process, timeout=120):
     raise AssertionError("run did not reach the step in time")
 
 
-def test_empty_run_name_continues_the_unfinished_run_of_the_same_config(tmp_path):
+def test_empty_run_name_continues_the_unfinished_run_of_the_same_config(tmp_path, distill):
     args = tiny_args(tmp_path, "--MAX_STEPS=12", "--CHECKPOINT_EVERY=5", "--CHECKPOINT_EVERY_MINUTES=0")
     process = start(args)
     wait_for_step(tmp_path, next_run_name(tmp_path, process), 7, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     (name,) = [p.name for p in (tmp_path / "checkpoints").iterdir()]
-    result = run_script(*args)
+    result = run_main(distill, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"continuing run {name} (same config) from step 5 to 12" in result.stdout
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [name]
     # the same command again: the finished run is reported, nothing is trained
-    again = run_script(*args)
+    again = run_main(distill, *args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"run {name} of this config already finished at step 12" in again.stdout
     assert "held-out gap" in again.stdout and str(tmp_path / "export" / name) in again.stdout
     assert "distill" not in again.stderr and [p.name for p in (tmp_path / "checkpoints").iterdir()] == [name]
     # a new run only when asked for
     time.sleep(1.1)
-    fresh = run_script(*args, "--RESUME=never")
+    fresh = run_main(distill, *args, "--RESUME=never")
     assert fresh.returncode == 0 and len(list((tmp_path / "checkpoints").iterdir())) == 2
 
 
@@ -126,7 +126,7 @@ def next_run_name(root, process, timeout=60):
     raise AssertionError("no run folder appeared")
 
 
-def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, distill):
     args = tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=20", "--CHECKPOINT_EVERY=5", "--KEEP_LAST_CHECKPOINTS=2")
     process = start(args)
     wait_for_step(tmp_path, "r", 12, process)
@@ -134,7 +134,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
     process.wait()
     newest = tmp_path / "checkpoints" / "r" / "step_10.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    result = run_script(*args)
+    result = run_main(distill, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step_10.pt is unreadable" in result.stdout and "resumed r from step_5.pt at step 5" in result.stdout
     rows, _, _ = read_run(tmp_path, "r")
@@ -145,8 +145,8 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert json.loads((folder / "latest.json").read_text())["checkpoint"] == "final.pt"
 
 
-def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
-    result = run_script(*tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=30", "--LEARNING_RATE=1e30",
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, distill):
+    result = run_main(distill, *tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=30", "--LEARNING_RATE=1e30",
                                    "--LR_WARMUP_STEPS=0", "--CHECKPOINT_EVERY=1", "--MAX_CONSECUTIVE_SKIPS=3",
                                    "--MAX_GRAD_NORM=0"))
     assert result.returncode == 2

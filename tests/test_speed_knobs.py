@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_script, tiny_args
+from conftest import run_main, tiny_args
 
 
 def test_rows_are_quantised_to_e4m3_with_one_scale_each(distill):
@@ -71,7 +71,7 @@ def test_fp8_asked_for_without_such_a_gpu_is_refused_before_any_model_loads(tmp_
     assert "NVIDIA A100-SXM4-40GB has 8.0" in distill.fp8_problem()
     if torch.cuda.is_available():
         return
-    result = run_script(*tiny_args(tmp_path, "--TEACHER_FP8=true", "--STUDENT_FP8=true", "--TRAINABLE=all"))
+    result = run_main(distill, *tiny_args(tmp_path, "--TEACHER_FP8=true", "--STUDENT_FP8=true", "--TRAINABLE=all"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "TEACHER_FP8/STUDENT_FP8 need a CUDA GPU with FP8 tensor cores" in result.stderr
     assert "STUDENT_FP8=True puts the student's frozen base weights in FP8, so it needs TRAINABLE='lora'" in result.stderr
@@ -98,8 +98,8 @@ def test_the_largest_divisor_that_fits_by_the_linear_memory_model(distill):
     assert distill.largest_fitting_batch(4, 10.0, 14.0, 5.0) == 1  # never less than one
 
 
-def test_auto_batch_resolves_runs_and_says_why(tmp_path):
-    result = run_script(*tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=4", "--IMAGES_PER_STEP=4", "--LOG_EVERY=1"))
+def test_auto_batch_resolves_runs_and_says_why(tmp_path, distill):
+    result = run_main(distill, *tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=4", "--IMAGES_PER_STEP=4", "--LOG_EVERY=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("batch 4 images per rollout, 1 rollout(s) per step, per process; auto: all 4 images in one rollout, as the "
             "CPU has no GPU memory to fit") in result.stdout
@@ -117,11 +117,11 @@ def test_pace_line(distill):
     assert "about 2.8 h" in distill.pace_line(10.0, 0)
 
 
-def test_whole_fp8_runs_where_fp8_is_emulated(tmp_path):
+def test_whole_fp8_runs_where_fp8_is_emulated(tmp_path, distill):
     """The FP8 paths of a run on the CPU (DISTILL_FP8_ON_CPU=1: torch emulates the products): an FP8 teacher copy beside
     the LoRA student's base, then one FP8 base for both (the teacher is then the student with adapters off)."""
     for name, fp8 in (("copy", ["--TEACHER_FP8=true"]), ("shared", ["--TEACHER_FP8=true", "--STUDENT_FP8=true"])):
-        result = run_script(*tiny_args(tmp_path, f"--RUN_NAME={name}", "--MAX_STEPS=3", "--TRAINABLE=lora", *fp8),
+        result = run_main(distill, *tiny_args(tmp_path, f"--RUN_NAME={name}", "--MAX_STEPS=3", "--TRAINABLE=lora", *fp8),
                             env={"DISTILL_FP8_ON_CPU": "1"})
         assert result.returncode == 0, result.stderr[-3000:]
         assert "(float32, FP8 matmuls), student " in result.stdout
