@@ -372,7 +372,7 @@ def teacher_passes_per_step(config: dict) -> int:
     """The teacher's transformer passes per optimizer step (of one process): images x supervised states x (substeps x
     the solver's passes per substep, + 1 for DMD's real score) x 2 with guidance (conditional and unconditional)."""
     states = config["SUPERVISED_STATES"] or config["NUM_ROLLOUT_STEPS"]
-    per_state = teacher_substeps(config) * TEACHER_SOLVERS[teacher_solver(config)] + (config["DMD_WEIGHT"] > 0)
+    per_state = teacher_substeps(config) * TEACHER_SOLVERS[teacher_solver(config)] + int(config["DMD_WEIGHT"] > 0)
     return config["IMAGES_PER_STEP"] * states * per_state * (1 if config["GUIDANCE_SCALE"] == 1 else 2)
 
 
@@ -1165,7 +1165,7 @@ def run_header(run: Run, models: Models, images_per_step: int, result: TrainResu
         f"{teacher_substeps(config)} teacher substeps per step ({teacher_solver(config)}; "
         f"{teacher_passes_per_step(config) // config['IMAGES_PER_STEP']} teacher passes per image), guidance "
         f"{config['GUIDANCE_SCALE']}"
-        + (f"; DMD x {config['DMD_WEIGHT']:g} (fake score: LoRA r{config['FAKE_LORA_RANK']} on the teacher, "
+        + (f"; DMD x {config['DMD_WEIGHT']:g} (fake score: LoRA r{config['FAKE_LORA_RANK']} on the teacher's weights, "
            f"{config['FAKE_UPDATES_PER_STEP']} update(s) per step at {config['FAKE_LEARNING_RATE']:g})"
            if models.fake else "")
         + f"; {config['MAX_STEPS']} optimizer steps of {images_per_step} images"
@@ -1523,15 +1523,11 @@ def validate_config(c: dict) -> None:
 
     for name in ("IMAGES_PER_STEP", "MAX_STEPS", "LOG_EVERY", "CHECKPOINT_EVERY",
                  "NUM_ROLLOUT_STEPS", "TEACHER_EVAL_STEPS", "NUM_PROMPTS", "LORA_RANK", "T5_MAX_LENGTH",
-                 "KEEP_LAST_CHECKPOINTS", "MAX_CONSECUTIVE_SKIPS", "EVAL_NOISES"):
+                 "KEEP_LAST_CHECKPOINTS", "MAX_CONSECUTIVE_SKIPS", "EVAL_NOISES", "FAKE_LORA_RANK", "FAKE_UPDATES_PER_STEP"):
         need(isinstance(c[name], int) and c[name] >= 1, f"{name}={c[name]!r} must be a whole number >= 1.")
-    for name in ("FAKE_LORA_RANK", "FAKE_UPDATES_PER_STEP"):
-        need(isinstance(c[name], int) and c[name] >= 1, f"{name}={c[name]!r} must be a whole number >= 1.")
-    need(isinstance(c["FAKE_LEARNING_RATE"], (int, float)) and c["FAKE_LEARNING_RATE"] > 0,
-         f"FAKE_LEARNING_RATE={c['FAKE_LEARNING_RATE']!r} must be > 0.")
     need(isinstance(c["TEACHER_SUBSTEPS"], int) and c["TEACHER_SUBSTEPS"] >= 0,
          f"TEACHER_SUBSTEPS={c['TEACHER_SUBSTEPS']!r} must be a whole number >= 1, or 0 for 8 // K.")
-    for name in ("LEARNING_RATE", "ADAM_EPS", "IMAGE_SIZE", "LORA_ALPHA"):
+    for name in ("LEARNING_RATE", "ADAM_EPS", "IMAGE_SIZE", "LORA_ALPHA", "FAKE_LEARNING_RATE"):
         need(isinstance(c[name], (int, float)) and c[name] > 0, f"{name}={c[name]!r} must be > 0.")
     for name in ("ADAM_WEIGHT_DECAY", "MAX_GRAD_NORM", "LR_WARMUP_STEPS", "KL_WARMUP_STEPS", "EVAL_EVERY",
                  "CHECKPOINT_EVERY_MINUTES", "SUPERVISED_STATES", "HELDOUT_PROMPTS", "SAMPLER_ETA"):
