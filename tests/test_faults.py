@@ -8,6 +8,7 @@ import os
 import re
 import resource
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -400,3 +401,44 @@ def test_an_over_long_run_name_is_refused(distill):
     config = distill.parse_args(["--preset", "tiny", "--RUN_NAME=" + "a" * 300])
     with pytest.raises(distill.UserError, match="RUN_NAME is 300 characters long; at most 100"):
         distill.validate_config(config)
+
+
+def mount_namespaces_work() -> bool:
+    """Whether this machine lets the tests mount a tmpfs in a mount namespace of their own (root, as in CI)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not mount_namespaces_work(), reason="needs a mount namespace (root) to make a folder read-only")
+def test_an_output_root_gone_read_only_mid_run_is_one_paragraph_and_the_run_goes_on_after(tmp_path, tiny_path):
+    """OUTPUT_ROOT (a tmpfs, in a mount namespace of the test's own) turns read-only at step 3 of a long run: one
+    paragraph naming the file, exit 2, no traceback; made writable again, the same command takes the left lock over
+    and continues from the newest checkpoint, each step once."""
+    root, out = tmp_path / "root", tmp_path / "out"
+    root.mkdir()
+    out.mkdir()
+    run = " ".join(shlex.quote(a) for a in [sys.executable, str(SCRIPT), *args(root, tiny_path, "--MAX_STEPS=400")])
+    again = " ".join(shlex.quote(a) for a in [sys.executable, str(SCRIPT), *args(root, tiny_path, "--MAX_STEPS=8")])
+    script = f"""
+mount -t tmpfs -o size=200m tmpfs {root}
+{run} > {out}/stdout1 2> {out}/stderr1 &
+pid=$!
+i=0; until grep -qs '"step": 3,' {root}/metrics/r/metrics.jsonl || [ $i -gt 2400 ]; do sleep 0.05; i=$((i+1)); done
+until mount -o remount,ro {root} 2>/dev/null; do sleep 0.05; done  # busy while a file is open for writing
+wait $pid; echo $? > {out}/rc1
+mount -o remount,rw {root}
+{again} > {out}/stdout2 2> {out}/stderr2; echo $? > {out}/rc2
+cp {root}/metrics/r/metrics.jsonl {out}/
+"""
+    subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=REPO, timeout=300, check=True,
+                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    stderr1 = (out / "stderr1").read_text()
+    assert (out / "rc1").read_text().strip() == "2", stderr1[-2000:]
+    assert "Read-only file system" in stderr1 and "error: Could not write" in stderr1 and "Traceback" not in stderr1
+    assert (out / "rc2").read_text().strip() == "0", (out / "stderr2").read_text()[-2000:]
+    stdout2 = (out / "stdout2").read_text()
+    assert "taking over run r from pid" in stdout2 and "resumed r from step_" in stdout2
+    rows = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 9))
