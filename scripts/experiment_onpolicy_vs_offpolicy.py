@@ -538,9 +538,9 @@ def settings_table(records: list[dict], baselines: dict, reference: dict, defaul
                  "floor_scheduler": plain["floor"]["gap"], "gap_no_training_scheduler": plain["no_training"]["gap"],
                  "fd_reference": reference["fd"], "fd_floor": base["floor"]["fd"],
                  "fd_equal_cost": base["equal_cost"]["fd"], "fd_no_training": base["no_training"]["fd"],
-                 "teacher_passes_per_update": rs[0]["teacher_passes_per_update"]}
-        entry.update({"diversity_ratio_floor": base["floor"].get("diversity_ratio"),
-                      "diversity_ratio_no_training": base["no_training"].get("diversity_ratio")})
+                 "teacher_passes_per_update": rs[0]["teacher_passes_per_update"],
+                 "diversity_ratio_floor": base["floor"].get("diversity_ratio"),
+                 "diversity_ratio_no_training": base["no_training"].get("diversity_ratio")}
         for reading in ("adherence", "adherence_strict"):
             entry.update({f"{reading}_reference": reference[reading], f"{reading}_floor": base["floor"][reading],
                           f"{reading}_equal_cost": base["equal_cost"][reading],

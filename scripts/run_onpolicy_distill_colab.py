@@ -5,7 +5,8 @@ The student samples its own few-step trajectory from noise; at every state it ac
 frozen teacher (with classifier-free guidance) solves its own flow over the student's step in a few
 substeps, and the student learns to take that step in one. Loss: epsilon MSE and latent (x0) MSE
 against the teacher's step, plus (optionally, warmed up from 0) the KL between the two flow-DDIM
-transitions.
+transitions, and (optionally, DMD_WEIGHT) DMD2's distribution matching on the student's own samples,
+against a fake score that follows them: a second LoRA adapter on the same frozen weights.
 
 Run it:   python scripts/run_onpolicy_distill_colab.py                  (edit the constants below)
           python scripts/run_onpolicy_distill_colab.py --preset tiny    (built-in tiny SD3, CPU, < 1 min)
