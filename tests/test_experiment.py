@@ -74,9 +74,9 @@ def test_the_grid_in_a_short_configuration(tmp_path):
             {"student": "half-depth", "k": [4], "n": [4], "regimes": ["on_policy"]},
             {"k": [1], "n": [4], "regimes": ["on_policy"], "tag": "dmd", "args": ["--DMD_WEIGHT=1", "--FAKE_LORA_RANK=4"]}]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    result = subprocess.run([sys.executable, str(EXPERIMENT), "--out", str(tmp_path), "--teacher-steps", "300",
+    result = subprocess.run([sys.executable, str(EXPERIMENT), "--out", str(tmp_path), "--teacher-steps", "200",
                              "--teacher-width", "32", "--teacher-layers", "2", "--teacher-batch", "32",
-                             "--judge-steps", "150", "--plan", str(tmp_path / "plan.json"), "--seeds", "0",
+                             "--judge-steps", "100", "--plan", str(tmp_path / "plan.json"), "--seeds", "0",
                              "--steps", "30", "--jobs", "2", "--eval-noises", "2", "--LEARNING_RATE=1e-3",
                              "--LR_SCHEDULER=constant", "--IMAGES_PER_STEP=8", "--BATCH_SIZE=8", "--EVAL_NOISES=2"],
                             capture_output=True, text=True, timeout=1500)
