@@ -2578,6 +2578,22 @@ def check_compatible(teacher_config, student_config, image_size: int, vae_factor
                             f"{cfg['pos_embed_max_size'] * multiple} pixels.")
 
 
+def add_lora_adapter(model, rank: int, alpha: float, config: dict, name: str) -> None:
+    """A LoRA adapter of this rank and alpha on the LORA_TARGET_MODULES of the model (peft, through diffusers), its B
+    matrices zero; target names that match no layer are refused with the model's own linear layers named."""
+    from peft import LoraConfig
+
+    targets = [t.strip() for t in config["LORA_TARGET_MODULES"].split(",") if t.strip()]
+    try:
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets),
+                          adapter_name=name)
+    except ValueError as err:  # peft: none of the names is a layer of this model
+        linears = sorted({n.split(".", 2)[-1] for n, m in model.named_modules()
+                          if type(m).__name__ == "Linear" and n.startswith("transformer_blocks.0.")})
+        raise UserError(f"LORA_TARGET_MODULES={config['LORA_TARGET_MODULES']!r} names no layer of the model "
+                        f"({brief(err, 120)}). Its blocks' linear layers are: {', '.join(linears)}.") from None
+
+
 def set_trainable(student, config: dict) -> list:
     """Freeze the student except the part TRAINABLE names; return the trainable parameters (fp32)."""
     import torch
@@ -2585,17 +2601,7 @@ def set_trainable(student, config: dict) -> list:
     mode = config["TRAINABLE"]
     student.requires_grad_(mode == "all")
     if mode == "lora":
-        from peft import LoraConfig
-
-        targets = [t.strip() for t in config["LORA_TARGET_MODULES"].split(",") if t.strip()]
-        try:
-            student.add_adapter(LoraConfig(r=config["LORA_RANK"], lora_alpha=config["LORA_ALPHA"],
-                                           init_lora_weights="gaussian", target_modules=targets))
-        except ValueError as err:  # peft: none of the names is a layer of this model
-            linears = sorted({n.split(".", 2)[-1] for n, m in student.named_modules()
-                              if type(m).__name__ == "Linear" and n.startswith("transformer_blocks.0.")})
-            raise UserError(f"LORA_TARGET_MODULES={config['LORA_TARGET_MODULES']!r} names no layer of the student "
-                            f"({brief(err, 120)}). Its blocks' linear layers are: {', '.join(linears)}.") from None
+        add_lora_adapter(student, config["LORA_RANK"], config["LORA_ALPHA"], config, "default")
     elif mode == "blocks":
         for block in student.transformer_blocks[parse_block_slice(config["TRAIN_BLOCKS"])]:
             block.requires_grad_(True)
@@ -2620,12 +2626,9 @@ def add_fake_score(model, config: dict) -> list:
     Its B matrices start at zero, so it starts as the teacher without guidance. Returns its weights, in fp32 as the
     student's trainable ones; the adapters active before stay active."""
     import torch
-    from peft import LoraConfig
 
     active = model.active_adapters() if getattr(model, "_hf_peft_config_loaded", False) else None
-    targets = [t.strip() for t in config["LORA_TARGET_MODULES"].split(",") if t.strip()]
-    model.add_adapter(LoraConfig(r=config["FAKE_LORA_RANK"], lora_alpha=config["FAKE_LORA_RANK"],
-                                 init_lora_weights="gaussian", target_modules=targets), adapter_name=FAKE_ADAPTER)
+    add_lora_adapter(model, config["FAKE_LORA_RANK"], config["FAKE_LORA_RANK"], config, FAKE_ADAPTER)
     if active:
         model.set_adapter(active)
     params = [p for name, p in model.named_parameters() if f".{FAKE_ADAPTER}." in name]

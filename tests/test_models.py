@@ -297,3 +297,13 @@ def test_student_leads_by_fraction(distill):
     assert distill.choose_student_leads(4, 0.0, random.Random(0)) == set()
     draws = [len(distill.choose_student_leads(10, 0.3, random.Random(s))) for s in range(200)]
     assert 2.5 < sum(draws) / len(draws) < 3.5
+
+
+@pytest.mark.parametrize("trainable", ["lora", "all"])
+def test_lora_targets_that_match_no_layer_are_refused_with_the_layers_named(distill, tiny_root, trainable):
+    """The student's adapter and DMD's fake score (also beside a student of all weights) take the same targets."""
+    config = distill.parse_args(["--preset", "tiny", f"--OUTPUT_ROOT={tiny_root}", f"--TRAINABLE={trainable}",
+                                 "--DMD_WEIGHT=1", "--LORA_TARGET_MODULES=attn.no_such_proj"])
+    with pytest.raises(distill.UserError, match=r"LORA_TARGET_MODULES='attn.no_such_proj' names no layer of the model "
+                                                r".*linear layers are: .*attn.to_q"):
+        distill.load_models(config, torch.device("cpu"))
