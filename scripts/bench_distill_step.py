@@ -293,6 +293,9 @@ def run_script_step(distill, case: dict, device, warmup: int, repeats: int, coun
     optimizer, lr_scheduler = distill.build_optimizer(models.trainable, config, device, 1)
     models.student, optimizer, lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
     fake_optimizer, fake_scaler = distill.build_fake_optimizer(models, config, device, config["MIXED_PRECISION"])
+    adv_optimizer, adv_scaler = distill.build_critic_optimizer(
+        list(models.adv_head.parameters()) if models.adv_head is not None else [], config["ADV_LEARNING_RATE"], config,
+        device, config["MIXED_PRECISION"])
     cfg = SD3_CONFIGS[case["teacher"]]
     text = random_text(distill, 16, case["text_len"], cfg, device, teacher_dtype)
     sigmas, timesteps = distill.sampler_sigmas(SCHEDULER_CONFIG, config["NUM_ROLLOUT_STEPS"], None, models.image_seq_len)
@@ -300,14 +303,15 @@ def run_script_step(distill, case: dict, device, warmup: int, repeats: int, coun
     if config["BATCH_SIZE"] == "auto":  # as a run resolves it, before the step is first taken
         config["BATCH_SIZE"], batch_choice = distill.choose_batch_size(models, accelerator, text, config, sigmas, timesteps)
     state = {"step": 0, "finite": 0}
+    critics = distill.Training(optimizer, lr_scheduler, sigmas, timesteps, None, None, distill.TrainResult(),
+                               fake_optimizer, fake_scaler, adv_optimizer, adv_scaler)
 
     def step():
         terms, counts, samples = distill.distill_step(models, accelerator, text, state["step"], config, sigmas,
                                                       timesteps, 16)
         _, finite = distill.apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config,
                                          config["MIXED_PRECISION"])
-        if models.fake:
-            distill.update_fake_score(models, accelerator, fake_optimizer, fake_scaler, samples, config, state["step"])
+        distill.update_critics(models, accelerator, critics, samples, config, state["step"])
         state["step"] += 1
         state["finite"] += finite
 

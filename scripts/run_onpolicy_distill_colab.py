@@ -60,6 +60,7 @@ TRAINABLE = "lora"  # what of the student trains: "all" | "lora" | "blocks" (TRA
 TRAIN_BLOCKS = "-4:"  # python slice of transformer_blocks for TRAINABLE="blocks", e.g. "-4:" = last 4, "0:12"
 LORA_RANK = 32  # LoRA rank for TRAINABLE="lora"; 4-128 typical
 LORA_ALPHA = 32  # LoRA scale numerator (scale = alpha / rank)
+LORA_USE_DORA = False  # DoRA (peft's use_dora): LoRA on the direction, a learned magnitude per output feature
 LORA_TARGET_MODULES = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out"  # as diffusers' SD3 LoRA training
 GRADIENT_CHECKPOINTING = False  # recompute block activations in backward: less memory, ~30% slower
 COMPILE = True  # torch.compile each transformer block on CUDA (about 1.35x faster steps on an H100, ~1 min to compile)
@@ -113,6 +114,11 @@ DMD_WEIGHT = 0.0  # weight of distribution matching (DMD2) on the student's own 
 FAKE_LORA_RANK = 32  # DMD's fake score: a LoRA adapter of this rank on the frozen teacher, trained on the student's samples
 FAKE_LEARNING_RATE = 1e-4  # AdamW learning rate of the fake score (constant)
 FAKE_UPDATES_PER_STEP = 1  # fake-score updates per student update (DMD2's two time scales), each over all of the step's samples
+FAKE_FRESH_SAMPLES = False  # fake-score updates after a step's first on new samples of the student (no-gradient rollouts from fresh noise), so the critic stays ahead
+ADV_WEIGHT = 0.0  # weight of the adversarial term (LADD): a small head on the frozen teacher's features of noised samples tells the teacher's solve from the student's sample, at the last state; 0 = off
+ADV_LEARNING_RATE = 1e-4  # AdamW learning rate of the adversarial head (constant)
+DISTRIBUTION_START_STEP = 0  # the regression terms alone before this step (a staged start); then DMD and the adversarial term ramp in
+DISTRIBUTION_RAMP_STEPS = 0  # steps over which the DMD and adversarial weights ramp linearly from 0 to DMD_WEIGHT and ADV_WEIGHT
 TEACHER_EVAL_STEPS = 28  # steps of the teacher's own sampler for held-out reference samples
 
 # --- Prompt setup -------------------------------------------------------------------------------
@@ -318,6 +324,32 @@ def flow_matching_loss(velocity, x0, noise):
     return (velocity - (noise - x0)).square().mean()
 
 
+def distribution_weight_at(step: int, weight: float, start: int, ramp: int) -> float:
+    """The staged start: w(step) = 0 before DISTRIBUTION_START_STEP, then weight * min(1, (step - start + 1) / ramp)
+    (the full weight at once without a ramp), for DMD and the adversarial term alike."""
+    if step < start:
+        return 0.0
+    return weight if ramp <= 0 else weight * min(1.0, (step - start + 1) / ramp)
+
+
+def hinge_discriminator_loss(real_logits, fake_logits):
+    """mean max(0, 1 - D(real)) + mean max(0, 1 + D(fake)): the head's loss (hinge, as LADD's and SANA-Sprint's heads
+    are trained: it stops pushing a logit once it is past the margin, so the head cannot run away from the student)."""
+    return (1 - real_logits).clamp(min=0).mean() + (1 + fake_logits).clamp(min=0).mean()
+
+
+def adversarial_generator_loss(fake_logits):
+    """-mean D(fake): the student's side of the hinge game, its gradient pushes its samples to where the head reads
+    "real" (the teacher's solve)."""
+    return -fake_logits.mean()
+
+
+def adversarial_blocks(num_layers: int) -> list[int]:
+    """The transformer blocks whose image tokens the head reads: the ends of the four quarters of the depth (blocks
+    5, 11, 17, 23 of SD3-medium's 24), as LADD reads features spread over the teacher's depth."""
+    return sorted({max(0, math.ceil((j + 1) * num_layers / 4) - 1) for j in range(4)})
+
+
 def sample_diversity(samples, num_noises: int) -> float:
     """The mean Euclidean distance between two samples of one prompt from different noises, averaged over prompts.
     `samples` are noise-major: row n * P + p is prompt p's sample from noise n (num_noises >= 2)."""
@@ -473,6 +505,7 @@ class Models:
     student_fp8: bool = False  # its frozen base matmuls in FP8
     fake: list = dataclasses.field(default_factory=list)  # DMD's fake score: its FAKE_ADAPTER weights (fp32)
     fake_host: object = None  # the model that carries them: the frozen base weights (add_fake_score)
+    adv_head: object = None  # with ADV_WEIGHT: the adversarial head (adversarial_head_module) on the teacher's features
 
     def teacher_context(self):
         """The teacher itself: its model with every adapter (the student's where shared, the fake score's) off."""
@@ -507,6 +540,58 @@ def adapter_active(model, name: str):
         yield model
     finally:
         model.set_adapter(previous)
+
+
+@functools.cache
+def adversarial_head_module():
+    """The AdversarialHead class (made on first use: torch is imported lazily)."""
+    import torch
+
+    nn = torch.nn
+
+    class AdversarialHead(nn.Module):
+        """One small convolutional head per block of adversarial_blocks: the block's image tokens (B, T, D), normed,
+        laid out on their (h, w) grid, a 3x3 convolution to 128 channels, SiLU, a 1x1 to one logit per position.
+        Returns the logits of every head and position, (B, heads x positions). Trained in fp32."""
+
+        def __init__(self, width: int, blocks: list[int], hidden: int = 128):
+            super().__init__()
+            self.blocks = list(blocks)
+            self.heads = nn.ModuleList(nn.Sequential(nn.Conv2d(width, hidden, 3, padding=1), nn.SiLU(),
+                                                     nn.Conv2d(hidden, 1, 1)) for _ in self.blocks)
+            self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in self.blocks)
+
+        def forward(self, features: dict):
+            logits = []
+            for block, norm, head in zip(self.blocks, self.norms, self.heads, strict=True):
+                tokens = norm(features[block].float())
+                side = math.isqrt(tokens.shape[1])
+                logits.append(head(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)).flatten(1))
+            return torch.cat(logits, 1)
+
+    return AdversarialHead
+
+
+def teacher_features(models: Models, x, sigma, cond, blocks: list[int]) -> dict:
+    """{block: its image tokens} of the frozen teacher (adapters off, unguided, conditional) at state x and noise level
+    sigma (one per sample), read by forward hooks on those blocks; gradients flow to x where x has them."""
+    import torch
+
+    features = {}
+    hooks = [models.teacher.transformer_blocks[b].register_forward_hook(
+        lambda _module, _args, out, b=b: features.__setitem__(b, out[1])) for b in blocks]
+    try:
+        with models.teacher_context():
+            predict_velocity(models.teacher, x, sigma * 1000, cond[0], cond[1], models.teacher_dtype)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return features
+
+
+def adversarial_logits(models: Models, x0, sigma, noise, cond):
+    """The head's logits for samples x0 noised to x_s = (1 - s) x0 + s eps: it reads the teacher's features of x_s."""
+    return models.adv_head(teacher_features(models, noised(x0, sigma, noise), sigma, cond, models.adv_head.blocks))
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int, device):
@@ -554,7 +639,9 @@ class RolloutPlan:
     student_leads: set[int]
     loss_scale: float  # 1 / (supervised states x accumulated rollouts)
     sync_gradients: bool  # the last rollout of an optimizer step: synchronise gradients across processes
-    samples: list = dataclasses.field(default_factory=list)  # with DMD: (the student's x0, detached; cond) per state
+    weights: dict  # this step's loss weights: kl, dmd, adv (the staged start and the warmups applied)
+    samples: list = dataclasses.field(default_factory=list)  # with DMD: (the student's x0, detached; cond; state) per state
+    adv_samples: list = dataclasses.field(default_factory=list)  # with ADV_WEIGHT: (student's sample, teacher's; cond)
 
 
 def distribution_scores(models: Models, config: dict, x0, cond, uncond, generator, shift: float):
@@ -575,7 +662,7 @@ def distribution_scores(models: Models, config: dict, x0, cond, uncond, generato
     return x0_from_velocity(x_s, sigma, v_real), x0_from_velocity(x_s, sigma, v_fake)
 
 
-def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps, plan: RolloutPlan, kl_weight: float):
+def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps, plan: RolloutPlan):
     """One rollout with its losses; gradients are accumulated into the student.
 
     From noise the student integrates its own K-step sampler. At a supervised state x_i (one the
@@ -587,16 +674,19 @@ def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps
     target moves it instead (ON_POLICY_FRACTION < 1: off-policy or DAgger-style mixes).
     With DMD_WEIGHT > 0 the student's x0 prediction there, x_i - sigma_i v (at the last state: its sample), also
     takes DMD's step (dmd_direction, from distribution_scores), and is kept for the fake score (plan.samples).
-    Returns per-step loss terms (fp32, detached) as a (K, 5) tensor: total, kl, eps_mse, latent_mse, dmd
+    With ADV_WEIGHT > 0, at the last state the student's sample x_K = x - sigma v meets the adversarial head
+    (adversarial_generator_loss, through the frozen teacher's features of it noised), and the pair (its sample,
+    the teacher's own solve from the same state, x - sigma v*) is kept for the head (plan.adv_samples).
+    Returns per-step loss terms (fp32, detached) as a (K, 6) tensor: total, kl, eps_mse, latent_mse, dmd, adv
     (zeros where not supervised)."""
     import torch
 
     cond, uncond, supervised, student_leads = plan.cond, plan.uncond, plan.supervised, plan.student_leads
     device = accelerator.device
     x = torch.randn((cond[0].shape[0], *models.latent_shape), generator=plan.generator, device=device)
-    terms = torch.zeros(len(timesteps), 5, device=device)
+    terms = torch.zeros(len(timesteps), len(LOSS_TERMS), device=device)
     plain_student = accelerator.unwrap_model(models.student)
-    eta, last_supervised = config["SAMPLER_ETA"], max(supervised)
+    eta, last_supervised, weights = config["SAMPLER_ETA"], max(supervised), plan.weights
     substeps, shift, solver = teacher_substeps(config), teacher_substep_shift(config, models), teacher_solver(config)
 
     def guided_teacher(y, t):
@@ -616,16 +706,27 @@ def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps
                 kl = transition_kl(sigma, sigma_next, eta, v_student, v_teacher)
                 eps = epsilon_mse(x, sigma, v_student, v_teacher)
                 lat = latent_mse(x, sigma, v_student, v_teacher)
-                dmd = torch.zeros((), device=device)
+                dmd, adv = torch.zeros((), device=device), torch.zeros((), device=device)
+                x0 = x0_from_velocity(x, sigma, v_student)
                 if config["DMD_WEIGHT"] > 0:
-                    x0 = x0_from_velocity(x, sigma, v_student)
-                    real, fake = distribution_scores(models, config, x0.detach(), cond, uncond, plan.generator, shift)
-                    dmd = dmd_loss(x0, dmd_direction(x0.detach(), real, fake))
-                    plan.samples.append((x0.detach(), cond))
-                total = (kl_weight * kl + config["EPS_MSE_WEIGHT"] * eps + config["LATENT_MSE_WEIGHT"] * lat
-                         + config["DMD_WEIGHT"] * dmd)
+                    if weights["dmd"] > 0:  # before the staged start only the fake score learns (on the samples)
+                        real, fake = distribution_scores(models, config, x0.detach(), cond, uncond, plan.generator, shift)
+                        dmd = dmd_loss(x0, dmd_direction(x0.detach(), real, fake))
+                    plan.samples.append((x0.detach(), cond, i))
+                if config["ADV_WEIGHT"] > 0 and i == len(timesteps) - 1:
+                    x0_teacher = x0_from_velocity(x, sigma, v_teacher)  # the teacher's own solve to sigma = 0
+                    if weights["adv"] > 0:
+                        level = dmd_noise_levels(torch.randn(x.shape[0], generator=plan.generator, device=device), shift)
+                        noise = torch.randn(x.shape, generator=plan.generator, device=device)
+                        models.adv_head.requires_grad_(False)  # the student's side: the head stays as it is
+                        with accelerator.autocast():
+                            adv = adversarial_generator_loss(adversarial_logits(models, x0, level, noise, cond))
+                        models.adv_head.requires_grad_(True)
+                    plan.adv_samples.append((x0.detach(), x0_teacher, cond))
+                total = (weights["kl"] * kl + config["EPS_MSE_WEIGHT"] * eps + config["LATENT_MSE_WEIGHT"] * lat
+                         + weights["dmd"] * dmd + weights["adv"] * adv)
                 accelerator.backward(total * plan.loss_scale)
-            terms[i] = torch.stack([total, kl, eps, lat, dmd]).detach()
+            terms[i] = torch.stack([total, kl, eps, lat, dmd, adv]).detach()
             v_student = v_student.detach()
         elif i in student_leads:
             with torch.no_grad(), accelerator.autocast():
@@ -648,10 +749,10 @@ def distill_step(models: Models, accelerator, text: "TextEmbeddings", step: int,
 
     K, batch = len(timesteps), config["BATCH_SIZE"]
     accum = config["IMAGES_PER_STEP"] // batch
-    kl_weight = kl_weight_at(step, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"])
-    terms = torch.zeros(K, 5, device=accelerator.device)
+    weights = loss_weights(config, step)
+    terms = torch.zeros(K, len(LOSS_TERMS), device=accelerator.device)
     counts = torch.zeros(K, device=accelerator.device)
-    samples = []
+    samples, adv_samples = [], []
     for micro in range(accum):
         idx = prompt_indices(step, micro, accelerator.process_index, accelerator.num_processes, batch, accum,
                              num_train_prompts, config["SEED"])
@@ -661,27 +762,97 @@ def distill_step(models: Models, accelerator, text: "TextEmbeddings", step: int,
                            text.empty_batch(batch, accelerator.device, models.teacher_dtype),
                            step_generator(config["SEED"], step, micro, accelerator.process_index, accelerator.device),
                            supervised, choose_student_leads(K, config["ON_POLICY_FRACTION"], rng),
-                           1.0 / (len(supervised) * accum), micro == accum - 1)
-        terms += distill_rollout(models, accelerator, config, sigmas, timesteps, plan, kl_weight)
+                           1.0 / (len(supervised) * accum), micro == accum - 1, weights)
+        terms += distill_rollout(models, accelerator, config, sigmas, timesteps, plan)
         samples += plan.samples
+        adv_samples += plan.adv_samples
         for i in supervised:
             counts[i] += 1
-    return terms, counts, samples
+    return terms, counts, StepSamples(samples, adv_samples)
 
 
-def update_fake_score(models: Models, accelerator, optimizer, scaler, samples: list, config: dict, step: int):
-    """DMD's fake score follows the student: FAKE_UPDATES_PER_STEP AdamW steps, each over all of this step's samples
-    (the student's detached x0 predictions, in the micro-batches they were made in, gradients accumulated), of
-    flow_matching_loss at s from SD3's training density, conditional on each sample's prompt. Draws are seeded by
-    (SEED, step), as the rollouts' are. A step whose loss or gradient is not finite is skipped. Returns the mean loss."""
+@dataclasses.dataclass
+class StepSamples:
+    """What a step's rollouts leave for the critics: the fake score's samples and the adversarial head's pairs."""
+
+    fake: list
+    adv: list
+
+
+def loss_weights(config: dict, step: int) -> dict:
+    """The step's weights: the KL's warmup (kl_weight_at), DMD's and the adversarial term's staged start
+    (distribution_weight_at)."""
+    start, ramp = config["DISTRIBUTION_START_STEP"], config["DISTRIBUTION_RAMP_STEPS"]
+    return {"kl": kl_weight_at(step, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
+            "dmd": distribution_weight_at(step, config["DMD_WEIGHT"], start, ramp),
+            "adv": distribution_weight_at(step, config["ADV_WEIGHT"], start, ramp)}
+
+
+def fresh_student_samples(models: Models, accelerator, samples: list, sigmas, timesteps, generator) -> list:
+    """New samples of the student for the fake score (FAKE_FRESH_SAMPLES): for each rollout's prompts in `samples`, the
+    student's own sampler from fresh noise, without gradients, and its x0 predictions x_i - sigma_i v at the same
+    states as there."""
+    import torch
+
+    student, wanted = accelerator.unwrap_model(models.student), {}
+    for x0, cond, i in samples:
+        wanted.setdefault(id(cond), (cond, x0.shape, []))[2].append(i)
+    fresh = []
+    for cond, shape, states in wanted.values():
+        visited = []  # (x_i, v_i) of the sampler, in order
+
+        def velocity(x, t, cond=cond, visited=visited):
+            visited.append((x, predict_velocity(student, x, t, cond[0], cond[1], models.student_dtype)))
+            return visited[-1][1]
+
+        with torch.no_grad(), accelerator.autocast():
+            sample_trajectory(velocity, torch.randn(shape, generator=generator, device=accelerator.device), sigmas,
+                              timesteps)
+        fresh += [(x0_from_velocity(visited[i][0], float(sigmas[i]), visited[i][1]), cond, i) for i in states]
+    return fresh
+
+
+def average_gradients(accelerator, params: list) -> None:
+    """A critic (the fake score, the adversarial head) is no part of the student's DDP: its own all-reduce of the
+    gradients across processes."""
+    import torch
+
+    if accelerator.num_processes > 1:
+        grads = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), "mean")
+        for p, g in zip(params, grads.split([p.numel() for p in params]), strict=True):
+            p.grad.copy_(g.view_as(p))
+
+
+def critic_step(params: list, optimizer, scaler, loss_sum, config: dict) -> None:
+    """Clip and step a critic, unless its loss or gradient is not finite (under fp16 its scaler skips those itself)."""
+    import torch
+
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, config["MAX_GRAD_NORM"] or float("inf"))
+    if bool(torch.isfinite(loss_sum) and torch.isfinite(norm)) or scaler.is_enabled():
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def update_fake_score(models: Models, accelerator, optimizer, scaler, samples: list, config: dict, step: int,
+                      sigmas=None, timesteps=None):
+    """DMD's fake score follows the student: FAKE_UPDATES_PER_STEP AdamW steps of flow_matching_loss at s from SD3's
+    training density, conditional on each sample's prompt, each over all of this step's samples (the student's
+    detached x0 predictions, in the micro-batches they were made in, gradients accumulated), or with
+    FAKE_FRESH_SAMPLES every update after the first over new ones (fresh_student_samples, on the student's sampler
+    `sigmas`, `timesteps`). Draws are seeded by (SEED, step), as the rollouts' are. A step whose loss or gradient is
+    not finite is skipped. Returns the mean loss."""
     import torch
 
     shift, device, total = teacher_substep_shift(config, models), accelerator.device, 0.0
     for update in range(config["FAKE_UPDATES_PER_STEP"]):
         generator = step_generator(config["SEED"], step, 1_000 + update, accelerator.process_index, device)
+        if update and config["FAKE_FRESH_SAMPLES"]:
+            samples = fresh_student_samples(models, accelerator, samples, sigmas, timesteps, generator)
         loss_sum = torch.zeros((), device=device)
         with models.fake_context():
-            for x0, cond in samples:
+            for x0, cond, _ in samples:
                 sigma = dmd_noise_levels(torch.randn(x0.shape[0], generator=generator, device=device), shift)
                 noise = torch.randn(x0.shape, generator=generator, device=device)
                 with accelerator.autocast():
@@ -690,18 +861,51 @@ def update_fake_score(models: Models, accelerator, optimizer, scaler, samples: l
                 loss = flow_matching_loss(v, x0, noise)
                 scaler.scale(loss / len(samples)).backward()
                 loss_sum += loss.detach()
-        if accelerator.num_processes > 1:  # the fake score is no part of the student's DDP: its own all-reduce
-            grads = accelerator.reduce(torch.cat([p.grad.flatten() for p in models.fake]), "mean")
-            for p, g in zip(models.fake, grads.split([p.numel() for p in models.fake]), strict=True):
-                p.grad.copy_(g.view_as(p))
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(models.fake, config["MAX_GRAD_NORM"] or float("inf"))
-        if bool(torch.isfinite(loss_sum) and torch.isfinite(norm)) or scaler.is_enabled():
-            scaler.step(optimizer)  # under fp16 the scaler itself skips a step with overflowing gradients
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        average_gradients(accelerator, models.fake)
+        critic_step(models.fake, optimizer, scaler, loss_sum, config)
         total += float(loss_sum) / len(samples)
     return total / config["FAKE_UPDATES_PER_STEP"]
+
+
+def update_adversarial_head(models: Models, accelerator, optimizer, scaler, pairs: list, config: dict, step: int):
+    """One AdamW step of the adversarial head on this step's pairs (the student's sample, the teacher's solve from the
+    same state; both detached): hinge_discriminator_loss of its logits on the two, noised alike (one s and eps per
+    pair, s from SD3's training density, shifted towards high noise, where the features carry the layout: shapes, not
+    texture), the teacher's features taken without gradients. Returns the mean loss."""
+    import torch
+
+    shift, device = teacher_substep_shift(config, models), accelerator.device
+    generator = step_generator(config["SEED"], step, 2_000, accelerator.process_index, device)
+    params = list(models.adv_head.parameters())
+    loss_sum = torch.zeros((), device=device)
+    for fake, real, cond in pairs:
+        sigma = dmd_noise_levels(torch.randn(fake.shape[0], generator=generator, device=device), shift)
+        noise = torch.randn(fake.shape, generator=generator, device=device)
+        both = (torch.cat([cond[0], cond[0]]), torch.cat([cond[1], cond[1]]))
+        with torch.no_grad(), accelerator.autocast():
+            features = teacher_features(models, noised(torch.cat([real, fake]), torch.cat([sigma, sigma]),
+                                                       torch.cat([noise, noise])), torch.cat([sigma, sigma]), both,
+                                        models.adv_head.blocks)
+        real_logits, fake_logits = models.adv_head({b: f.detach() for b, f in features.items()}).chunk(2)
+        loss = hinge_discriminator_loss(real_logits, fake_logits)
+        scaler.scale(loss / len(pairs)).backward()
+        loss_sum += loss.detach()
+    average_gradients(accelerator, params)
+    critic_step(params, optimizer, scaler, loss_sum, config)
+    return float(loss_sum) / len(pairs)
+
+
+def update_critics(models: Models, accelerator, training: "Training", samples: StepSamples, config: dict, step: int):
+    """After the student's update: the fake score's and the adversarial head's, each where it is on. Returns their
+    mean losses (None where off)."""
+    fake_loss = disc_loss = None
+    if models.fake:
+        fake_loss = update_fake_score(models, accelerator, training.fake_optimizer, training.fake_scaler, samples.fake,
+                                      config, step, training.sigmas, training.timesteps)
+    if models.adv_head is not None:
+        disc_loss = update_adversarial_head(models, accelerator, training.adv_optimizer, training.adv_scaler,
+                                            samples.adv, config, step)
+    return fake_loss, disc_loss
 
 # =================================================================================================
 # The training loop, its setup, the held-out evaluation.
@@ -731,11 +935,12 @@ def probe_peak_memory(models: Models, accelerator, text: "TextEmbeddings", confi
     plan = RolloutPlan(text.batch([i % len(text.embeds) for i in range(batch)], accelerator.device, models.teacher_dtype),
                        text.empty_batch(batch, accelerator.device, models.teacher_dtype),
                        step_generator(config["SEED"], 0, 0, accelerator.process_index, accelerator.device),
-                       set(range(K)), set(range(K)), 1.0 / K, False)
+                       set(range(K)), set(range(K)), 1.0 / K, False,
+                       {"kl": config["KL_WEIGHT"], "dmd": config["DMD_WEIGHT"], "adv": config["ADV_WEIGHT"]})
     eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else contextlib.nullcontext()
     try:
         with eager:
-            distill_rollout(models, accelerator, config, sigmas, timesteps, plan, config["KL_WEIGHT"])
+            distill_rollout(models, accelerator, config, sigmas, timesteps, plan)
         torch.cuda.synchronize()
         peak = float(torch.cuda.max_memory_allocated())
     except torch.cuda.OutOfMemoryError:
@@ -791,16 +996,21 @@ def build_optimizer(params: list, config: dict, device, num_processes: int):
     return optimizer, lr_scheduler
 
 
-def build_fake_optimizer(models: Models, config: dict, device, mixed_precision: str):
-    """DMD's fake score's own AdamW (FAKE_LEARNING_RATE, constant) and fp16 gradient scaler (off under bf16 or fp32),
-    outside accelerate's, whose scaler and data parallelism are the student's; (None, None) without DMD."""
+def build_critic_optimizer(params: list, learning_rate: float, config: dict, device, mixed_precision: str):
+    """A critic's own AdamW (constant learning rate) and fp16 gradient scaler (off under bf16 or fp32), outside
+    accelerate's, whose scaler and data parallelism are the student's; (None, None) for no weights."""
     import torch
 
-    if not models.fake:
+    if not params:
         return None, None
-    optimizer, _ = build_optimizer(models.fake, {**config, "LEARNING_RATE": config["FAKE_LEARNING_RATE"],
-                                                 "LR_SCHEDULER": "constant"}, device, 1)
+    optimizer, _ = build_optimizer(params, {**config, "LEARNING_RATE": learning_rate, "LR_SCHEDULER": "constant"},
+                                   device, 1)
     return optimizer, torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
+
+
+def build_fake_optimizer(models: Models, config: dict, device, mixed_precision: str):
+    """DMD's fake score's optimizer and scaler (FAKE_LEARNING_RATE); (None, None) without DMD."""
+    return build_critic_optimizer(models.fake, config["FAKE_LEARNING_RATE"], config, device, mixed_precision)
 
 
 def apply_update(models: Models, accelerator, optimizer, lr_scheduler, terms, counts, config: dict, mixed_precision: str):
@@ -844,6 +1054,8 @@ class Training:
     result: TrainResult
     fake_optimizer: object = None  # with DMD: the fake score's AdamW and its fp16 gradient scaler (off otherwise)
     fake_scaler: object = None
+    adv_optimizer: object = None  # with ADV_WEIGHT: the adversarial head's
+    adv_scaler: object = None
 
 
 def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts: list[dict],
@@ -863,6 +1075,9 @@ def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts
     optimizer, lr_scheduler = build_optimizer(models.trainable, config, device, accelerator.num_processes)
     models.student, optimizer, lr_scheduler = accelerator.prepare(models.student, optimizer, lr_scheduler)
     fake_optimizer, fake_scaler = build_fake_optimizer(models, config, device, run.mixed_precision)
+    adv_optimizer, adv_scaler = build_critic_optimizer(
+        list(models.adv_head.parameters()) if models.adv_head is not None else [], config["ADV_LEARNING_RATE"], config,
+        device, run.mixed_precision)
     vae = None
     if config["SAVE_SAMPLE_GRIDS"] and accelerator.is_main_process:
         vae = load_vae(teacher_path, config, models.teacher_dtype, device)
@@ -873,7 +1088,8 @@ def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts
     result = TrainResult()
     if run.resume:
         result.step, result.skipped_steps, result.gap_before = restore_checkpoint(
-            run.resume, models, optimizer, lr_scheduler, accelerator, fake_optimizer, fake_scaler)
+            run.resume, models, optimizer, lr_scheduler, accelerator, (fake_optimizer, fake_scaler),
+            (adv_optimizer, adv_scaler))
         print(f"resumed {paths.name} from {run.resume[0].name} at step {result.step}")
     metrics = None
     if accelerator.is_main_process:
@@ -886,7 +1102,8 @@ def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts
         result.gap_before = evaluate(0) if evaluate else None
     evaluations = rows_through(paths.metrics / "eval.jsonl", result.step) if run.resume else []
     result.gap_last = evaluations[-1]["eval_gap"] if evaluations else result.gap_before
-    return Training(optimizer, lr_scheduler, sigmas, timesteps, evaluate, metrics, result, fake_optimizer, fake_scaler)
+    return Training(optimizer, lr_scheduler, sigmas, timesteps, evaluate, metrics, result, fake_optimizer, fake_scaler,
+                    adv_optimizer, adv_scaler)
 
 
 def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int, training: Training) -> TrainResult:
@@ -907,6 +1124,9 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
                 extra.update(fake=named_state(models.fake_host, models.fake),
                              fake_optimizer=training.fake_optimizer.state_dict(),
                              fake_scaler=training.fake_scaler.state_dict())
+            if models.adv_head is not None:
+                extra.update(adv_head=models.adv_head.state_dict(), adv_optimizer=training.adv_optimizer.state_dict(),
+                             adv_scaler=training.adv_scaler.state_dict())
             run.checkpoints.save(name, result.step, status, config_fingerprint(config),
                                  lambda path: save_checkpoint(path, models, optimizer, lr_scheduler, accelerator,
                                                               result.step, config, extra))
@@ -934,13 +1154,10 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
             with held_signals():
                 grad_norm, finite = apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config,
                                                  run.mixed_precision)
-                fake_loss = None
-                if models.fake:
-                    fake_loss = update_fake_score(models, accelerator, training.fake_optimizer, training.fake_scaler,
-                                                  samples, config, result.step)
+                critic_losses = update_critics(models, accelerator, training, samples, config, result.step)
                 if finite:
                     consecutive_skips = 0
-                    window.add(terms, counts, grad_norm, fake_loss)
+                    window.add(terms, counts, grad_norm, *critic_losses)
                 else:
                     before_divergence = result.last_checkpoint if consecutive_skips == 0 else before_divergence
                     result.skipped_steps += 1
@@ -955,8 +1172,7 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
                 if evaluate_now:
                     result.gap_last = training.evaluate(step) if training.evaluate else None
                 if step % config["LOG_EVERY"] == 0 or step == max_steps or evaluate_now:
-                    row = window.row(accelerator, step, kl_weight_at(step - 1, config["KL_WEIGHT"], config["KL_WARMUP_STEPS"]),
-                                     lr_scheduler.get_last_lr()[0], images_per_step, result.skipped_steps,
+                    row = window.row(accelerator, step, loss_weights(config, step - 1), lr_scheduler.get_last_lr()[0], images_per_step, result.skipped_steps,
                                      training.evaluate.readings if evaluate_now and training.evaluate else None)
                     if training.metrics:
                         training.metrics.write(row)
@@ -1110,17 +1326,18 @@ class LogWindow:
         self.terms = torch.zeros(num_steps, len(LOSS_TERMS), device=device)
         self.counts = torch.zeros(num_steps, device=device)
         self.grad = torch.zeros((), device=device)
-        self.steps, self.fake_loss, self.start = 0, [], time.time()
+        self.steps, self.fake_loss, self.disc_loss, self.start = 0, [], [], time.time()
 
-    def add(self, terms, counts, grad_norm, fake_loss=None):
+    def add(self, terms, counts, grad_norm, fake_loss=None, disc_loss=None):
         self.terms += terms
         self.counts += counts
         self.grad += grad_norm.detach().float()
         self.steps += 1
-        if fake_loss is not None:
-            self.fake_loss.append(fake_loss)
+        for losses, loss in ((self.fake_loss, fake_loss), (self.disc_loss, disc_loss)):
+            if loss is not None:
+                losses.append(loss)
 
-    def row(self, accelerator, step, kl_weight, lr, images_per_step, skipped, evaluation: dict | None) -> dict:
+    def row(self, accelerator, step, weights: dict, lr, images_per_step, skipped, evaluation: dict | None) -> dict:
         """Means over the window and all processes, read from the device once; then the window starts again.
         `evaluation`: the held-out evaluation's readings at this step (eval_gap, eval_drift, eval_diversity), if any."""
         import torch
@@ -1136,7 +1353,8 @@ class LogWindow:
 
         row = {"step": step, **{name: mean(col) for col, name in enumerate(LOSS_TERMS)},
                "fake_loss": sum(self.fake_loss) / len(self.fake_loss) if self.fake_loss else None,
-               "kl_weight": kl_weight, "lr": lr, "grad_norm": grad_norm / steps, "sec_per_step": elapsed / steps,
+               "disc_loss": sum(self.disc_loss) / len(self.disc_loss) if self.disc_loss else None,
+               "kl_weight": weights["kl"], "dmd_weight": weights["dmd"], "adv_weight": weights["adv"], "lr": lr, "grad_norm": grad_norm / steps, "sec_per_step": elapsed / steps,
                "images_per_sec": images_per_step * steps / elapsed if elapsed > 0 else None,
                "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                "skipped_steps": skipped, **dict.fromkeys(EVAL_COLUMNS), **(evaluation or {})}
@@ -1169,6 +1387,11 @@ def run_header(run: Run, models: Models, images_per_step: int, result: TrainResu
         + (f"; DMD x {config['DMD_WEIGHT']:g} (fake score: LoRA r{config['FAKE_LORA_RANK']} on the teacher's weights, "
            f"{config['FAKE_UPDATES_PER_STEP']} update(s) per step at {config['FAKE_LEARNING_RATE']:g})"
            if models.fake else "")
+        + (f"; adversarial x {config['ADV_WEIGHT']:g} (a head on the teacher's blocks {models.adv_head.blocks})"
+           if models.adv_head is not None else "")
+        + (f"; those from step {config['DISTRIBUTION_START_STEP']}, ramped over {config['DISTRIBUTION_RAMP_STEPS']}"
+           if (models.fake or models.adv_head is not None) and (config['DISTRIBUTION_START_STEP']
+                                                                or config['DISTRIBUTION_RAMP_STEPS']) else "")
         + f"; {config['MAX_STEPS']} optimizer steps of {images_per_step} images"
         + (f", from step {result.step}" if result.step else ""),
         f"  held-out gap at step 0: {gap or 'n/a'}" + (f", latest {result.gap_last:.4g}"
@@ -1185,11 +1408,11 @@ def pace_line(sec_per_step: float, steps_left: int) -> str:
             f" and the {steps_left} steps left about {duration(steps_left * sec_per_step)}")
 
 
-def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelerator, fake_optimizer=None,
-                       fake_scaler=None):
-    """Weights, optimizer, schedule, scaler, and DMD's fake score with its own; returns (step, skipped steps, gap
-    before). No RNG state: every draw of a step comes from generators seeded by (SEED, step), so a resumed run
-    continues exactly without one."""
+def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelerator, fake=(None, None),
+                       adv=(None, None)):
+    """Weights, optimizer, schedule, scaler, and the critics (DMD's fake score, the adversarial head) with their own
+    optimizers and scalers; returns (step, skipped steps, gap before). No RNG state: every draw of a step comes from
+    generators seeded by (SEED, step), so a resumed run continues exactly without one."""
     path, payload = resume
     student = accelerator.unwrap_model(models.student)
     for model, params, key in ((student, models.trainable, "student"), (models.fake_host, models.fake, "fake")):
@@ -1204,8 +1427,12 @@ def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelera
     if payload["scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(payload["scaler"])
     if models.fake:
-        fake_optimizer.load_state_dict(payload["fake_optimizer"])
-        fake_scaler.load_state_dict(payload["fake_scaler"])
+        fake[0].load_state_dict(payload["fake_optimizer"])
+        fake[1].load_state_dict(payload["fake_scaler"])
+    if models.adv_head is not None:
+        models.adv_head.load_state_dict(payload["adv_head"])
+        adv[0].load_state_dict(payload["adv_optimizer"])
+        adv[1].load_state_dict(payload["adv_scaler"])
     return payload["step"], payload.get("skipped_steps", 0), payload.get("gap_before")
 
 
@@ -1528,10 +1755,11 @@ def validate_config(c: dict) -> None:
         need(isinstance(c[name], int) and c[name] >= 1, f"{name}={c[name]!r} must be a whole number >= 1.")
     need(isinstance(c["TEACHER_SUBSTEPS"], int) and c["TEACHER_SUBSTEPS"] >= 0,
          f"TEACHER_SUBSTEPS={c['TEACHER_SUBSTEPS']!r} must be a whole number >= 1, or 0 for 8 // K.")
-    for name in ("LEARNING_RATE", "ADAM_EPS", "IMAGE_SIZE", "LORA_ALPHA", "FAKE_LEARNING_RATE"):
+    for name in ("LEARNING_RATE", "ADAM_EPS", "IMAGE_SIZE", "LORA_ALPHA", "FAKE_LEARNING_RATE", "ADV_LEARNING_RATE"):
         need(isinstance(c[name], (int, float)) and c[name] > 0, f"{name}={c[name]!r} must be > 0.")
     for name in ("ADAM_WEIGHT_DECAY", "MAX_GRAD_NORM", "LR_WARMUP_STEPS", "KL_WARMUP_STEPS", "EVAL_EVERY",
-                 "CHECKPOINT_EVERY_MINUTES", "SUPERVISED_STATES", "HELDOUT_PROMPTS", "SAMPLER_ETA"):
+                 "CHECKPOINT_EVERY_MINUTES", "SUPERVISED_STATES", "HELDOUT_PROMPTS", "SAMPLER_ETA",
+                 "DISTRIBUTION_START_STEP", "DISTRIBUTION_RAMP_STEPS"):
         need(isinstance(c[name], (int, float)) and c[name] >= 0, f"{name}={c[name]!r} must be >= 0.")
     need(c["BATCH_SIZE"] == "auto" or (isinstance(c["BATCH_SIZE"], int) and c["BATCH_SIZE"] >= 1
                                         and isinstance(c["IMAGES_PER_STEP"], int) and c["IMAGES_PER_STEP"] % c["BATCH_SIZE"] == 0),
@@ -1540,10 +1768,18 @@ def validate_config(c: dict) -> None:
     need(0 <= c["ON_POLICY_FRACTION"] <= 1, f"ON_POLICY_FRACTION={c['ON_POLICY_FRACTION']} must be in [0, 1].")
     for name in ("ADAM_BETA1", "ADAM_BETA2"):
         need(0 <= c[name] < 1, f"{name}={c[name]!r} must be in [0, 1).")
-    weights = [c["KL_WEIGHT"], c["EPS_MSE_WEIGHT"], c["LATENT_MSE_WEIGHT"], c["DMD_WEIGHT"]]
-    need(all(w >= 0 for w in weights), "KL_WEIGHT, EPS_MSE_WEIGHT, LATENT_MSE_WEIGHT and DMD_WEIGHT must be >= 0.")
-    need(any(w > 0 for w in weights), "KL_WEIGHT, EPS_MSE_WEIGHT, LATENT_MSE_WEIGHT and DMD_WEIGHT are all 0: nothing to "
-                                      "learn; set one > 0.")
+    weights = [c["KL_WEIGHT"], c["EPS_MSE_WEIGHT"], c["LATENT_MSE_WEIGHT"], c["DMD_WEIGHT"], c["ADV_WEIGHT"]]
+    names = "KL_WEIGHT, EPS_MSE_WEIGHT, LATENT_MSE_WEIGHT, DMD_WEIGHT and ADV_WEIGHT"
+    need(all(w >= 0 for w in weights), f"{names} must be >= 0.")
+    need(any(w > 0 for w in weights), f"{names} are all 0: nothing to learn; set one > 0.")
+    need(not (c["DISTRIBUTION_START_STEP"] > 0 and c["DMD_WEIGHT"] == 0 and c["ADV_WEIGHT"] == 0),
+         f"DISTRIBUTION_START_STEP={c['DISTRIBUTION_START_STEP']} stages DMD and the adversarial term, but both are off "
+         f"(DMD_WEIGHT=0, ADV_WEIGHT=0); set one of them > 0, or DISTRIBUTION_START_STEP=0.")
+    need(not (c["EPS_MSE_WEIGHT"] == c["LATENT_MSE_WEIGHT"] == c["KL_WEIGHT"] == 0 and c["DISTRIBUTION_START_STEP"] > 0),
+         "DISTRIBUTION_START_STEP > 0 with every regression weight 0 leaves the first steps with nothing to learn; set "
+         "EPS_MSE_WEIGHT or LATENT_MSE_WEIGHT > 0, or DISTRIBUTION_START_STEP=0.")
+    need(not c["LORA_USE_DORA"] or c["TRAINABLE"] == "lora",
+         f"LORA_USE_DORA=True is a kind of LoRA, so it needs TRAINABLE='lora' (it is {c['TRAINABLE']!r}).")
     need(c["SAMPLER_ETA"] <= 1, f"SAMPLER_ETA={c['SAMPLER_ETA']} must be in [0, 1] (1 = the forward process's own posterior).")
     need(not (c["KL_WEIGHT"] > 0 and c["SAMPLER_ETA"] <= 0),
          "KL_WEIGHT > 0 needs SAMPLER_ETA > 0 (the KL is between stochastic transitions); set SAMPLER_ETA=0.7 or KL_WEIGHT=0.")
@@ -1943,7 +2179,9 @@ def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointD
 
 # Settings added since earlier checkpoints were written, as those runs had them.
 SETTINGS_BEFORE_THEY_EXISTED = {"SAMPLER_SPACING": "scheduler", "TEACHER_SOLVER": "euler", "DMD_WEIGHT": 0.0,
-                               "FAKE_LORA_RANK": 32, "FAKE_LEARNING_RATE": 1e-4, "FAKE_UPDATES_PER_STEP": 1}
+                               "FAKE_LORA_RANK": 32, "FAKE_LEARNING_RATE": 1e-4, "FAKE_UPDATES_PER_STEP": 1,
+                               "FAKE_FRESH_SAMPLES": False, "ADV_WEIGHT": 0.0, "ADV_LEARNING_RATE": 1e-4,
+                               "DISTRIBUTION_START_STEP": 0, "DISTRIBUTION_RAMP_STEPS": 0, "LORA_USE_DORA": False}
 # Not part of what a run is: where outputs go, how often, memory and speed only (a run resumes on a smaller GPU with
 # a smaller BATCH_SIZE, IMAGES_PER_STEP unchanged), how long (MAX_STEPS: a run can be trained longer), and the path of
 # the prompts file (its contents are checked apart, so OUTPUT_ROOT can be moved, to Drive say).
@@ -2578,15 +2816,15 @@ def check_compatible(teacher_config, student_config, image_size: int, vae_factor
                             f"{cfg['pos_embed_max_size'] * multiple} pixels.")
 
 
-def add_lora_adapter(model, rank: int, alpha: float, config: dict, name: str) -> None:
+def add_lora_adapter(model, rank: int, alpha: float, config: dict, name: str, dora: bool = False) -> None:
     """A LoRA adapter of this rank and alpha on the LORA_TARGET_MODULES of the model (peft, through diffusers), its B
     matrices zero; target names that match no layer are refused with the model's own linear layers named."""
     from peft import LoraConfig
 
     targets = [t.strip() for t in config["LORA_TARGET_MODULES"].split(",") if t.strip()]
     try:
-        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets),
-                          adapter_name=name)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets,
+                                     use_dora=dora), adapter_name=name)
     except ValueError as err:  # peft: none of the names is a layer of this model
         linears = sorted({n.split(".", 2)[-1] for n, m in model.named_modules()
                           if type(m).__name__ == "Linear" and n.startswith("transformer_blocks.0.")})
@@ -2601,7 +2839,7 @@ def set_trainable(student, config: dict) -> list:
     mode = config["TRAINABLE"]
     student.requires_grad_(mode == "all")
     if mode == "lora":
-        add_lora_adapter(student, config["LORA_RANK"], config["LORA_ALPHA"], config, "default")
+        add_lora_adapter(student, config["LORA_RANK"], config["LORA_ALPHA"], config, "default", config["LORA_USE_DORA"])
     elif mode == "blocks":
         for block in student.transformer_blocks[parse_block_slice(config["TRAIN_BLOCKS"])]:
             block.requires_grad_(True)
@@ -2681,6 +2919,14 @@ def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_d
         teacher, shares_weights = fp8_copy(teacher), False  # an FP8 teacher beside the student's bf16 base
     trainable = set_trainable(student, config)
     fake = add_fake_score(fake_host, config) if config["DMD_WEIGHT"] > 0 else []
+    adv_head = None
+    if config["ADV_WEIGHT"] > 0:  # its own small weights, in fp32; the features it reads are the teacher's
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config["SEED"])
+            adv_head = adversarial_head_module()(teacher.config.num_attention_heads * teacher.config.attention_head_dim,
+                                                 adversarial_blocks(teacher.config.num_layers)).to(device)
     student.to(device).train()
     if config["STUDENT_FP8"]:
         convert_to_fp8(student)  # with shared weights the teacher's base too
@@ -2708,7 +2954,7 @@ def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_d
     return Models(student, teacher, shares_weights, teacher_dtype, student_dtype,
                   (teacher.config.in_channels, latent_size, latent_size), trainable, scheduler_config,
                   teacher.config.patch_size, teacher_fp8 or (shares_weights and config["STUDENT_FP8"]), config["STUDENT_FP8"],
-                  fake, fake_host if fake else None)
+                  fake, fake_host if fake else None, adv_head)
 
 
 def load_scheduler_config(model_path: str, config: dict) -> dict:
@@ -3014,12 +3260,12 @@ class CheckpointDir:
 # =================================================================================================
 
 
-LOSS_TERMS = ("loss", "kl", "eps_mse", "latent_mse", "dmd")  # the columns of distill_rollout's terms; "loss" = total
+LOSS_TERMS = ("loss", "kl", "eps_mse", "latent_mse", "dmd", "adv")  # the columns of distill_rollout's terms; "loss" = total
 EVAL_COLUMNS = ("eval_gap", "eval_drift", "eval_diversity")
 
 
 def metric_columns(num_steps: int) -> list[str]:
-    columns = [*("step",) + LOSS_TERMS, "fake_loss", "kl_weight", "lr", "grad_norm", "sec_per_step", "images_per_sec",
+    columns = [*("step",) + LOSS_TERMS, "fake_loss", "disc_loss", "kl_weight", "dmd_weight", "adv_weight", "lr", "grad_norm", "sec_per_step", "images_per_sec",
                "peak_mem_gb", "skipped_steps", *EVAL_COLUMNS]
     for i in range(num_steps):
         columns += [f"{name}_{i}" for name in LOSS_TERMS[1:]]
