@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -202,10 +203,9 @@ def largest_component(mask):
     return out
 
 
-def accuracy(readings, answers) -> dict:
+def accuracy(readings, answers, questions=("shape", "color", "background")) -> dict:
     """The share of right answers, per question."""
-    return {name: float((readings[:, k].cpu() == answers[:, k]).float().mean())
-            for k, name in enumerate(("shape", "color", "background"))}
+    return {name: float((readings[:, k].cpu() == answers[:, k]).float().mean()) for k, name in enumerate(questions)}
 
 
 def drawn_bank(prompts: list[dict], per_prompt: int, seed: int):
@@ -216,25 +216,102 @@ def drawn_bank(prompts: list[dict], per_prompt: int, seed: int):
     return torch.stack([torch.stack([to_latent(draw(p, rng)) for _ in range(per_prompt)]) for p in prompts])
 
 
+DIGITS_CSV = HERE / "data" / "digits.csv.gz"  # scikit-learn's copy of the UCI handwritten digits (see data/README.md)
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_PHRASES = ("a handwritten digit {d}", "the number {w}, written by hand", "a handwritten {w}",
+                 "handwriting of the digit {d}")
+
+
+def digit_prompts() -> list[dict]:
+    """10 digits x 4 phrasings, shuffled (seed 0): 40 prompts, of which the last HELDOUT are held out."""
+    prompts = [{"prompt": phrase.format(d=d, w=DIGIT_WORDS[d]), "digit": d} for d in range(10) for phrase in DIGIT_PHRASES]
+    random.Random(0).shuffle(prompts)
+    return [{"id": i, **p, "category": str(p["digit"])} for i, p in enumerate(prompts)]
+
+
+@functools.cache
+def digit_images():
+    """The 1,797 real 8x8 digits as (images in [-1, 1], labels), split by index: even rows train (the teacher and the
+    classifier learn from them), odd rows are held out (the Frechet distance's real pictures)."""
+    import gzip
+
+    import torch
+
+    rows = [[float(v) for v in line.split(",")] for line in gzip.open(DIGITS_CSV, "rt").read().split()]
+    data = torch.tensor(rows)
+    return data[:, :64].reshape(-1, 8, 8) / 8 - 1, data[:, 64].long()
+
+
+def digit_latent(image):
+    """An 8x8 digit -> a (4, 16, 16) 'latent' as the shapes' are: grey in all four channels, upscaled 2x (bilinear)."""
+    import torch
+
+    up = torch.nn.functional.interpolate(image[None, None], scale_factor=2, mode="bilinear", align_corners=False)[0]
+    return up.expand(4, -1, -1).clone()
+
+
+@dataclasses.dataclass
+class Task:
+    """What the experiment distils on: its prompts, what a sample of a prompt should show (the questions and their
+    answers), real pictures of a prompt, and a reading that needs no trained network where there is one."""
+
+    name: str
+    prompts: list
+    questions: tuple
+    classes: tuple  # classes per question
+    num_colors: int = DEFAULT_COLORS
+
+    def answers(self, prompts: list[dict]):
+        import torch
+
+        if self.name == "digits":
+            return torch.tensor([[p["digit"]] for p in prompts])
+        return labels(prompts, self.num_colors)
+
+    def bank(self, prompts: list[dict], per_prompt: int, seed: int, held_out: bool = False):
+        """`per_prompt` pictures of every prompt, (P, per_prompt, 4, 16, 16): drawn shapes, or real digits of the
+        prompt's digit, picked at random from the training rows (or, held_out, from the others)."""
+        import torch
+
+        if self.name != "digits":
+            return drawn_bank(prompts, per_prompt, seed)
+        images, digits = digit_images()
+        rng, rows = random.Random(seed), torch.arange(len(digits))
+        pools = {d: [int(i) for i in rows[(digits == d) & (rows % 2 == int(held_out))]] for d in range(10)}
+        return torch.stack([torch.stack([digit_latent(images[rng.choice(pools[p["digit"]])]) for _ in range(per_prompt)])
+                            for p in prompts])
+
+    def strict(self, latents):
+        """The strict reading (shapes only; None for the digits, which only the classifier reads)."""
+        return strict_reading(latents, self.num_colors) if self.name == "shapes" else None
+
+
+def make_task(name: str, num_colors: int) -> Task:
+    if name == "digits":
+        return Task("digits", digit_prompts(), ("digit",), (10,))
+    return Task("shapes", shape_prompts(num_colors), ("shape", "color", "background"),
+                (len(SHAPES), num_colors, num_colors), num_colors)
+
+
 def device_for_helpers():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def train_teacher(distill, base_path: str, folder: Path, prompts: list[dict], steps: int, root: Path, width: int,
+def train_teacher(distill, base_path: str, folder: Path, task: Task, steps: int, root: Path, width: int,
                   layers: int, batch: int) -> None:
     """Flow matching as SD3 is trained (x_t = (1-s) x0 + s eps, target v = eps - x0, logit-normal s),
     with 10% of prompts dropped to the empty one so that guidance works; saved as a diffusers folder.
-    Pictures come from a bank drawn once (256 per prompt), so a GPU is not kept waiting on drawing."""
+    Pictures come from a bank made once (256 per prompt), so a GPU is not kept waiting on drawing."""
     import torch
     from diffusers import SD3Transformer2DModel
 
-    device = device_for_helpers()
+    device, prompts = device_for_helpers(), task.prompts
     config = distill.parse_args(["--preset", "tiny", f"--OUTPUT_ROOT={root}", "--T5_MAX_LENGTH=32"])
     text = distill.encode_prompts_cached([p["prompt"] for p in prompts], base_path, config, torch.device("cpu"),
                                          None, root / "cache")
-    bank = drawn_bank(prompts, 256, seed=1).to(device)
+    bank = task.bank(prompts, 256, seed=1).to(device)
     text = distill.TextEmbeddings(text.embeds.to(device), text.pooled.to(device), text.empty_embeds.to(device),
                                   text.empty_pooled.to(device))  # indexed on the device: no host sync per step
     torch.manual_seed(0)
@@ -287,7 +364,7 @@ def labels(prompts: list[dict], num_colors: int):
                          for p in prompts])
 
 
-def make_judge(num_colors: int):
+def make_judge(classes: tuple):
     """A small classifier of latents: four conv layers, global average pooling to a 64-wide feature
     vector (the Frechet distance's features), and one head per answer (shape, shape colour, background)."""
     import torch
@@ -301,7 +378,7 @@ def make_judge(num_colors: int):
                 nn.Conv2d(4, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                 nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
-            self.heads = nn.ModuleList([nn.Linear(64, len(SHAPES)), nn.Linear(64, num_colors), nn.Linear(64, num_colors)])
+            self.heads = nn.ModuleList([nn.Linear(64, n) for n in classes])
 
         def forward(self, x):
             f = self.features(x)
@@ -310,17 +387,19 @@ def make_judge(num_colors: int):
     return Judge()
 
 
-def train_judge(prompts: list[dict], num_colors: int, path: Path, steps: int):
-    """Trained on drawn pictures of every prompt (positions and sizes at random); kept at `path`."""
+def train_judge(task: Task, path: Path, steps: int):
+    """Trained on pictures of every prompt (drawn shapes at random positions and sizes; the training rows of the real
+    digits); kept at `path`."""
     import torch
 
     device = device_for_helpers()
-    judge = make_judge(num_colors).to(device)
+    judge = make_judge(task.classes).to(device)
     if path.is_file():
         judge.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         return judge.eval()
     torch.manual_seed(0)
-    bank, answers = drawn_bank(prompts, 64, seed=2).to(device), labels(prompts, num_colors).to(device)
+    prompts = task.prompts
+    bank, answers = task.bank(prompts, 64, seed=2).to(device), task.answers(prompts).to(device)
     optimizer = torch.optim.Adam(judge.parameters(), lr=2e-3)
     for _ in range(steps):
         p = torch.randint(len(prompts), (256,), device=device)
@@ -364,7 +443,7 @@ class FinalEval:
     drawn_features: object
     judge: object
     guidance: float
-    num_colors: int
+    task: Task
     noises_per_prompt: int
 
     def measure(self, latents) -> dict:
@@ -374,11 +453,12 @@ class FinalEval:
 
         with torch.no_grad():
             features, logits = self.judge(latents.to(next(self.judge.parameters()).device))
-        diversity = self.distill.sample_diversity
+        diversity, strict = self.distill.sample_diversity, self.task.strict(latents)
+        questions = self.task.questions
         return {"gap": (latents.cpu() - self.reference).square().mean().item(),
                 "fd": frechet_distance(features.cpu(), self.drawn_features),
-                "adherence": accuracy(torch.stack([lg.argmax(1) for lg in logits], 1), self.answers),
-                "adherence_strict": accuracy(strict_reading(latents, self.num_colors), self.answers),
+                "adherence": accuracy(torch.stack([lg.argmax(1) for lg in logits], 1), self.answers, questions),
+                **({} if strict is None else {"adherence_strict": accuracy(strict, self.answers, questions)}),
                 "diversity_ratio": (diversity(latents.cpu(), self.noises_per_prompt)
                                     / diversity(self.reference, self.noises_per_prompt))}
 
@@ -414,8 +494,7 @@ class FinalEval:
         return self.measure(self.student_latents(root, name, self.prompts, self.noise))
 
 
-def final_eval(distill, teacher: Path, heldout: list[dict], noises_per_prompt: int, guidance: float, judge,
-               num_colors: int):
+def final_eval(distill, teacher: Path, heldout: list[dict], noises_per_prompt: int, guidance: float, judge, task: Task):
     import torch
     from diffusers import StableDiffusion3Pipeline
 
@@ -423,12 +502,11 @@ def final_eval(distill, teacher: Path, heldout: list[dict], noises_per_prompt: i
     noise = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(2026))
     teacher_pipe = StableDiffusion3Pipeline.from_pretrained(teacher).to(device_for_helpers())
     reference = pipeline_latents(teacher_pipe, [p["prompt"] for p in prompts], noise, REFERENCE_STEPS, guidance).cpu()
-    rng = random.Random(3)
-    drawn = torch.stack([to_latent(draw(p, rng)) for p in prompts]).to(device_for_helpers())
+    drawn = task.bank(prompts, 1, seed=3, held_out=True)[:, 0].to(device_for_helpers())
     with torch.no_grad():
         drawn_features = judge(drawn)[0].cpu()
-    return FinalEval(distill, teacher_pipe, [p["prompt"] for p in prompts], labels(prompts, num_colors), noise,
-                     reference, drawn_features, judge, guidance, num_colors, noises_per_prompt)
+    return FinalEval(distill, teacher_pipe, [p["prompt"] for p in prompts], task.answers(prompts), noise,
+                     reference, drawn_features, judge, guidance, task, noises_per_prompt)
 
 
 def half_depth_student(teacher: Path, folder: Path) -> Path:
@@ -541,7 +619,7 @@ def settings_table(records: list[dict], baselines: dict, reference: dict, defaul
                  "teacher_passes_per_update": rs[0]["teacher_passes_per_update"],
                  "diversity_ratio_floor": base["floor"].get("diversity_ratio"),
                  "diversity_ratio_no_training": base["no_training"].get("diversity_ratio")}
-        for reading in ("adherence", "adherence_strict"):
+        for reading in [r for r in ("adherence", "adherence_strict") if r in reference]:
             entry.update({f"{reading}_reference": reference[reading], f"{reading}_floor": base["floor"][reading],
                           f"{reading}_equal_cost": base["equal_cost"][reading],
                           f"{reading}_no_training": base["no_training"][reading]})
@@ -561,9 +639,8 @@ def settings_table(records: list[dict], baselines: dict, reference: dict, defaul
                 f"train_seconds_{regime}": statistics.mean(r["train_seconds"] for r in mine),
                 f"curve_{regime}": mean_curve([r["curve"] for r in mine]),
                 f"seconds_curve_{regime}": mean_curve([r["seconds_curve"] for r in mine])})
-            for reading in ("adherence", "adherence_strict"):
-                entry[f"{reading}_{regime}"] = {k: statistics.mean(r[reading][k] for r in mine)
-                                                for k in ("shape", "color", "background")}
+            for reading in [r for r in ("adherence", "adherence_strict") if r in mine[0]]:
+                entry[f"{reading}_{regime}"] = {k: statistics.mean(r[reading][k] for r in mine) for k in mine[0][reading]}
             if mine[0]["drift_curve"][-1][1] is not None:  # K = 1 has no state past the noise
                 entry[f"drift_{regime}"] = statistics.mean(r["drift_curve"][-1][1] for r in mine)
                 entry[f"drift_curve_{regime}"] = mean_curve([r["drift_curve"] for r in mine])
@@ -627,6 +704,8 @@ def main(argv=None):
     parser.add_argument("--teacher-batch", type=int, default=128)
     parser.add_argument("--judge-steps", type=int, default=1000, help="training steps of the classifier")
     parser.add_argument("--guidance", type=float, default=GUIDANCE, help="the teacher's guidance scale")
+    parser.add_argument("--task", default="shapes", choices=("shapes", "digits"), help="coloured shapes drawn here, or "
+                        "scikit-learn's 1,797 real handwritten digits (scripts/data), read by a classifier")
     parser.add_argument("--colors", type=int, default=DEFAULT_COLORS, choices=range(3, len(COLORS) + 1),
                         help=f"colours of shape and background: 3 n (n - 1) prompts ({DEFAULT_COLORS}: 90, 8: 168)")
     parser.add_argument("--eval-noises", type=int, default=8, help="fixed noises per held-out prompt, final evaluation")
@@ -650,28 +729,29 @@ def main(argv=None):
     distill.quiet_libraries()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
-    prompts = shape_prompts(args.colors)
-    prompts_path = root / "shape_prompts.jsonl"
+    task = make_task(args.task, args.colors)
+    prompts = task.prompts
+    prompts_path = root / ("shape_prompts.jsonl" if task.name == "shapes" else "digit_prompts.jsonl")
     distill.write_prompts_jsonl(prompts_path, [{k: p[k] for k in ("id", "prompt", "category")} for p in prompts])
     base = distill.resolve_model_path(distill.TINY_MODEL_ID, str(root))
-    teacher = root / (f"shape_teacher_{args.colors}colors_w{args.teacher_width}_l{args.teacher_layers}"
-                      f"_s{args.teacher_steps}_b{args.teacher_batch}")
+    kind = f"shape_teacher_{args.colors}colors" if task.name == "shapes" else "digit_teacher"
+    teacher = root / f"{kind}_w{args.teacher_width}_l{args.teacher_layers}_s{args.teacher_steps}_b{args.teacher_batch}"
     started = time.time()
     if not (teacher / "transformer" / "config.json").is_file():
-        train_teacher(distill, base, teacher, prompts, args.teacher_steps, root, args.teacher_width, args.teacher_layers,
+        train_teacher(distill, base, teacher, task, args.teacher_steps, root, args.teacher_width, args.teacher_layers,
                       args.teacher_batch)
     teacher_seconds = time.time() - started
-    judge = train_judge(prompts, args.colors, root / f"judge_{args.colors}colors_s{args.judge_steps}.pt", args.judge_steps)
-    ev = final_eval(distill, teacher, prompts[-HELDOUT:], args.eval_noises, args.guidance, judge, args.colors)
+    judge_name = f"judge_{args.colors}colors" if task.name == "shapes" else "judge_digits"
+    judge = train_judge(task, root / f"{judge_name}_s{args.judge_steps}.pt", args.judge_steps)
+    ev = final_eval(distill, teacher, prompts[-HELDOUT:], args.eval_noises, args.guidance, judge, task)
     reference = ev.teacher(REFERENCE_STEPS, args.guidance)
     if args.fp8_teacher:
         return fp8_teacher_check(distill, ev, root, args.guidance)
     if args.solver_error:
         return trained_teacher_solver_error(distill, ev, root, args.guidance)
-    drawn = ev.measure(torch.stack([to_latent(draw(p, random.Random(4)))
-                                    for p in prompts[-HELDOUT:] * args.eval_noises]))
-    print(f"on drawn pictures: judge {drawn['adherence']}, strict {drawn['adherence_strict']}; on the teacher's "
-          f"{REFERENCE_STEPS}-step samples: judge {reference['adherence']}, strict {reference['adherence_strict']}, "
+    drawn = ev.measure(task.bank(prompts[-HELDOUT:] * args.eval_noises, 1, seed=4, held_out=True)[:, 0])
+    print(f"on real pictures: judge {drawn['adherence']}, strict {drawn.get('adherence_strict')}; on the teacher's "
+          f"{REFERENCE_STEPS}-step samples: judge {reference['adherence']}, strict {reference.get('adherence_strict')}, "
           f"FD {reference['fd']:.3f}", flush=True)
     records_dir = root / "records"
     records_dir.mkdir(exist_ok=True)
@@ -698,7 +778,7 @@ def main(argv=None):
             if run["seed"] != 0:  # measured; seed 0's export stays for the pictures, every checkpoint keeps the weights
                 shutil.rmtree(root / "export" / run["name"])
             print(f"{run['name']}: gap {record['gap']:.4f}, FD {record['fd']:.1f}, adherence "
-                  f"{fmt_adherence(record['adherence'])}, strict {fmt_adherence(record['adherence_strict'])}, "
+                  f"{fmt_adherence(record['adherence'])}, strict {fmt_adherence(record.get('adherence_strict'))}, "
                   f"{record['train_seconds']:.0f} s", flush=True)
     # Every record in the folder, this command's and earlier ones' (other groups, tags), makes the table.
     records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
@@ -713,7 +793,8 @@ def main(argv=None):
         "teacher": {"folder": teacher.name, "train_seconds_this_command": teacher_seconds},
         "final_eval": f"{HELDOUT} held-out prompts x {args.eval_noises} fixed noises, through StableDiffusion3Pipeline; "
                       f"gap = latent MSE to the teacher's guided {REFERENCE_STEPS}-step sample",
-        "judge_on_drawn_pictures": drawn["adherence"], "strict_on_drawn_pictures": drawn["adherence_strict"],
+        "task": task.name, "judge_on_drawn_pictures": drawn["adherence"],
+        "strict_on_drawn_pictures": drawn.get("adherence_strict"),
         "fd_drawn_vs_drawn": drawn["fd"], "reference": reference, "settings": entries,
     }
     (root / "results.json").write_text(json.dumps(summary, indent=2))
@@ -860,7 +941,7 @@ def fp8_teacher_check(distill, ev: FinalEval, root: Path, guidance: float) -> di
 
 def print_table(entries: list[dict], reference: dict) -> None:
     print(f"\nteacher, {REFERENCE_STEPS} steps: adherence judge {fmt_adherence(reference['adherence'])}, strict "
-          f"{fmt_adherence(reference['adherence_strict'])}, FD {reference['fd']:.1f}")
+          f"{fmt_adherence(reference.get('adherence_strict'))}, FD {reference['fd']:.1f}")
     print("student    K  N  solver  spacing   tag     | no training  floor | gap on (seed std) / off / dagger "
           "| drift on / off | strict shape on / off | judge on | FD on | diversity on | passes/update, to target")
     for e in entries:
@@ -871,7 +952,8 @@ def print_table(entries: list[dict], reference: dict) -> None:
             return "-" if e.get(key) is None else fmt.format(e[key])
 
         def strict(regime):
-            return "-" if f"adherence_strict_{regime}" not in e else f"{100 * e[f'adherence_strict_{regime}']['shape']:.0f}%"
+            reading = e.get(f"adherence_strict_{regime}") or e.get(f"adherence_{regime}")
+            return "-" if reading is None else f"{100 * next(iter(reading.values())):.0f}%"
 
         print(f"{e['student']:10} {e['rollout_steps']}  {e['teacher_substeps']}  {e['solver']:7} {e['spacing']:9} "
               f"{e['tag'] or '-':7} | {e['gap_no_training']:.4f}  {e['floor']:.4f} | {gap('on_policy')} "
@@ -883,7 +965,7 @@ def print_table(entries: list[dict], reference: dict) -> None:
 
 
 def fmt_adherence(a: dict | None) -> str:
-    return "-" if a is None else "/".join(f"{100 * a[k]:.0f}%" for k in ("shape", "color", "background"))
+    return "-" if a is None else "/".join(f"{100 * v:.0f}%" for v in a.values())
 
 
 def plot_cost(entries: list[dict], path: Path) -> None:
