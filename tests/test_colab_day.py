@@ -14,7 +14,7 @@ from conftest import REPO, SCRIPT, run_main, tiny_args
 
 # The full student learns with DMD beside the regression (its fake score a LoRA adapter on the separate teacher); the
 # LoRA student's alpha is not its rank, so its export must carry both.
-EXTRA = {"all": ["--DMD_WEIGHT=1", "--FAKE_LORA_RANK=4"], "lora": ["--LORA_ALPHA=16"]}
+EXTRA = {"all": ["--DMD_WEIGHT=1", "--FAKE_LORA_RANK=4", "--ADV_WEIGHT=0.5"], "lora": ["--LORA_ALPHA=16"]}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,8 @@ def test_dmd_runs_end_to_end_and_logs_its_terms(finished_runs):
     root = finished_runs["all"]
     rows = [json.loads(line) for line in (root / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["dmd"] > 0 and r["fake_loss"] > 0 and all(r[f"dmd_{i}"] > 0 for i in range(4)) for r in rows)
+    # the adversarial term acts at the last state only, and its head learns beside it (hinge loss near 2 at the start)
+    assert all(r["adv_3"] != 0 and r["adv_0"] == 0 and 0 < r["disc_loss"] < 4 and r["adv_weight"] == 0.5 for r in rows)
     evals = [json.loads(line) for line in (root / "metrics" / "r" / "eval.jsonl").read_text().splitlines()]
     assert all(0 < r["eval_diversity"] < 3 for r in evals)  # two noises per prompt: the diversity ratio is read
     final = torch.load(root / "checkpoints" / "r" / "final.pt", weights_only=True)

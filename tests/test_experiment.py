@@ -124,3 +124,43 @@ def test_the_grid_in_a_short_configuration(tmp_path):
         assert (tmp_path / "quality_vs_cost.png").is_file()
     except ImportError:
         assert "matplotlib is not installed" in result.stdout and not (tmp_path / "quality_vs_cost.png").exists()
+
+
+def test_the_digits_are_the_real_ones():
+    """scikit-learn's 1,797 digits, shipped in scripts/data: about 180 of each, read back exactly as load_digits
+    scales them (0-16 -> [-1, 1]); a digit's latent has the shapes' latent form; 40 prompts, each naming one digit."""
+    images, digits = experiment.digit_images()
+    assert images.shape == (1797, 8, 8) and images.min() == -1 and images.max() == 1
+    assert sorted(torch.bincount(digits).tolist())[0] >= 170 and digits.max() == 9
+    assert experiment.digit_latent(images[0]).shape == (4, 16, 16)
+    prompts = experiment.digit_prompts()
+    assert len(prompts) == 40 and all(str(p["digit"]) in p["prompt"] or experiment.DIGIT_WORDS[p["digit"]] in p["prompt"]
+                                      for p in prompts)
+    task = experiment.make_task("digits", 6)
+    bank = task.bank(prompts[:3], 5, seed=0)
+    train_rows = {tuple(experiment.digit_latent(images[i]).flatten().tolist()) for i in range(0, 1797, 2)}
+    assert all(tuple(x.flatten().tolist()) in train_rows for x in bank.flatten(0, 1))  # training pictures: even rows
+    assert task.answers(prompts[:3]).tolist() == [[p["digit"]] for p in prompts[:3]] and task.strict(bank[0]) is None
+
+
+def test_the_digits_task_in_a_short_configuration(tmp_path):
+    """The second task end to end: a teacher trained on real digits, a LoRA student with the 1-2-step recipe's terms
+    (DMD, the adversarial head, the staged start, fresh fake-score samples), read by the classifier (no strict
+    reading), with FD and the diversity ratio."""
+    plan = [{"student": "lora-r4", "k": [1], "regimes": ["on_policy"], "tag": "recipe",
+             "args": ["--DMD_WEIGHT=1", "--FAKE_LORA_RANK=4", "--ADV_WEIGHT=0.1", "--DISTRIBUTION_START_STEP=2",
+                      "--FAKE_UPDATES_PER_STEP=2", "--FAKE_FRESH_SAMPLES=true"]}]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    result = subprocess.run([sys.executable, str(EXPERIMENT), "--task", "digits", "--out", str(tmp_path),
+                             "--teacher-steps", "60", "--teacher-width", "32", "--teacher-layers", "2",
+                             "--teacher-batch", "16", "--judge-steps", "60", "--plan", str(tmp_path / "plan.json"),
+                             "--seeds", "0", "--steps", "4", "--eval-noises", "2", "--IMAGES_PER_STEP=4",
+                             "--BATCH_SIZE=4", "--EVAL_NOISES=2", "--EVAL_EVERY=2"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["task"] == "digits" and summary["strict_on_drawn_pictures"] is None
+    (entry,) = summary["settings"]
+    assert set(entry["adherence_on_policy"]) == {"digit"} and "adherence_strict_on_policy" not in entry
+    assert entry["fd_on_policy"] > 0 and entry["diversity_ratio_on_policy"] > 0
+    assert entry["settings_off_the_product_defaults"]["ADV_WEIGHT"] == 0.1

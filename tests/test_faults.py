@@ -40,7 +40,8 @@ def outcome(root):
     evals = [{k: v for k, v in json.loads(line).items() if k != "time"}
              for line in (root / "metrics" / "r" / "eval.jsonl").read_text().splitlines()]
     checkpoint = torch.load(root / "checkpoints" / "r" / "final.pt", weights_only=True)
-    final = {**checkpoint["student"], **{f"fake:{k}": v for k, v in (checkpoint.get("fake") or {}).items()}}
+    final = {**checkpoint["student"], **{f"fake:{k}": v for k, v in (checkpoint.get("fake") or {}).items()},
+             **{f"adv:{k}": v for k, v in (checkpoint.get("adv_head") or {}).items()}}
     lora = root / "export" / "r" / "pytorch_lora_weights.safetensors"
     exported = load_file(lora if lora.exists() else root / "export" / "r" / "transformer" / "diffusion_pytorch_model.safetensors")
     summary = json.loads((root / "runs" / "r" / "train_summary.json").read_text())
@@ -52,8 +53,12 @@ def outcome(root):
 # teacher, on the shared base): both kinds of weights, the fake score and every optimizer state come back exactly.
 # SIGKILL needs a process of its own; Ctrl-C and SIGTERM are handled by main() itself, which runs in the test's
 # process (run_main: a second a run instead of five).
-DMD = ["--DMD_WEIGHT=1", "--FAKE_LORA_RANK=4"]
-TRAINABLE = {"KILL": ["--TRAINABLE=all", *DMD], "INT": ["--TRAINABLE=lora", *DMD]}
+# The 1-2-step recipe's critics too: the adversarial head (both kinds), the staged start and the fake score on fresh
+# samples (LoRA), so the head, its optimizer and the fresh draws resume bit for bit.
+DMD = ["--DMD_WEIGHT=1", "--FAKE_LORA_RANK=4", "--ADV_WEIGHT=0.5"]
+TRAINABLE = {"KILL": ["--TRAINABLE=all", *DMD],
+             "INT": ["--TRAINABLE=lora", *DMD, "--DISTRIBUTION_START_STEP=2", "--DISTRIBUTION_RAMP_STEPS=2",
+                     "--FAKE_UPDATES_PER_STEP=2", "--FAKE_FRESH_SAMPLES=true"]}
 TRAINABLE["TERM"] = TRAINABLE["INT"]
 EXIT_CODE = {"KILL": -signal.SIGKILL, "INT": 130, "TERM": 143}
 
@@ -98,6 +103,7 @@ def test_a_run_stopped_at_any_moment_ends_as_one_left_alone(tmp_path, tiny_path,
         assert "To continue: python" in out and "--RUN_NAME=r" in out
         payload = torch.load(tmp_path / "checkpoints" / "r" / f"step_{step}.pt", weights_only=True)
         assert payload["step"] == step and payload["fake"] and payload["fake_optimizer"]["state"]
+        assert payload["adv_head"] and payload["adv_optimizer"]["state"]
     if moment == "evaluation 3" and sig != "KILL":  # the signal waits for the evaluation's row, grid and checkpoint
         rows = [json.loads(line)["step"] for line in (tmp_path / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()]
         assert rows == [1, 2, 3] and (tmp_path / "samples" / "r" / "step_3.png").is_file()
@@ -302,11 +308,12 @@ def same_as(root, reference):
 
 
 def test_the_export_holds_the_student_only(left_alone):
-    """DMD's fake score is saved in the checkpoints (resumed with the rest), never exported."""
+    """DMD's fake score and the adversarial head are saved in the checkpoints (resumed with the rest), never exported."""
     for sig in ("KILL", "INT"):
         _, (_, _, final, exported, _), _ = left_alone[sig]
         assert any(k.startswith("fake:") and ".fake." in k for k in final)
-        assert exported and not [k for k in exported if "fake" in k or "lora" in k and sig == "KILL"]
+        assert any(k.startswith("adv:heads.") for k in final)
+        assert exported and not [k for k in exported if "fake" in k or "heads." in k or "lora" in k and sig == "KILL"]
 
 
 def test_a_run_trained_longer_then_killed_resumes_from_its_newest_step_not_its_old_final(tmp_path, tiny_path, distill):

@@ -344,3 +344,37 @@ def test_sample_diversity_by_hand(distill):
     samples[1, 0, 0] = torch.tensor([1.0, 1.0])  # noise 0, prompt 1
     samples[3, 0, 0] = torch.tensor([4.0, 5.0])  # noise 1, prompt 1: (3, 4) away
     assert distill.sample_diversity(samples, 2) == pytest.approx(4.0)
+
+
+def test_the_staged_start_by_hand(distill):
+    w = [distill.distribution_weight_at(step, 2.0, 3, 4) for step in range(9)]
+    assert w == [0, 0, 0, 0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    assert [distill.distribution_weight_at(s, 2.0, 3, 0) for s in (2, 3)] == [0, 2.0]  # no ramp: all at once
+
+
+def test_hinge_losses_and_the_heads_blocks_by_hand(distill):
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.0])
+    # mean max(0, 1 - real) = (0 + 0.5 + 2) / 3; mean max(0, 1 + fake) = (0 + 1 + 2) / 3
+    assert distill.hinge_discriminator_loss(real, fake).item() == pytest.approx(2.5 / 3 + 3 / 3)
+    assert distill.adversarial_generator_loss(fake).item() == pytest.approx(1 / 3)
+    assert distill.adversarial_blocks(24) == [5, 11, 17, 23] and distill.adversarial_blocks(2) == [0, 1]
+
+
+def test_the_adversarial_game_moves_fake_samples_towards_real_ones(distill):
+    """A toy with a known answer: real samples at +1, fake at -1 in one dimension, a linear head. The head trained on
+    hinge_discriminator_loss learns D(x) > 0 on the real side; a step of the generator against
+    adversarial_generator_loss then moves every fake sample towards the real ones. A sign error in either fails."""
+    gen = torch.Generator().manual_seed(0)
+    real = 1 + 0.1 * torch.randn(256, 1, generator=gen)
+    fake = -1 + 0.1 * torch.randn(256, 1, generator=gen)
+    head = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    for _ in range(100):
+        optimizer.zero_grad()
+        distill.hinge_discriminator_loss(head(real), head(fake)).backward()
+        optimizer.step()
+    assert head.weight.item() > 0 and (head(real) > 0).all() and (head(fake) < 0).all()
+    x = fake.clone().requires_grad_(True)
+    distill.adversarial_generator_loss(head(x)).backward()
+    moved = x - 0.5 * x.grad
+    assert (moved > fake).all()
