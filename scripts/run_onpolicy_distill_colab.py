@@ -1116,6 +1116,8 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
     optimizer, lr_scheduler, result = training.optimizer, training.lr_scheduler, training.result
 
     def checkpoint(name, status):
+        if run.lock:
+            run.lock.check()  # a process whose run was taken over stops before it writes over the new holder's files
         result.last_checkpoint = (name, result.step)
         if accelerator.is_main_process:
             extra = {"skipped_steps": result.skipped_steps, "gap_before": result.gap_before,
@@ -1753,12 +1755,15 @@ def validate_config(c: dict) -> None:
                  "NUM_ROLLOUT_STEPS", "TEACHER_EVAL_STEPS", "NUM_PROMPTS", "LORA_RANK", "T5_MAX_LENGTH",
                  "KEEP_LAST_CHECKPOINTS", "MAX_CONSECUTIVE_SKIPS", "EVAL_NOISES", "FAKE_LORA_RANK", "FAKE_UPDATES_PER_STEP"):
         need(isinstance(c[name], int) and c[name] >= 1, f"{name}={c[name]!r} must be a whole number >= 1.")
+    need(isinstance(c["HELDOUT_PROMPTS"], int) and c["HELDOUT_PROMPTS"] >= 1,
+         f"HELDOUT_PROMPTS={c['HELDOUT_PROMPTS']!r}: at least one prompt must be held out, since every evaluation (the "
+         f"gap, the sample grids, the summary) is taken on them; set HELDOUT_PROMPTS=8 (or 1 for almost all to train).")
     need(isinstance(c["TEACHER_SUBSTEPS"], int) and c["TEACHER_SUBSTEPS"] >= 0,
          f"TEACHER_SUBSTEPS={c['TEACHER_SUBSTEPS']!r} must be a whole number >= 1, or 0 for 8 // K.")
     for name in ("LEARNING_RATE", "ADAM_EPS", "IMAGE_SIZE", "LORA_ALPHA", "FAKE_LEARNING_RATE", "ADV_LEARNING_RATE"):
         need(isinstance(c[name], (int, float)) and c[name] > 0, f"{name}={c[name]!r} must be > 0.")
     for name in ("ADAM_WEIGHT_DECAY", "MAX_GRAD_NORM", "LR_WARMUP_STEPS", "KL_WARMUP_STEPS", "EVAL_EVERY",
-                 "CHECKPOINT_EVERY_MINUTES", "SUPERVISED_STATES", "HELDOUT_PROMPTS", "SAMPLER_ETA",
+                 "CHECKPOINT_EVERY_MINUTES", "SUPERVISED_STATES", "SAMPLER_ETA",
                  "DISTRIBUTION_START_STEP", "DISTRIBUTION_RAMP_STEPS"):
         need(isinstance(c[name], (int, float)) and c[name] >= 0, f"{name}={c[name]!r} must be >= 0.")
     need(c["BATCH_SIZE"] == "auto" or (isinstance(c["BATCH_SIZE"], int) and c["BATCH_SIZE"] >= 1
@@ -3505,8 +3510,13 @@ def export_student_files(models: Models, accelerator, config: dict, teacher_path
             staging, transformer_lora_layers=get_peft_model_state_dict(student, adapter_name="default"),
             transformer_lora_adapter_metadata=student.peft_config["default"].to_dict())
         base = teacher_path if config["STUDENT_ID"] == TINY_MODEL_ID else config["STUDENT_ID"]  # the built-in one's folder
-        usage = (f"pipe = StableDiffusion3Pipeline.from_pretrained({base!r})\n"
+        # As it was trained: without T5 where it learned without it, and at its own shift (a LoRA file holds none).
+        no_t5 = "" if config["USE_T5"] else ", text_encoder_3=None, tokenizer_3=None"
+        usage = (f"pipe = StableDiffusion3Pipeline.from_pretrained({base!r}{no_t5})\n"
                  f"pipe.load_lora_weights({str(paths.export)!r})\n")
+        if config["SAMPLER_SHIFT"] is not None:
+            usage += (f"pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, "
+                      f"shift={config['SAMPLER_SHIFT']})\n")
     else:
         extra = {} if config["USE_T5"] else {"text_encoder_3": None, "tokenizer_3": None}
         pipe = StableDiffusion3Pipeline.from_pretrained(teacher_path, transformer=student, revision=config["TEACHER_REVISION"],
@@ -3525,7 +3535,7 @@ KL x {config['KL_WEIGHT']} + epsilon MSE x {config['EPS_MSE_WEIGHT']} + latent M
 Held-out teacher-student gap (latent MSE): {gap_before} before, {gap_last} after.
 
 ```python
-from diffusers import StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 {usage}image = pipe("a photo of a cat", {steps}, guidance_scale=1.0).images[0]
 ```
 Guidance is distilled into the student: sample with guidance_scale=1.0{

@@ -122,7 +122,10 @@ def test_exported_lora_loads_onto_the_base_model(finished_runs):
     assert (export / "pytorch_lora_weights.safetensors").is_file()
     card = (export / "README.md").read_text()  # the base to load it onto: the built-in model's folder, which loads
     base_line = next(line for line in card.splitlines() if line.startswith("pipe = StableDiffusion3Pipeline.from_pretrained("))
-    base_path = base_line.split("(", 1)[1].rstrip(")").strip("'")
+    base_path = base_line.split("(", 1)[1].split(",")[0].rstrip(")").strip("'")
+    # the card samples it as it was trained: T5 on (the tiny preset's USE_T5) and its own shift, which a LoRA file lacks
+    assert "text_encoder_3=None" not in card and "shift=2.0)" in card
+    shift_line = next(line for line in card.splitlines() if "shift=" in line)
     assert (root / "cache" / "tiny-random-sd3").samefile(base_path)
     pipe = StableDiffusion3Pipeline.from_pretrained(base_path)
 
@@ -132,6 +135,8 @@ def test_exported_lora_loads_onto_the_base_model(finished_runs):
 
     base = sample()
     pipe.load_lora_weights(export)
+    exec(shift_line, {"pipe": pipe, "FlowMatchEulerDiscreteScheduler": __import__("diffusers").FlowMatchEulerDiscreteScheduler})
+    assert pipe.scheduler.config.shift == 2.0
     with_lora = sample()
     assert with_lora.shape == (1, 4, 16, 16) and not torch.allclose(base, with_lora)
     loaded = {n: p for n, p in pipe.transformer.named_parameters() if "lora" in n}

@@ -107,14 +107,17 @@ def test_validation_lists_every_problem_with_its_fix(distill, monkeypatch):
     monkeypatch.setattr(distill, "hub_answers", lambda timeout=3.0: True)  # the default Hub model is fine online
     c = distill.parse_args(["--BATCH_SIZE=0", "--GUIDANCE_SCALE=0.5", "--TRAINABLE=most", "--KL_WEIGHT=0",
                             "--EPS_MSE_WEIGHT=0", "--LATENT_MSE_WEIGHT=0", "--IMAGE_SIZE=1000",
-                            "--SUPERVISED_STATES=9", "--MIXED_PRECISION=fp8", "--TEACHER_SUBSTEPS=-1"])
+                            "--SUPERVISED_STATES=9", "--MIXED_PRECISION=fp8", "--TEACHER_SUBSTEPS=-1",
+                            "--HELDOUT_PROMPTS=0", "--DISTRIBUTION_START_STEP=10", "--LORA_USE_DORA=true"])
     with pytest.raises(distill.UserError) as err:
         distill.validate_config(c)
     text = str(err.value)
     for fragment in ("BATCH_SIZE=0", "GUIDANCE_SCALE=0.5", "TRAINABLE='most'", "all 0", "IMAGE_SIZE=1000",
-                     "SUPERVISED_STATES=9", "MIXED_PRECISION='fp8'", "TEACHER_SUBSTEPS=-1 must be a whole number >= 1, or 0"):
+                     "SUPERVISED_STATES=9", "MIXED_PRECISION='fp8'", "TEACHER_SUBSTEPS=-1 must be a whole number >= 1, or 0",
+                     "HELDOUT_PROMPTS=0: at least one prompt must be held out", "DISTRIBUTION_START_STEP=10 stages DMD",
+                     "LORA_USE_DORA=True is a kind of LoRA"):
         assert fragment in text
-    assert text.startswith("Config has 8 problem(s)")
+    assert text.startswith("Config has 12 problem(s)")
 
 
 def test_flash_attention_4_is_refused_with_what_is_missing(distill, monkeypatch):
