@@ -403,10 +403,13 @@ TEACHER_SOLVERS = {"euler": 1, "ab2": 1, "heun": 2, "midpoint": 2}  # transforme
 
 def teacher_passes_per_step(config: dict) -> int:
     """The teacher's transformer passes per optimizer step (of one process): images x supervised states x (substeps x
-    the solver's passes per substep, + 1 for DMD's real score) x 2 with guidance (conditional and unconditional)."""
+    the solver's passes per substep, + 1 for DMD's real score) x 2 with guidance (conditional and unconditional),
+    + 3 unguided passes per image for the adversarial term at the last state (the student's side, the head's real and
+    fake; with SUPERVISED_STATES < K the last state is supervised only in some rollouts, so this counts the most)."""
     states = config["SUPERVISED_STATES"] or config["NUM_ROLLOUT_STEPS"]
     per_state = teacher_substeps(config) * TEACHER_SOLVERS[teacher_solver(config)] + int(config["DMD_WEIGHT"] > 0)
-    return config["IMAGES_PER_STEP"] * states * per_state * (1 if config["GUIDANCE_SCALE"] == 1 else 2)
+    adversarial = 3 * int(config.get("ADV_WEIGHT", 0) > 0)  # absent from the configs of runs before it existed
+    return config["IMAGES_PER_STEP"] * (states * per_state * (1 if config["GUIDANCE_SCALE"] == 1 else 2) + adversarial)
 
 
 def teacher_substeps(config: dict) -> int:
@@ -881,12 +884,11 @@ def update_adversarial_head(models: Models, accelerator, optimizer, scaler, pair
     for fake, real, cond in pairs:
         sigma = dmd_noise_levels(torch.randn(fake.shape[0], generator=generator, device=device), shift)
         noise = torch.randn(fake.shape, generator=generator, device=device)
-        both = (torch.cat([cond[0], cond[0]]), torch.cat([cond[1], cond[1]]))
-        with torch.no_grad(), accelerator.autocast():
-            features = teacher_features(models, noised(torch.cat([real, fake]), torch.cat([sigma, sigma]),
-                                                       torch.cat([noise, noise])), torch.cat([sigma, sigma]), both,
-                                        models.adv_head.blocks)
-        real_logits, fake_logits = models.adv_head({b: f.detach() for b, f in features.items()}).chunk(2)
+        both, sigmas = (torch.cat([cond[0], cond[0]]), torch.cat([cond[1], cond[1]])), torch.cat([sigma, sigma])
+        with torch.no_grad(), accelerator.autocast():  # the features without gradients; the head's with them
+            features = teacher_features(models, noised(torch.cat([real, fake]), sigmas, torch.cat([noise, noise])),
+                                        sigmas, both, models.adv_head.blocks)
+        real_logits, fake_logits = models.adv_head(features).chunk(2)
         loss = hinge_discriminator_loss(real_logits, fake_logits)
         scaler.scale(loss / len(pairs)).backward()
         loss_sum += loss.detach()
@@ -1174,7 +1176,8 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
                 if evaluate_now:
                     result.gap_last = training.evaluate(step) if training.evaluate else None
                 if step % config["LOG_EVERY"] == 0 or step == max_steps or evaluate_now:
-                    row = window.row(accelerator, step, loss_weights(config, step - 1), lr_scheduler.get_last_lr()[0], images_per_step, result.skipped_steps,
+                    row = window.row(accelerator, step, loss_weights(config, step - 1), lr_scheduler.get_last_lr()[0],
+                                     images_per_step, result.skipped_steps,
                                      training.evaluate.readings if evaluate_now and training.evaluate else None)
                     if training.metrics:
                         training.metrics.write(row)
@@ -1356,7 +1359,8 @@ class LogWindow:
         row = {"step": step, **{name: mean(col) for col, name in enumerate(LOSS_TERMS)},
                "fake_loss": sum(self.fake_loss) / len(self.fake_loss) if self.fake_loss else None,
                "disc_loss": sum(self.disc_loss) / len(self.disc_loss) if self.disc_loss else None,
-               "kl_weight": weights["kl"], "dmd_weight": weights["dmd"], "adv_weight": weights["adv"], "lr": lr, "grad_norm": grad_norm / steps, "sec_per_step": elapsed / steps,
+               "kl_weight": weights["kl"], "dmd_weight": weights["dmd"], "adv_weight": weights["adv"], "lr": lr,
+               "grad_norm": grad_norm / steps, "sec_per_step": elapsed / steps,
                "images_per_sec": images_per_step * steps / elapsed if elapsed > 0 else None,
                "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                "skipped_steps": skipped, **dict.fromkeys(EVAL_COLUMNS), **(evaluation or {})}

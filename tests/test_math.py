@@ -268,6 +268,8 @@ def test_teacher_passes_per_step(distill):
               "TEACHER_SOLVER": "euler", "GUIDANCE_SCALE": 7.0, "DMD_WEIGHT": 0.0}
     assert distill.teacher_passes_per_step(config) == 4 * 4 * 4 * 2
     assert distill.teacher_passes_per_step({**config, "DMD_WEIGHT": 1.0}) == 4 * 4 * (4 + 1) * 2  # + the real score
+    # + the adversarial term's 3 unguided passes per image (its student side, the head's real and fake)
+    assert distill.teacher_passes_per_step({**config, "ADV_WEIGHT": 0.5}) == 4 * (4 * 4 * 2 + 3)
     assert distill.teacher_passes_per_step({**config, "TEACHER_SOLVER": "heun", "TEACHER_SUBSTEPS": 2}) == 4 * 4 * 4 * 2
     assert distill.teacher_passes_per_step({**config, "SUPERVISED_STATES": 1, "GUIDANCE_SCALE": 1}) == 4 * 1 * 4
     # N = 0: 8 // K substeps, the same passes per supervised path at K = 4, 2 and 1 (and one substep past K = 8)
