@@ -534,6 +534,30 @@ def adapters_disabled(model):
         model.enable_adapters()
 
 
+def checkpoint_as_in_forward(block, *args):
+    """Gradient checkpointing of one block (torch's, non-reentrant, as diffusers' own) that recomputes it in backward
+    with the adapters that were on in its forward. With shared weights the frozen teacher is the student with its
+    adapters off, and the adversarial term's gradient flows through it; its backward runs after they are back on."""
+    import torch
+
+    layers = [m for m in block.modules() if hasattr(m, "_disable_adapters") and hasattr(m, "_active_adapter")]
+    in_forward = [(m._disable_adapters, m._active_adapter) for m in layers]
+
+    @contextlib.contextmanager
+    def as_in_forward():
+        now = [(m._disable_adapters, m._active_adapter) for m in layers]
+        for m, (off, active) in zip(layers, in_forward):
+            m._disable_adapters, m._active_adapter = off, active
+        try:
+            yield
+        finally:
+            for m, (off, active) in zip(layers, now):
+                m._disable_adapters, m._active_adapter = off, active
+
+    return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False,
+                                             context_fn=lambda: (contextlib.nullcontext(), as_in_forward()))
+
+
 @contextlib.contextmanager
 def adapter_active(model, name: str):
     """Only the named adapter on, then the ones before (peft also makes only the active one's weights require grad)."""
@@ -1123,7 +1147,8 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
         result.last_checkpoint = (name, result.step)
         if accelerator.is_main_process:
             extra = {"skipped_steps": result.skipped_steps, "gap_before": result.gap_before,
-                     "num_processes": accelerator.num_processes, "prompts_sha256": run.prompts_sha256}
+                     "num_processes": accelerator.num_processes, "prompts_sha256": run.prompts_sha256,
+                     "teacher_fp8": models.teacher_fp8, "device_name": device_name(device)}
             if models.fake:
                 extra.update(fake=named_state(models.fake_host, models.fake),
                              fake_optimizer=training.fake_optimizer.state_dict(),
@@ -2068,7 +2093,7 @@ def start_run(config: dict) -> Run:
                 remove_stale_temporaries(paths, folder)
             if paths.export_staging.exists():
                 paths.remove(paths.export_staging)  # an export cut off by a kill; it is made again
-        resume = find_resume_point(config, paths, checkpoints, accelerator.num_processes)
+        resume = find_resume_point(config, paths, checkpoints, accelerator.num_processes, accelerator.device)
     except BaseException:
         if lock:
             lock.release()
@@ -2143,7 +2168,7 @@ def find_run_of_config(output_root: Path, fingerprint: str) -> tuple[str, str, i
     return best[1:] if best else None
 
 
-def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointDir", num_processes: int):
+def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointDir", num_processes: int, device):
     """(path, payload) of the checkpoint to continue from, or None for a fresh run. Never a silent restart: a run
     that has history but no readable checkpoint stops with the fix."""
     resume = None
@@ -2170,6 +2195,8 @@ def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointD
         raise UserError(f"Checkpoint {resume[0]} was written with other settings: "
                         f"{settings_that_differ(checkpoint_config(resume[1]), config)}. Resuming would mix two runs. Set "
                         f"them back to continue it, or use a new RUN_NAME for a new run.")
+    if resume and (problem := resolved_fp8_problem(resume[1], config, device)):
+        raise UserError(problem)
     if resume and resume[1]["step"] > config["MAX_STEPS"]:
         raise UserError(f"Run {paths.name} has trained to step {resume[1]['step']} ({resume[0].name}), past "
                         f"MAX_STEPS={config['MAX_STEPS']}; a run is not cut back, so nothing was changed. To go on with "
@@ -2192,12 +2219,14 @@ SETTINGS_BEFORE_THEY_EXISTED = {"SAMPLER_SPACING": "scheduler", "TEACHER_SOLVER"
                                "FAKE_FRESH_SAMPLES": False, "ADV_WEIGHT": 0.0, "ADV_LEARNING_RATE": 1e-4,
                                "DISTRIBUTION_START_STEP": 0, "DISTRIBUTION_RAMP_STEPS": 0, "LORA_USE_DORA": False}
 # Not part of what a run is: where outputs go, how often, memory and speed only (a run resumes on a smaller GPU with
-# a smaller BATCH_SIZE, IMAGES_PER_STEP unchanged), how long (MAX_STEPS: a run can be trained longer), and the path of
-# the prompts file (its contents are checked apart, so OUTPUT_ROOT can be moved, to Drive say).
+# a smaller BATCH_SIZE, IMAGES_PER_STEP unchanged, checkpointing on, another attention kernel), how long (MAX_STEPS: a
+# run can be trained longer), and the path of the prompts file (its contents are checked apart, so OUTPUT_ROOT can be
+# moved, to Drive say). TEACHER_FP8 is checked apart too, by what it resolved to (resolved_fp8_problem).
 NOT_FINGERPRINTED = {"BATCH_SIZE", "RUN_NAME", "RESUME", "OUTPUT_ROOT", "LOG_EVERY", "CHECKPOINT_EVERY",
                      "CHECKPOINT_EVERY_MINUTES", "KEEP_LAST_CHECKPOINTS", "EVAL_EVERY", "PRINT_COLAB_SETUP", "INSTALL_DEPS",
                      "PREFETCH_MODELS", "COLAB_MODEL_CACHE", "MAX_CONSECUTIVE_SKIPS", "SAVE_SAMPLE_GRIDS", "REPORT_TO",
-                     "EXPORT_DIFFUSERS", "PUSH_TO_HUB", "MAX_STEPS", "PROMPTS_JSONL"}
+                     "EXPORT_DIFFUSERS", "PUSH_TO_HUB", "MAX_STEPS", "PROMPTS_JSONL", "GRADIENT_CHECKPOINTING",
+                     "COMPILE", "ATTENTION_BACKEND", "TEACHER_FP8"}
 
 
 def checkpoint_config(payload: dict) -> dict:
@@ -2209,6 +2238,23 @@ def config_fingerprint(config: dict) -> str:
     """What makes two runs the same run: every setting but NOT_FINGERPRINTED."""
     kept = {k: v for k, v in sorted(config.items()) if k not in NOT_FINGERPRINTED}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolved_fp8_problem(payload: dict, config: dict, device) -> str | None:
+    """A resume where TEACHER_FP8="auto" resolves otherwise than it did for the checkpoint (an H100 run continued
+    on an A100, say) would change the teacher's targets mid-run: refused, naming both GPUs, until the user picks a
+    value. An explicit True or False is the user's choice and is followed."""
+    then = payload.get("teacher_fp8")
+    if then is None or config["TEACHER_FP8"] != "auto" or teacher_fp8_enabled("auto", device) == then:
+        return None
+    where = f"TEACHER_FP8='auto' on {payload.get('device_name', 'the GPU that wrote it')}"
+    if then:
+        return (f"This run's teacher ran its matmuls in FP8 ({where}); {device_name(device)} has no FP8, so 'auto' "
+                f"would switch to the bf16 teacher mid-run, whose targets differ slightly. Choose: TEACHER_FP8=False "
+                f"to continue with the bf16 teacher, resume on a GPU with FP8 (L4, H100, H200), or a new RUN_NAME.")
+    return (f"This run's teacher ran its matmuls in bf16 ({where}); on {device_name(device)} 'auto' would switch to "
+            f"FP8 mid-run, whose targets differ slightly. Choose: TEACHER_FP8=False to continue as it trained, "
+            f"TEACHER_FP8=True to go on with the faster FP8 teacher, or a new RUN_NAME.")
 
 
 def settings_that_differ(old: dict, new: dict) -> str:
@@ -2942,7 +2988,7 @@ def make_models(teacher, student, shares_weights: bool, teacher_dtype, student_d
     if teacher_fp8:
         convert_to_fp8(teacher)  # nothing left to convert when it is a copy made in FP8
     if config["GRADIENT_CHECKPOINTING"]:
-        student.enable_gradient_checkpointing()
+        student.enable_gradient_checkpointing(checkpoint_as_in_forward)
     if config["COMPILE"] and device.type == "cuda":
         # Regional compilation: the blocks share one code object, so it compiles once, not per block;
         # rollout, teacher and evaluation batches and the adapter switch each add a variant.

@@ -218,6 +218,30 @@ def test_new_run_names_are_unique_within_a_second(distill, tmp_path):
     assert len(names) == 20
 
 
+def test_speed_switches_resume_and_a_teacher_fp8_that_would_resolve_otherwise_is_refused(left_alone, tiny_path,
+                                                                                        distill, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(left_alone["INT"][0], root)
+    lora = TRAINABLE["INT"]
+    # memory and speed only: the run trains on (to a larger MAX_STEPS) with checkpointing and another attention kernel
+    code, out, err = run_kind(distill, "INT", *args(root, tiny_path, *lora, "--MAX_STEPS=7",
+                                                   "--GRADIENT_CHECKPOINTING=true", "--ATTENTION_BACKEND=math"))
+    assert code == 0 and "written with other settings" not in err, err[-2000:]
+    # as if the run had trained on an H100 with TEACHER_FP8='auto': on this CPU 'auto' would switch it off
+    final = root / "checkpoints" / "r" / "final.pt"
+    payload = torch.load(final, weights_only=True)
+    assert payload["teacher_fp8"] is False and payload["device_name"].startswith("cpu")
+    torch.save({**payload, "teacher_fp8": True, "device_name": "NVIDIA H100 80GB HBM3"}, final)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    code, _, err = run_kind(distill, "INT", *args(root, tiny_path, *lora, "--MAX_STEPS=8"))
+    assert code == 2 and "Traceback" not in err
+    assert "ran its matmuls in FP8 (TEACHER_FP8='auto' on NVIDIA H100 80GB HBM3); cpu (" in err
+    assert "TEACHER_FP8=False to continue with the bf16 teacher" in err
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
+    code, _, err = run_kind(distill, "INT", *args(root, tiny_path, *lora, "--MAX_STEPS=8", "--TEACHER_FP8=false"))
+    assert code == 0, err[-2000:]  # the user's choice is followed
+
+
 def test_a_broken_latest_json_falls_back_and_a_finished_run_trains_longer(tmp_path, tiny_path, distill):
     base = [a for a in args(tmp_path, tiny_path) if a != "--RUN_NAME=r"]
     assert run_main(distill, *base, "--MAX_STEPS=4").returncode == 0

@@ -1,6 +1,7 @@
 """The speed knobs of the step: FP8 matmuls (values against hand computation, refusals before any model loads) and
 BATCH_SIZE="auto" (the memory model by hand, a whole run on the CPU). Their GPU runs are in test_cuda.py."""
 
+import contextlib
 import json
 
 import pytest
@@ -139,3 +140,32 @@ def test_teacher_fp8_auto_is_off_without_a_gpu_that_has_fp8(distill, monkeypatch
     assert distill.teacher_fp8_enabled("auto", cpu) is False and distill.teacher_fp8_enabled(False, cpu) is False
     monkeypatch.setenv("DISTILL_FP8_ON_CPU", "1")
     assert distill.teacher_fp8_enabled("auto", cpu) is False and distill.teacher_fp8_enabled(True, cpu) is True
+
+
+def test_gradient_checkpointing_recomputes_the_teachers_pass_with_the_adapters_off(distill, tiny_path):
+    """With shared weights the teacher is the student with its adapters off, and the adversarial term's gradient flows
+    through it to the sample; the backward runs after the adapters are back on. Checkpointing must recompute each block
+    as it ran (diffusers' own checkpointing raised torch's CheckpointError here)."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+
+    def input_gradient(checkpointing: bool, adapters_off: bool = True):
+        model = SD3Transformer2DModel.from_pretrained(tiny_path, subfolder="transformer").requires_grad_(False)
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["attn.to_q", "attn.to_v"]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))  # adapters that matter
+        if checkpointing:
+            model.enable_gradient_checkpointing(distill.checkpoint_as_in_forward)
+        model.train()
+        x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        embeds, pooled = torch.ones(2, 12, 32), torch.ones(2, 64)
+        with distill.adapters_disabled(model) if adapters_off else contextlib.nullcontext():
+            v = distill.predict_velocity(model, x, 500.0, embeds, pooled, torch.float32)
+        v.square().sum().backward()
+        return x.grad
+
+    reference = input_gradient(False)
+    assert torch.allclose(input_gradient(True), reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(input_gradient(False, adapters_off=False), reference, rtol=1e-3)  # the adapters matter
