@@ -1041,8 +1041,9 @@ def build_fake_optimizer(models: Models, config: dict, device, mixed_precision: 
 
 def apply_update(models: Models, accelerator, optimizer, lr_scheduler, terms, counts, config: dict, mixed_precision: str):
     """Clip, then step, unless the loss or the gradient is not finite: then the weights and the
-    optimizer state stay exactly as they were. (Under fp16 the gradient scaler handles overflowing
-    gradients itself, by skipping and lowering its scale.) One host sync per step, for that check."""
+    optimizer state stay exactly as they were, and the step counts as skipped. (Under fp16 the gradient
+    scaler finds overflowing gradients itself, skips the step and lowers its scale: that counts as skipped
+    too.) One host sync per step, for that check."""
     import torch
 
     loss = terms[:, 0].sum() / counts.sum()
@@ -1050,7 +1051,8 @@ def apply_update(models: Models, accelerator, optimizer, lr_scheduler, terms, co
     finite = bool(torch.isfinite(loss) and (mixed_precision == "fp16" or torch.isfinite(grad_norm)))
     if finite:
         optimizer.step()
-        lr_scheduler.step()
+        finite = not getattr(optimizer, "step_was_skipped", False)
+        lr_scheduler.step()  # accelerate's scheduler does not move after a step the scaler skipped
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, finite
 

@@ -1,6 +1,7 @@
 """Bad input and bad luck: full disks, Hub refusals, missing GPUs, leftovers of a killed run."""
 
 import errno
+import math
 
 import pytest
 import torch
@@ -92,3 +93,31 @@ def test_over_long_prompts_are_named_once(tmp_path, distill):
                                    "--HELDOUT_PROMPTS=2", "--MAX_STEPS=1"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "1 prompt(s) exceed CLIP's 77 tokens and are truncated" in result.stdout
+
+
+def test_a_step_the_fp16_gradient_scaler_drops_counts_as_skipped(distill):
+    """Under fp16 an overflowing gradient is the scaler's to find: it skips the step and lowers its scale. That step
+    must count as skipped (its row's grad_norm is inf), not as a good one; the next finite step is taken."""
+    import types
+
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.scheduler import AcceleratedScheduler
+
+    accelerator = Accelerator(cpu=True)
+    weight = torch.nn.Parameter(torch.ones(3))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    optimizer = AcceleratedOptimizer(torch.optim.SGD([weight], lr=0.1), device_placement=False, scaler=scaler)
+    lr_scheduler = AcceleratedScheduler(torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, lambda s: 1.0 / (1 + s)),
+                                        optimizer)  # as accelerator.prepare makes it
+    models, config = types.SimpleNamespace(trainable=[weight]), {"MAX_GRAD_NORM": 1.0}
+    terms, counts = torch.ones(1, 1), torch.ones(1)
+    for factor, taken in ((3e38, False), (1.0, True)):  # 3e38 x 2^16 overflows fp32: an inf gradient
+        before = weight.detach().clone()
+        scaler.scale((weight * factor).sum()).backward()
+        grad_norm, finite = distill.apply_update(models, accelerator, optimizer, lr_scheduler, terms, counts, config,
+                                                 "fp16")
+        assert finite is taken and torch.equal(weight.detach(), before) is not taken
+        assert math.isfinite(grad_norm) is taken
+    assert scaler.get_scale() == 2.0 ** 15  # lowered once, by the skipped step
+    assert lr_scheduler.scheduler.last_epoch == 1  # only the step taken moved the schedule
