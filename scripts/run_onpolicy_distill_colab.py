@@ -1411,6 +1411,8 @@ def run_header(run: Run, models: Models, images_per_step: int, result: TrainResu
         f"  device {accelerator.device} x {accelerator.num_processes}, mixed precision {run.mixed_precision}, teacher "
         f"{config['TEACHER_ID']} ({str(models.teacher_dtype).replace('torch.', '')}{fp8}), student {student}",
         f"  trainable parameters {trainable:,} ({config['TRAINABLE']})",
+        checkpoint_line(config, trainable + sum(p.numel() for p in models.fake or [])
+                        + (sum(p.numel() for p in models.adv_head.parameters()) if models.adv_head is not None else 0)),
         f"  batch {batch} images per rollout, {config['IMAGES_PER_STEP'] // batch} rollout(s) per step, per process"
         + (f"; {run.batch_choice}" if run.batch_choice else ""),
         f"  K = {config['NUM_ROLLOUT_STEPS']} student steps ({config['SAMPLER_SPACING']} spacing), N = "
@@ -1430,6 +1432,23 @@ def run_header(run: Run, models: Models, images_per_step: int, result: TrainResu
         f"  held-out gap at step 0: {gap or 'n/a'}" + (f", latest {result.gap_last:.4g}"
                                                         if run.resume and result.gap_last is not None else "")
         + f" (latent MSE to the teacher's {config['TEACHER_EVAL_STEPS']}-step guided sample; it should fall)"])
+
+
+def checkpoint_gb(trained_params: int) -> float:
+    """Size of one checkpoint: every trained weight (the student's, the fake score's, the adversarial head's) in fp32
+    with AdamW's two fp32 moments, 3 x 4 bytes each: 12 x params / 1e9 GB (2B weights: 24 GB)."""
+    return 12 * trained_params / 1e9
+
+
+def checkpoint_line(config: dict, trained_params: int) -> str:
+    """The header's line on disk use: one checkpoint, and all the run keeps (KEEP_LAST_CHECKPOINTS and final.pt)."""
+    one = checkpoint_gb(trained_params)
+    kept = one * (config["KEEP_LAST_CHECKPOINTS"] + 1)
+    line = f"  checkpoints about {one:.3g} GB each, {kept:.3g} GB kept ({config['KEEP_LAST_CHECKPOINTS']} + final.pt)"
+    if kept > 10:
+        line += (f"; a free Google Drive holds 15 GB: lower KEEP_LAST_CHECKPOINTS, or train LoRA (TRAINABLE='lora'), "
+                 f"or write OUTPUT_ROOT to a larger disk")
+    return line
 
 
 def pace_line(sec_per_step: float, steps_left: int) -> str:

@@ -112,6 +112,14 @@ def test_auto_batch_resolves_runs_and_says_why(tmp_path, distill):
     assert len(rows) == 4 and all(r["images_per_sec"] == pytest.approx(4 / r["sec_per_step"], rel=0.2) for r in rows)
 
 
+def test_checkpoint_sizes_by_hand(distill):
+    assert distill.checkpoint_gb(2_000_000_000) == 24.0  # SD3-medium's 2B weights, each with two Adam moments, fp32
+    line = distill.checkpoint_line({"KEEP_LAST_CHECKPOINTS": 3}, 2_000_000_000)
+    assert line.startswith("  checkpoints about 24 GB each, 96 GB kept (3 + final.pt); a free Google Drive holds 15 GB")
+    assert distill.checkpoint_line({"KEEP_LAST_CHECKPOINTS": 3}, 18_874_368) == (
+        "  checkpoints about 0.226 GB each, 0.906 GB kept (3 + final.pt)")  # LoRA r32 on SD3-medium's attention
+
+
 def test_pace_line(distill):
     assert distill.pace_line(2.0, 500) == "pace: 2.00 s per optimizer step, so 1,000 steps take about 33 min and the 500 steps left about 17 min"
     assert distill.pace_line(0.05, 10).endswith("1,000 steps take about 50 s and the 10 steps left about 0 s")
