@@ -1607,6 +1607,9 @@ def main(argv: list[str] | None = None) -> int:
             print(colab_setup_text())
             return 0
         validate_config(config)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine in an accelerate launch
+            for warning in setting_warnings(config):
+                print(f"warning: {warning}", flush=True)
         if config["INSTALL_DEPS"]:
             dep_install()
         quiet_libraries()
@@ -1791,6 +1794,16 @@ def help_text() -> str:
             lines[-1] += " " + line[4:].strip()
     lines += ["", f"Presets: {', '.join(f'--preset {name}' for name in PRESETS)} (the built-in tiny SD3 on a CPU)."]
     return "\n".join(lines)
+
+
+def setting_warnings(c: dict) -> list[str]:
+    """Settings that run but that a user would regret: each a line, printed before any model loads."""
+    warnings = []
+    if c["GENERATE_PROMPTS"] and c["TEACHER_ID"] != TINY_MODEL_ID:
+        warnings.append(f"a real teacher ({c['TEACHER_ID']}) with the built-in toy prompts ({c['NUM_PROMPTS']} "
+                        f"templated prompts): the student learns the prompts it is shown. For a student to use, give "
+                        f"your own (GENERATE_PROMPTS=False, PROMPTS_JSONL=...).")
+    return warnings
 
 
 def validate_config(c: dict) -> None:

@@ -279,3 +279,12 @@ def test_readme_shows_the_colab_cells_the_script_prints(distill):
     from conftest import REPO
 
     assert distill.colab_setup_text() in (REPO / "README.md").read_text()
+
+
+def test_a_real_teacher_with_the_toy_prompts_is_warned_of(distill):
+    defaults = distill.parse_args([])
+    (warning,) = distill.setting_warnings(defaults)
+    assert warning.startswith("a real teacher (stabilityai/stable-diffusion-3-medium-diffusers) with the built-in toy "
+                              "prompts (512 templated prompts)") and "GENERATE_PROMPTS=False, PROMPTS_JSONL=" in warning
+    assert distill.setting_warnings(distill.parse_args(["--preset", "tiny"])) == []  # the toy model, the toy prompts
+    assert distill.setting_warnings(distill.parse_args(["--GENERATE_PROMPTS=false", "--PROMPTS_JSONL=p.jsonl"])) == []
