@@ -310,7 +310,7 @@ def train_teacher(distill, base_path: str, folder: Path, task: Task, steps: int,
     device, prompts = device_for_helpers(), task.prompts
     config = distill.parse_args(["--preset", "tiny", f"--OUTPUT_ROOT={root}", "--T5_MAX_LENGTH=32"])
     text = distill.encode_prompts_cached([p["prompt"] for p in prompts], base_path, config, torch.device("cpu"),
-                                         None, root / "cache")
+                                         root / "cache")
     bank = task.bank(prompts, 256, seed=1).to(device)
     text = distill.TextEmbeddings(text.embeds.to(device), text.pooled.to(device), text.empty_embeds.to(device),
                                   text.empty_pooled.to(device))  # indexed on the device: no host sync per step

@@ -54,7 +54,7 @@ TEACHER_DTYPE = "auto"  # teacher weights: "auto" (bf16 on recent GPUs, fp16 on 
 STUDENT_DTYPE = "float32"  # student weights outside LoRA; trainable weights are always kept in fp32
 TEXT_ENCODER_DTYPE = "auto"  # CLIP-L/CLIP-G/T5 weights while embeddings are cached; same choices as TEACHER_DTYPE
 IMAGE_SIZE = 1024  # pixels, square; multiple of VAE factor x patch size (16 for SD3); 512-1024 typical
-USE_T5 = False  # load the 4.7B-param T5 encoder; False = zeros in its place, as SD3 supports (saves ~10 GB)
+USE_T5 = True  # encode the prompts with the 4.7B-param T5 too, as the pipeline samples (before the models load, then freed: no training memory); False = zeros in its place, as SD3 supports (saves a ~10 GB download)
 T5_MAX_LENGTH = 256  # T5 tokens per prompt (the SD3 pipeline default); text length = 77 + this
 TRAINABLE = "lora"  # what of the student trains: "all" | "lora" | "blocks" (TRAIN_BLOCKS) | "norms" (AdaLN modulation)
 TRAIN_BLOCKS = "-4:"  # python slice of transformer_blocks for TRAINABLE="blocks", e.g. "-4:" = last 4, "0:12"
@@ -81,6 +81,7 @@ ADAM_EPS = 1e-8
 LR_SCHEDULER = "constant_with_warmup"  # any name of diffusers.optimization.get_scheduler: constant, cosine, linear, ...
 LR_WARMUP_STEPS = 50  # optimizer steps of linear learning-rate warmup
 MAX_STEPS = 1000  # optimizer steps in the whole run
+EMA_DECAY = 0.0  # an exponential moving average of the trained weights (diffusers' EMAModel, decay warmed up as (1 + n) / (10 + n)), which the evaluations and the export then use; 0 = off, 0.99-0.999 typical (one fp32 copy of the trained weights more)
 MAX_GRAD_NORM = 1.0  # gradient clipping (L2 over all trainable weights); 0 = off
 MIXED_PRECISION = "auto"  # "no" | "fp16" | "bf16" | "auto" (bf16 where the GPU has it, else fp16; "no" on CPU)
 LOG_EVERY = 10  # optimizer steps between metrics rows
@@ -1084,6 +1085,7 @@ class Training:
     fake_scaler: object = None
     adv_optimizer: object = None  # with ADV_WEIGHT: the adversarial head's
     adv_scaler: object = None
+    ema: object = None  # with EMA_DECAY: diffusers' EMAModel of models.trainable
 
 
 def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts: list[dict],
@@ -1106,18 +1108,23 @@ def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts
     adv_optimizer, adv_scaler = build_critic_optimizer(
         list(models.adv_head.parameters()) if models.adv_head is not None else [], config["ADV_LEARNING_RATE"], config,
         device, run.mixed_precision)
+    ema = None
+    if config["EMA_DECAY"]:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(models.trainable, decay=config["EMA_DECAY"], foreach=True)
     vae = None
     if config["SAVE_SAMPLE_GRIDS"] and accelerator.is_main_process:
         vae = load_vae(teacher_path, config, models.teacher_dtype, device)
     evaluate = None  # on the main process only: the others go on to the next step's gradient all-reduce and wait there
     if accelerator.is_main_process:
         evaluate = HeldoutEval(models, accelerator, text, heldout_prompts, len(train_prompts), config, sigmas,
-                               timesteps, paths, vae)
+                               timesteps, paths, vae, ema)
     result = TrainResult()
     if run.resume:
         result.step, result.skipped_steps, result.gap_before = restore_checkpoint(
             run.resume, models, optimizer, lr_scheduler, accelerator, (fake_optimizer, fake_scaler),
-            (adv_optimizer, adv_scaler))
+            (adv_optimizer, adv_scaler), ema)
         print(f"resumed {paths.name} from {run.resume[0].name} at step {result.step}")
     metrics = None
     if accelerator.is_main_process:
@@ -1131,7 +1138,7 @@ def setup_training(run: Run, models: Models, text: TextEmbeddings, train_prompts
     evaluations = rows_through(paths.metrics / "eval.jsonl", result.step) if run.resume else []
     result.gap_last = evaluations[-1]["eval_gap"] if evaluations else result.gap_before
     return Training(optimizer, lr_scheduler, sigmas, timesteps, evaluate, metrics, result, fake_optimizer, fake_scaler,
-                    adv_optimizer, adv_scaler)
+                    adv_optimizer, adv_scaler, ema)
 
 
 def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int, training: Training) -> TrainResult:
@@ -1158,6 +1165,8 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
             if models.adv_head is not None:
                 extra.update(adv_head=models.adv_head.state_dict(), adv_optimizer=training.adv_optimizer.state_dict(),
                              adv_scaler=training.adv_scaler.state_dict())
+            if training.ema is not None:
+                extra.update(ema=training.ema.state_dict())
             run.checkpoints.save(name, result.step, status, config_fingerprint(config),
                                  lambda path: save_checkpoint(path, models, optimizer, lr_scheduler, accelerator,
                                                               result.step, config, extra))
@@ -1187,6 +1196,8 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
                                                  run.mixed_precision)
                 critic_losses = update_critics(models, accelerator, training, samples, config, result.step)
                 if finite:
+                    if training.ema is not None:
+                        training.ema.step(models.trainable)
                     consecutive_skips = 0
                     window.add(terms, counts, grad_norm, *critic_losses)
                 else:
@@ -1226,6 +1237,8 @@ def train(run: Run, models: Models, text: TextEmbeddings, num_train_prompts: int
         check_finite_weights(models, result.step)
         checkpoint("final.pt", "trained")  # then the ending: finish_run
         result.status = "trained"
+        if training.ema is not None:
+            training.ema.copy_to(models.trainable)  # what the run exports: the average (final.pt holds both)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Stopped): what Colab, Kaggle, SLURM and timeout send
         result.status, result.exit_code = "interrupted", stop_exit_code(stop)
         with held_signals(reraise=False):  # a second Ctrl-C must not cut this checkpoint short
@@ -1324,6 +1337,9 @@ def trained_result(run: Run, models: Models) -> TrainResult:
     needs read back from its checkpoint and metrics."""
     path, payload = run.resume
     run.accelerator.unwrap_model(models.student).load_state_dict(payload["student"], strict=False)
+    if "ema" in payload:  # the average is what the run exports
+        for param, average in zip(models.trainable, payload["ema"]["shadow_params"], strict=True):
+            param.data.copy_(average)
     evaluations = rows_through(run.paths.metrics / "eval.jsonl", payload["step"])
     rows = rows_through(run.paths.metrics / "metrics.jsonl", payload["step"])
     problem = export_problem(run.paths.export) if run.config["EXPORT_DIFFUSERS"] else None
@@ -1461,9 +1477,9 @@ def pace_line(sec_per_step: float, steps_left: int) -> str:
 
 
 def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelerator, fake=(None, None),
-                       adv=(None, None)):
+                       adv=(None, None), ema=None):
     """Weights, optimizer, schedule, scaler, and the critics (DMD's fake score, the adversarial head) with their own
-    optimizers and scalers; returns (step, skipped steps, gap before). No RNG state: every draw of a step comes from
+    optimizers and scalers, and the EMA of the weights; returns (step, skipped steps, gap before). No RNG state: every draw of a step comes from
     generators seeded by (SEED, step), so a resumed run continues exactly without one."""
     path, payload = resume
     student = accelerator.unwrap_model(models.student)
@@ -1485,6 +1501,11 @@ def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelera
         models.adv_head.load_state_dict(payload["adv_head"])
         adv[0].load_state_dict(payload["adv_optimizer"])
         adv[1].load_state_dict(payload["adv_scaler"])
+    if ema is not None:
+        if "ema" not in payload:
+            raise UserError(f"Checkpoint {path} holds no EMA of the weights (EMA_DECAY was 0 when it was written).")
+        ema.load_state_dict(payload["ema"])
+        ema.to(accelerator.device)
     return payload["step"], payload.get("skipped_steps", 0), payload.get("gap_before")
 
 
@@ -1534,15 +1555,17 @@ class HeldoutEval:
     (sampled one prompt batch at a time, so memory does not grow with it); and the state drift
     (state_drift) between the student's states and the teacher's path (teacher_path) from that noise.
     The teacher's samples (and their images) and path are made once; each evaluation appends to
-    eval.jsonl and, with a VAE, saves a PNG grid of the first noise."""
+    eval.jsonl and, with a VAE, saves a PNG grid of the first noise. With an EMA of the weights, the student
+    evaluated is the average (the one exported)."""
 
     def __init__(self, models: Models, accelerator, text: TextEmbeddings, heldout: list[dict], first_index: int,
-                 config: dict, sigmas, timesteps, paths: "RunPaths", vae=None):
+                 config: dict, sigmas, timesteps, paths: "RunPaths", vae=None, ema=None):
         import torch
 
         device = accelerator.device
         indices = list(range(first_index, first_index + len(heldout)))
         self.models, self.accelerator, self.sigmas, self.timesteps = models, accelerator, sigmas, timesteps
+        self.ema = ema
         self.prompts, self.paths, self.vae, self.teacher_images = [p["prompt"] for p in heldout], paths, vae, None
         self.cond = text.batch(indices, device, models.teacher_dtype)
         self.noise = torch.randn((config["EVAL_NOISES"] * len(indices), *models.latent_shape),
@@ -1558,8 +1581,15 @@ class HeldoutEval:
     def __call__(self, step: int) -> float:
         import torch
 
-        trajectories = [student_trajectory(self.models, self.accelerator, self.cond, self.sigmas, self.timesteps, noise)
-                        for noise in self.noise.split(len(self.prompts))]
+        if self.ema is not None:  # the average's samples, then the weights back as they were
+            self.ema.store(self.models.trainable)
+            self.ema.copy_to(self.models.trainable)
+        try:
+            trajectories = [student_trajectory(self.models, self.accelerator, self.cond, self.sigmas, self.timesteps,
+                                               noise) for noise in self.noise.split(len(self.prompts))]
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self.models.trainable)
         states = [torch.cat(states) for states in zip(*trajectories, strict=True)]
         samples = states[-1]
         per_sample = (samples - self.teacher).square().flatten(1).mean(1)
@@ -1664,12 +1694,15 @@ def train_and_finish(run: Run) -> int:
         print(finished_run_report(run))
         return 0
     train_prompts, heldout_prompts = prepare_prompts(run)
-    models, teacher_path = load_run_models(run)
+    folders = fetch_model_folders(run)
+    # The prompts are encoded (T5 too) before any transformer loads: the text encoders and the models are never
+    # on the GPU together, and the encoders are freed before training takes its memory.
+    text = None if run.trained else cache_text_embeddings(run, train_prompts + heldout_prompts, folders[0])
+    models, teacher_path = load_run_models(run, folders)
     fault_point("startup")
     if run.trained:
         result = trained_result(run, models)
     else:
-        text = cache_text_embeddings(run, train_prompts + heldout_prompts, models, teacher_path)
         training = setup_training(run, models, text, train_prompts, heldout_prompts, teacher_path)
         result = train(run, models, text, len(train_prompts), training)
     if result.status == "interrupted":
@@ -1834,6 +1867,8 @@ def validate_config(c: dict) -> None:
          f"BATCH_SIZE={c['BATCH_SIZE']!r} must be 'auto' or a whole number that divides IMAGES_PER_STEP="
          f"{c['IMAGES_PER_STEP']!r} (the rollouts of a step are equal), e.g. 'auto', 1, 2 or 4.")
     need(0 <= c["ON_POLICY_FRACTION"] <= 1, f"ON_POLICY_FRACTION={c['ON_POLICY_FRACTION']} must be in [0, 1].")
+    need(isinstance(c["EMA_DECAY"], (int, float)) and 0 <= c["EMA_DECAY"] < 1,
+         f"EMA_DECAY={c['EMA_DECAY']!r} must be in [0, 1): 0 = off, 0.99-0.999 typical.")
     for name in ("ADAM_BETA1", "ADAM_BETA2"):
         need(0 <= c[name] < 1, f"{name}={c[name]!r} must be in [0, 1).")
     weights = [c["KL_WEIGHT"], c["EPS_MSE_WEIGHT"], c["LATENT_MSE_WEIGHT"], c["DMD_WEIGHT"], c["ADV_WEIGHT"]]
@@ -2251,7 +2286,8 @@ def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointD
 SETTINGS_BEFORE_THEY_EXISTED = {"SAMPLER_SPACING": "scheduler", "TEACHER_SOLVER": "euler", "DMD_WEIGHT": 0.0,
                                "FAKE_LORA_RANK": 32, "FAKE_LEARNING_RATE": 1e-4, "FAKE_UPDATES_PER_STEP": 1,
                                "FAKE_FRESH_SAMPLES": False, "ADV_WEIGHT": 0.0, "ADV_LEARNING_RATE": 1e-4,
-                               "DISTRIBUTION_START_STEP": 0, "DISTRIBUTION_RAMP_STEPS": 0, "LORA_USE_DORA": False}
+                               "DISTRIBUTION_START_STEP": 0, "DISTRIBUTION_RAMP_STEPS": 0, "LORA_USE_DORA": False,
+                               "EMA_DECAY": 0.0}
 # Not part of what a run is: where outputs go, how often, memory and speed only (a run resumes on a smaller GPU with
 # a smaller BATCH_SIZE, IMAGES_PER_STEP unchanged, checkpointing on, another attention kernel), how long (MAX_STEPS: a
 # run can be trained longer), and the path of the prompts file (its contents are checked apart, so OUTPUT_ROOT can be
@@ -2964,17 +3000,24 @@ def add_fake_score(model, config: dict) -> list:
     return params
 
 
-def load_models(config: dict, device) -> tuple[Models, str]:
-    """Teacher and student SD3 transformers through diffusers' from_pretrained, checked for
-    compatibility, the teacher frozen, the student's trainable part chosen; returns the models and the
-    teacher's folder (where the text encoders, VAE and scheduler come from)."""
-    from diffusers import AutoencoderKL
-
+def model_folders(config: dict) -> tuple[str, str]:
+    """The teacher's and the student's model: a local folder, the built-in tiny SD3 (built on first use), or a Hub
+    id; with PREFETCH_MODELS the needed files are downloaded first and their folders returned."""
     teacher_path = resolve_model_path(config["TEACHER_ID"], config["OUTPUT_ROOT"])
     student_path = resolve_model_path(config["STUDENT_ID"], config["OUTPUT_ROOT"])
     if config["PREFETCH_MODELS"]:
         teacher_path = prefetch_model(teacher_path, config["TEACHER_REVISION"], config["USE_T5"], config["COLAB_MODEL_CACHE"])
         student_path = prefetch_model(student_path, config["STUDENT_REVISION"], False, config["COLAB_MODEL_CACHE"])
+    return teacher_path, student_path
+
+
+def load_models(config: dict, device, folders: tuple[str, str] | None = None) -> tuple[Models, str]:
+    """Teacher and student SD3 transformers through diffusers' from_pretrained, checked for
+    compatibility, the teacher frozen, the student's trainable part chosen; returns the models and the
+    teacher's folder (where the text encoders, VAE and scheduler come from)."""
+    from diffusers import AutoencoderKL
+
+    teacher_path, student_path = folders or model_folders(config)
     teacher_dtype = resolve_dtype(config["TEACHER_DTYPE"], device)
     # One copy of the transformer when the student is LoRA on the teacher's own weights.
     shares_weights = config["TRAINABLE"] == "lora" and (config["TEACHER_ID"], config["TEACHER_REVISION"]) == (
@@ -3054,10 +3097,17 @@ def load_scheduler_config(model_path: str, config: dict) -> dict:
                                                             cache_dir=config["COLAB_MODEL_CACHE"] or None))
 
 
-def load_run_models(run: Run) -> tuple[Models, str]:
+def fetch_model_folders(run: Run) -> tuple[str, str]:
     t0 = time.time()
     with run.accelerator.main_process_first():  # the first process builds or downloads, the others read
-        models, teacher_path = load_models(run.config, run.accelerator.device)
+        folders = model_folders(run.config)
+    run.timings["model_fetch_seconds"] = time.time() - t0
+    return folders
+
+
+def load_run_models(run: Run, folders: tuple[str, str]) -> tuple[Models, str]:
+    t0 = time.time()
+    models, teacher_path = load_models(run.config, run.accelerator.device, folders)
     run.timings["model_load_seconds"] = time.time() - t0
     return models, teacher_path
 
@@ -3085,11 +3135,12 @@ def text_cache_path(cache_root: Path, model_path: str, revision: str, dtype_name
     return cache_root / "text_embeddings" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".pt")
 
 
-def encode_prompts_cached(texts: list[str], model_path: str, config: dict, device, transformer, cache_root: Path):
+def encode_prompts_cached(texts: list[str], model_path: str, config: dict, device, cache_root: Path):
     """Encode each prompt once with CLIP-L, CLIP-G and (unless USE_T5 is off) T5, through diffusers'
     own StableDiffusion3Pipeline.encode_prompt; reuse earlier results from a cache on disk keyed by
     model, revision, dtype, T5 switch and length, and prompt. Text encoders are loaded only on a cache
-    miss, and deleted (off the accelerator) before training starts."""
+    miss (the pipeline without its transformer and VAE), and deleted (off the accelerator) before the
+    models load."""
     import torch
 
     dtype = resolve_dtype(config["TEXT_ENCODER_DTYPE"], device)
@@ -3104,13 +3155,17 @@ def encode_prompts_cached(texts: list[str], model_path: str, config: dict, devic
     wanted = list(dict.fromkeys([""] + texts))
     missing = [t for t in wanted if t not in cache]
     if missing:
-        from diffusers import StableDiffusion3Pipeline
+        from accelerate import init_empty_weights
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
         extra = {} if config["USE_T5"] else {"text_encoder_3": None, "tokenizer_3": None}
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(
-                model_path, revision=config["TEACHER_REVISION"], torch_dtype=dtype, transformer=transformer, vae=None,
-                cache_dir=config["COLAB_MODEL_CACHE"] or None, **extra)
+            hub = {"revision": config["TEACHER_REVISION"], "cache_dir": config["COLAB_MODEL_CACHE"] or None}
+            with init_empty_weights():  # no weights: the pipeline reads only its config (the width of T5's zeros)
+                transformer = SD3Transformer2DModel.from_config(
+                    SD3Transformer2DModel.load_config(model_path, subfolder="transformer", **hub))
+            pipe = StableDiffusion3Pipeline.from_pretrained(model_path, torch_dtype=dtype, transformer=transformer,
+                                                            vae=None, **hub, **extra)
         except Exception as err:
             raise explain_load_error(model_path, err) from err
         for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
@@ -3144,11 +3199,11 @@ def warn_truncation(pipe, texts: list[str], config: dict) -> None:
             print(f"warning: {len(long)} prompt(s) exceed {name}'s {limit} tokens and are truncated, e.g. {long[0][:80]!r}")
 
 
-def cache_text_embeddings(run: Run, prompts: list[dict], models: Models, teacher_path: str) -> TextEmbeddings:
+def cache_text_embeddings(run: Run, prompts: list[dict], teacher_path: str) -> TextEmbeddings:
     t0 = time.time()
     with run.accelerator.main_process_first():
         text = encode_prompts_cached([p["prompt"] for p in prompts], teacher_path, run.config, run.accelerator.device,
-                                     models.teacher, Path(run.config["OUTPUT_ROOT"]) / "cache")
+                                     Path(run.config["OUTPUT_ROOT"]) / "cache")
     run.timings["text_embedding_seconds"] = time.time() - t0
     return text
 
@@ -3505,6 +3560,7 @@ def write_summary(run: Run, result: TrainResult, models: Models) -> dict:
         "skipped_steps": result.skipped_steps, "eval_gap_before": result.gap_before, "eval_gap_last": result.gap_last,
         "final_metrics": result.last_row,
         "timings": {"total_seconds": now - run.timings["started"],
+                    "model_fetch_seconds": run.timings.get("model_fetch_seconds"),
                     "model_load_seconds": run.timings.get("model_load_seconds"),
                     "text_embedding_seconds": run.timings.get("text_embedding_seconds"),
                     "train_seconds": now - run.timings.get("train_started", now)},

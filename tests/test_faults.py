@@ -41,7 +41,8 @@ def outcome(root):
              for line in (root / "metrics" / "r" / "eval.jsonl").read_text().splitlines()]
     checkpoint = torch.load(root / "checkpoints" / "r" / "final.pt", weights_only=True)
     final = {**checkpoint["student"], **{f"fake:{k}": v for k, v in (checkpoint.get("fake") or {}).items()},
-             **{f"adv:{k}": v for k, v in (checkpoint.get("adv_head") or {}).items()}}
+             **{f"adv:{k}": v for k, v in (checkpoint.get("adv_head") or {}).items()},
+             **{f"ema:{i}": v for i, v in enumerate((checkpoint.get("ema") or {}).get("shadow_params", []))}}
     lora = root / "export" / "r" / "pytorch_lora_weights.safetensors"
     exported = load_file(lora if lora.exists() else root / "export" / "r" / "transformer" / "diffusion_pytorch_model.safetensors")
     summary = json.loads((root / "runs" / "r" / "train_summary.json").read_text())
@@ -54,11 +55,11 @@ def outcome(root):
 # SIGKILL needs a process of its own; Ctrl-C and SIGTERM are handled by main() itself, which runs in the test's
 # process (run_main: a second a run instead of five).
 # The 1-2-step recipe's critics too: the adversarial head (both kinds), the staged start and the fake score on fresh
-# samples (LoRA), so the head, its optimizer and the fresh draws resume bit for bit.
+# samples (LoRA), so the head, its optimizer and the fresh draws resume bit for bit; and the EMA of the weights (LoRA).
 DMD = ["--DMD_WEIGHT=1", "--FAKE_LORA_RANK=4", "--ADV_WEIGHT=0.5"]
 TRAINABLE = {"KILL": ["--TRAINABLE=all", *DMD],
              "INT": ["--TRAINABLE=lora", *DMD, "--DISTRIBUTION_START_STEP=2", "--DISTRIBUTION_RAMP_STEPS=2",
-                     "--FAKE_UPDATES_PER_STEP=2", "--FAKE_FRESH_SAMPLES=true"]}
+                     "--FAKE_UPDATES_PER_STEP=2", "--FAKE_FRESH_SAMPLES=true", "--EMA_DECAY=0.9"]}
 TRAINABLE["TERM"] = TRAINABLE["INT"]
 EXIT_CODE = {"KILL": -signal.SIGKILL, "INT": 130, "TERM": 143}
 
@@ -338,6 +339,14 @@ def test_the_export_holds_the_student_only(left_alone):
         assert any(k.startswith("fake:") and ".fake." in k for k in final)
         assert any(k.startswith("adv:heads.") for k in final)
         assert exported and not [k for k in exported if "fake" in k or "heads." in k or "lora" in k and sig == "KILL"]
+    # with EMA_DECAY the export is the average of the weights, not the last ones (in the order of the student's)
+    _, (_, _, final, exported, _), _ = left_alone["INT"]
+    student = {k: v for k, v in final.items() if ".lora_" in k and not k.startswith(("fake:", "ema:"))}
+    average = dict(zip(student, (v for k, v in final.items() if k.startswith("ema:")), strict=True))
+    as_exported = {name: "transformer." + name.replace(".default", "") for name in student}  # diffusers' LoRA names
+    assert set(exported) == set(as_exported.values())
+    assert all(torch.equal(exported[as_exported[name]], value) for name, value in average.items())
+    assert any(not torch.equal(average[name], student[name]) for name in student)
 
 
 def test_a_run_trained_longer_then_killed_resumes_from_its_newest_step_not_its_old_final(tmp_path, tiny_path, distill):

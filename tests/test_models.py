@@ -43,7 +43,7 @@ def test_teacher_sampler_reproduces_the_diffusers_pipeline(distill, tiny_root, t
     config = tiny_config(distill, tiny_root)
     models, _ = distill.load_models(config, torch.device("cpu"))
     prompts = ["a photo of a cat, neon lights", "a watercolor of a lighthouse"]
-    text = distill.encode_prompts_cached(prompts, tiny_path, config, torch.device("cpu"), models.teacher,
+    text = distill.encode_prompts_cached(prompts, tiny_path, config, torch.device("cpu"),
                                          tiny_root / "cache")
     noise = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(0))
     steps, guidance = 12, 4.5
@@ -66,7 +66,7 @@ def test_cached_embeddings_equal_the_pipelines_and_are_reused(distill, tiny_root
 
     config = tiny_config(distill, tiny_root)
     models, _ = distill.load_models(config, torch.device("cpu"))
-    text = distill.encode_prompts_cached(["a dog"], tiny_path, config, torch.device("cpu"), models.teacher,
+    text = distill.encode_prompts_cached(["a dog"], tiny_path, config, torch.device("cpu"),
                                          tiny_root / "cache")
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_path)
     embeds, neg, pooled, neg_pooled = pipe.encode_prompt("a dog", None, None, max_sequence_length=64)
@@ -76,7 +76,7 @@ def test_cached_embeddings_equal_the_pipelines_and_are_reused(distill, tiny_root
     assert text.embeds.shape[1] == 77 + 64
     # a second call finds everything on disk and loads no text encoder
     monkeypatch.setattr(StableDiffusion3Pipeline, "from_pretrained", lambda *a, **k: pytest.fail("encoders loaded"))
-    again = distill.encode_prompts_cached(["a dog"], tiny_path, config, torch.device("cpu"), models.teacher,
+    again = distill.encode_prompts_cached(["a dog"], tiny_path, config, torch.device("cpu"),
                                           tiny_root / "cache")
     assert torch.equal(again.embeds, text.embeds)
 
@@ -84,7 +84,7 @@ def test_cached_embeddings_equal_the_pipelines_and_are_reused(distill, tiny_root
 def test_without_t5_the_t5_slot_is_zeros_as_in_the_pipeline(distill, tiny_root, tiny_path):
     config = tiny_config(distill, tiny_root, "--USE_T5=false")
     models, _ = distill.load_models(config, torch.device("cpu"))
-    text = distill.encode_prompts_cached(["a dog"], tiny_path, config, torch.device("cpu"), models.teacher,
+    text = distill.encode_prompts_cached(["a dog"], tiny_path, config, torch.device("cpu"),
                                          tiny_root / "cache")
     assert text.embeds.shape == (1, 77 + 64, 32)
     assert torch.count_nonzero(text.embeds[0, 77:]) == 0 and torch.count_nonzero(text.embeds[0, :77]) > 0
@@ -95,7 +95,7 @@ def rollout_setup(distill, root, tiny_path, *extra):
     accelerator = Accelerator(cpu=True)
     models, _ = distill.load_models(config, accelerator.device)
     texts = [p["prompt"] for p in distill.generate_prompts(8, 0)]
-    text = distill.encode_prompts_cached(texts, tiny_path, config, accelerator.device, models.teacher, root / "cache")
+    text = distill.encode_prompts_cached(texts, tiny_path, config, accelerator.device, root / "cache")
     sigmas, timesteps = distill.sampler_sigmas(models.scheduler_config, config["NUM_ROLLOUT_STEPS"], None,
                                                models.image_seq_len)
     if config["BATCH_SIZE"] == "auto":  # as a run resolves it (on the CPU: all of IMAGES_PER_STEP at once)
@@ -307,3 +307,19 @@ def test_lora_targets_that_match_no_layer_are_refused_with_the_layers_named(dist
     with pytest.raises(distill.UserError, match=r"LORA_TARGET_MODULES='attn.no_such_proj' names no layer of the model "
                                                 r".*linear layers are: .*attn.to_q"):
         distill.load_models(config, torch.device("cpu"))
+
+
+def test_prompts_are_encoded_before_any_transformer_loads(distill, tmp_path, monkeypatch):
+    """The text encoders (T5's 4.7B weights on SD3) and the transformers are never loaded together."""
+    from conftest import run_main, tiny_args
+
+    loaded, load_transformer = [], distill.load_transformer
+
+    def recording(*args, **kwargs):
+        loaded.append(sorted(p.name for p in (tmp_path / "cache" / "text_embeddings").glob("*.pt")))
+        return load_transformer(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "load_transformer", recording)
+    result = run_main(distill, *tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=1", "--TRAINABLE=all"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(loaded) == 2 and all(len(names) == 1 for names in loaded)  # teacher and student: the cache was there

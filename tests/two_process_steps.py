@@ -21,8 +21,9 @@ def main():
     out, config = Path(sys.argv[1]), distill.parse_args(sys.argv[2:])
     run = distill.start_run(config)
     train_prompts, heldout = distill.prepare_prompts(run)
-    models, teacher_path = distill.load_run_models(run)
-    text = distill.cache_text_embeddings(run, train_prompts + heldout, models, teacher_path)
+    folders = distill.fetch_model_folders(run)
+    text = distill.cache_text_embeddings(run, train_prompts + heldout, folders[0])
+    models, teacher_path = distill.load_run_models(run, folders)
     training = distill.setup_training(run, models, text, train_prompts, heldout, teacher_path)
     steps = []
     for step in range(3):
