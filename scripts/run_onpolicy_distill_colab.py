@@ -90,7 +90,7 @@ CHECKPOINT_EVERY_MINUTES = 10.0  # also checkpoint after this much wall time, ch
 KEEP_LAST_CHECKPOINTS = 3  # newest step_*.pt kept (final.pt is always kept)
 RESUME = "auto"  # "auto" (continue the newest valid checkpoint of this run) | "never" | a checkpoint path
 EVAL_EVERY = 250  # optimizer steps between held-out evaluations (teacher-student gap); 0 = only start and end
-EVAL_NOISES = 1  # fixed noises per held-out prompt in each evaluation: more = a steadier gap, evaluations that many times longer
+EVAL_NOISES = 2  # fixed noises per held-out prompt in each evaluation: 2+ also reads the diversity ratio (a student that collapses to one picture per prompt shows); more = a steadier gap, evaluations that many times longer
 MAX_CONSECUTIVE_SKIPS = 5  # stop the run after this many non-finite steps in a row
 SAVE_SAMPLE_GRIDS = True  # at each evaluation, a PNG of teacher vs student samples on the held-out prompts
 REPORT_TO = ""  # also log to trackers through accelerate: "tensorboard", "wandb", "all"; "" = files only
