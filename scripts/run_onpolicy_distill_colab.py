@@ -3798,9 +3798,12 @@ REQUIREMENTS = {  # the ranges of requirements.txt, for dep_install()
 
 
 def colab_setup_text() -> str:
-    return """\
+    """The notebook's cells (README and the .ipynb hold exactly these); Cell 1 installs REQUIREMENTS' ranges of what
+    Colab lacks or has too old (torch, huggingface_hub and tqdm come with it)."""
+    pip = " ".join(f'"{name}{REQUIREMENTS[name]}"' for name in ("diffusers", "transformers", "accelerate", "peft"))
+    return f"""\
 # Cell 1: install (skips what is already there)
-!pip install -q "diffusers>=0.34" "transformers>=4.45" "accelerate>=0.34" "peft>=0.13" sentencepiece protobuf
+!pip install -q {pip} sentencepiece protobuf
 # Cell 2: Hugging Face token. Add HF_TOKEN under Colab's key icon (Secrets) first; a !python process
 # cannot read secrets itself, so hand it over through the environment:
 from google.colab import userdata; import os; os.environ["HF_TOKEN"] = userdata.get("HF_TOKEN")

@@ -1,6 +1,7 @@
 """Prompts, the command line and config validation: what a user types and what they are told."""
 
 import json
+import re
 
 import pytest
 
@@ -288,3 +289,15 @@ def test_a_real_teacher_with_the_toy_prompts_is_warned_of(distill):
                               "prompts (512 templated prompts)") and "GENERATE_PROMPTS=False, PROMPTS_JSONL=" in warning
     assert distill.setting_warnings(distill.parse_args(["--preset", "tiny"])) == []  # the toy model, the toy prompts
     assert distill.setting_warnings(distill.parse_args(["--GENERATE_PROMPTS=false", "--PROMPTS_JSONL=p.jsonl"])) == []
+
+
+def test_one_list_of_dependency_ranges(distill):
+    """requirements.txt, dep_install() and the Colab cell (so the README and the notebook) hold the same ranges."""
+    from conftest import REPO
+
+    lines = [line for line in (REPO / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")]
+    assert {re.split(r"[<>=]", line, maxsplit=1)[0]: line[len(re.split(r"[<>=]", line, maxsplit=1)[0]):]
+            for line in lines} == distill.REQUIREMENTS
+    cell = distill.colab_setup_text().splitlines()[1]
+    assert cell.startswith("!pip install -q ") and all(f'"{name}{distill.REQUIREMENTS[name]}"' in cell
+                                                       for name in ("diffusers", "transformers", "accelerate", "peft"))
