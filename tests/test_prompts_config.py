@@ -159,7 +159,7 @@ def test_attention_hint_only_where_flash_attention_4_would_run(distill, monkeypa
 
 def test_defaults_are_valid(distill, monkeypatch):
     monkeypatch.setattr(distill, "hub_answers", lambda timeout=3.0: True)  # the default Hub model is fine online
-    distill.validate_config(distill.default_config())
+    distill.validate_config(distill.parse_args([]))
     distill.validate_config(distill.parse_args(["--preset", "tiny"]))
 
 
@@ -301,3 +301,20 @@ def test_one_list_of_dependency_ranges(distill):
     cell = distill.colab_setup_text().splitlines()[1]
     assert cell.startswith("!pip install -q ") and all(f'"{name}{distill.REQUIREMENTS[name]}"' in cell
                                                        for name in ("diffusers", "transformers", "accelerate", "peft"))
+
+
+def test_dmd_auto_is_on_where_it_was_measured_to_win_and_weak_choices_are_warned_of(distill):
+    weight = {(k, kind): distill.parse_args([f"--NUM_ROLLOUT_STEPS={k}", f"--TRAINABLE={kind}"])["DMD_WEIGHT"]
+              for k in (1, 2, 4) for kind in ("lora", "all")}
+    assert weight == {(1, "lora"): 0.0, (1, "all"): 1.0, (2, "lora"): 1.0, (2, "all"): 1.0, (4, "lora"): 0.0,
+                      (4, "all"): 0.0}
+    assert distill.parse_args(["--NUM_ROLLOUT_STEPS=2", "--DMD_WEIGHT=0"])["DMD_WEIGHT"] == 0.0  # a number wins
+    assert distill.default_config()["DMD_WEIGHT"] == "auto"
+    own = ["--GENERATE_PROMPTS=false", "--PROMPTS_JSONL=p.jsonl"]
+    (lora,) = distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1"]))
+    assert lora.startswith("a LoRA student at K = 1 drew the right shape 15-18% of the time")
+    (full,) = distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1", "--TRAINABLE=all",
+                                                           "--DMD_WEIGHT=0"]))
+    assert "without DMD drew the right shape 18% of the time, with DMD_WEIGHT=1 43%" in full
+    assert distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1", "--TRAINABLE=all"])) == []
+    assert distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=2"])) == []
