@@ -53,7 +53,7 @@ def outcome(root):
 # SIGKILL with a student of all weights, Ctrl-C and SIGTERM with LoRA, each with DMD's fake score (on the separate
 # teacher, on the shared base): both kinds of weights, the fake score and every optimizer state come back exactly.
 # SIGKILL needs a process of its own; Ctrl-C and SIGTERM are handled by main() itself, which runs in the test's
-# process (run_main: a second a run instead of five).
+# process (run_main: a second a run instead of five), as do the runs left alone and every run after a stop.
 # The 1-2-step recipe's critics too: the adversarial head (both kinds), the staged start and the fake score on fresh
 # samples (LoRA), so the head, its optimizer and the fresh draws resume bit for bit; and the EMA of the weights (LoRA).
 DMD = ["--DMD_WEIGHT=1", "--FAKE_LORA_RANK=4", "--ADV_WEIGHT=0.5"]
@@ -76,7 +76,8 @@ def left_alone(tmp_path_factory, tiny_path, distill):
     runs = {}
     for sig in ("KILL", "INT"):
         root = tmp_path_factory.mktemp("left_alone")
-        code, out, err = run_kind(distill, sig, *args(root, tiny_path, *TRAINABLE[sig]), env={"HF_TOKEN": TOKEN})
+        result = run_main(distill, *args(root, tiny_path, *TRAINABLE[sig]), env={"HF_TOKEN": TOKEN})
+        code, out, err = result.returncode, result.stdout, result.stderr
         assert code == 0, err[-3000:]
         runs[sig] = (root, outcome(root), out + err)
     runs["TERM"] = runs["INT"]
@@ -108,7 +109,9 @@ def test_a_run_stopped_at_any_moment_ends_as_one_left_alone(tmp_path, tiny_path,
     if moment == "evaluation 3" and sig != "KILL":  # the signal waits for the evaluation's row, grid and checkpoint
         rows = [json.loads(line)["step"] for line in (tmp_path / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()]
         assert rows == [1, 2, 3] and (tmp_path / "samples" / "r" / "step_3.png").is_file()
-    code, out, err = run_kind(distill, sig, *args(tmp_path, tiny_path, *TRAINABLE[sig]))
+    # the same command again (in this process: only the stop needs a process of its own), then exactly as left alone
+    again = run_main(distill, *args(tmp_path, tiny_path, *TRAINABLE[sig]))
+    code, out, err = again.returncode, again.stdout, again.stderr
     assert code == 0, err[-3000:]
     if moment in ("export", "after final.pt"):
         assert "finishing run r: trained to step 6" in out
@@ -408,8 +411,8 @@ def test_a_kill_while_staging_on_another_filesystem_leaves_nothing_behind(tiny_p
         assert killed.returncode == -signal.SIGKILL
         staged = distill.staging_folder(root / "checkpoints" / "r")
         assert [p.name.split("-", 1)[1] for p in staged.iterdir()] == ["step_4.pt"]  # <pid>-step_4.pt
-        code, _, err = run_kind(distill, "KILL", *args(root, tiny_path, *TRAINABLE["KILL"]))
-        assert code == 0, err[-2000:]
+        again = run_main(distill, *args(root, tiny_path, *TRAINABLE["KILL"]))
+        assert again.returncode == 0, again.stderr[-2000:]
         assert not staged.exists()
         same_as(root, left_alone["KILL"][1])
     finally:
