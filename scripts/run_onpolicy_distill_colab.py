@@ -469,7 +469,8 @@ def teacher_target_velocity(velocity_fn, x, sigmas, i: int, num_substeps: int, s
 
 def sample_trajectory(velocity_fn, noise, sigmas, timesteps) -> list:
     """The deterministic flow sampler from noise, x_{i+1} = x_i + (sigma_{i+1} - sigma_i) velocity_fn(x_i, t_i):
-    the states x_1 ... x_K it visits (x_K, the sample, last)."""
+    the states x_1 ... x_K it visits (x_K, the sample, last). t_i is what velocity_fn is called with at step i:
+    the model's timestep, or the step's index itself (teacher_path). The one sampler of every no-gradient path."""
     states, x = [], noise.float()
     for i in range(len(timesteps)):
         x = euler_step(x, velocity_fn(x, timesteps[i]), float(sigmas[i]), float(sigmas[i + 1]))
@@ -1535,18 +1536,14 @@ def teacher_path(models: Models, config: dict, cond, uncond, noise, sigmas) -> l
     with v* its guided N-substep target (teacher_target_velocity): the states off-policy training learns at."""
     import torch
 
-    shift = teacher_substep_shift(config, models)
+    shift, substeps, solver = teacher_substep_shift(config, models), teacher_substeps(config), teacher_solver(config)
 
     def guided(y, t):
         return teacher_velocity(models.teacher, y, t, cond, uncond, config["GUIDANCE_SCALE"], models.teacher_dtype)
 
-    states, x = [], noise.float()
     with torch.no_grad(), models.teacher_context():
-        for i in range(len(sigmas) - 1):
-            v = teacher_target_velocity(guided, x, sigmas, i, teacher_substeps(config), shift, teacher_solver(config))
-            x = euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
-            states.append(x)
-    return states
+        return sample_trajectory(lambda x, i: teacher_target_velocity(guided, x, sigmas, i, substeps, shift, solver),
+                                 noise, sigmas, range(len(sigmas) - 1))
 
 
 class HeldoutEval:
