@@ -1611,7 +1611,19 @@ class HeldoutEval:
                 grid = sample_grid(self.teacher_images, decode_latents(self.vae, samples[first]), self.prompts,
                                    per_sample[first].tolist(), self.num_steps)
                 atomic_write(self.paths.samples / f"step_{step}.png", lambda tmp: grid.save(tmp, format="PNG"))
+                send_to_trackers(self.accelerator, grid, step)
         return gap
+
+def send_to_trackers(accelerator, grid, step: int) -> None:
+    """A sample grid to each tracker of REPORT_TO that takes images (TensorBoard, W&B), beside its PNG."""
+    import numpy as np
+
+    images = np.asarray(grid.convert("RGB"))[None]  # (1, H, W, 3)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": images}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({"samples": images}, step=step)
 
 # =================================================================================================
 # main(): the story of a run.

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import SCRIPT, run_main, tiny_args
 
@@ -182,3 +183,20 @@ def test_skipped_update_changes_nothing(distill, tiny_root):
     _, finite = distill.apply_update(models, accelerator, optimizer, lr_scheduler, terms, torch.ones(4), config, "no")
     assert not finite and not optimizer.state_dict()["state"] and lr_scheduler.scheduler.last_epoch == 0
     assert all(torch.equal(a, b) for a, b in zip(before, models.trainable, strict=True))
+
+
+def test_sample_grids_go_to_the_trackers_too(tmp_path, distill):
+    """REPORT_TO='tensorboard': every row, and each evaluation's sample grid as an image (Colab has tensorboard;
+    the requirements do not)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run_main(distill, *tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=4", "--EVAL_EVERY=2",
+                                          "--REPORT_TO=tensorboard"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = EventAccumulator(str(tmp_path / "trackers" / "r"), size_guidance={"images": 0})  # (its config: a folder below)
+    log.Reload()
+    assert [e.step for e in log.Images("samples")] == [0, 2, 4]
+    grid = Image.open(tmp_path / "samples" / "r" / "step_4.png")
+    assert (log.Images("samples")[-1].width, log.Images("samples")[-1].height) == grid.size
+    assert [e.step for e in log.Scalars("loss")] == [1, 2, 3, 4]
