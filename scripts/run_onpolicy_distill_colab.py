@@ -1459,9 +1459,12 @@ def checkpoint_gb(trained_params: int) -> float:
 
 def checkpoint_line(config: dict, trained_params: int) -> str:
     """The header's line on disk use: one checkpoint, and all the run keeps (KEEP_LAST_CHECKPOINTS and final.pt)."""
+    def size(gb):
+        return f"{gb:.3g} GB" if gb >= 1 else f"{1000 * gb:.3g} MB"
+
     one = checkpoint_gb(trained_params)
     kept = one * (config["KEEP_LAST_CHECKPOINTS"] + 1)
-    line = f"  checkpoints about {one:.3g} GB each, {kept:.3g} GB kept ({config['KEEP_LAST_CHECKPOINTS']} + final.pt)"
+    line = f"  checkpoints about {size(one)} each, {size(kept)} kept ({config['KEEP_LAST_CHECKPOINTS']} + final.pt)"
     if kept > 10:
         line += (f"; a free Google Drive holds 15 GB: lower KEEP_LAST_CHECKPOINTS, or train LoRA (TRAINABLE='lora'), "
                  f"or write OUTPUT_ROOT to a larger disk")

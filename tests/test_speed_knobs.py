@@ -117,7 +117,7 @@ def test_checkpoint_sizes_by_hand(distill):
     line = distill.checkpoint_line({"KEEP_LAST_CHECKPOINTS": 3}, 2_000_000_000)
     assert line.startswith("  checkpoints about 24 GB each, 96 GB kept (3 + final.pt); a free Google Drive holds 15 GB")
     assert distill.checkpoint_line({"KEEP_LAST_CHECKPOINTS": 3}, 18_874_368) == (
-        "  checkpoints about 0.226 GB each, 0.906 GB kept (3 + final.pt)")  # LoRA r32 on SD3-medium's attention
+        "  checkpoints about 226 MB each, 906 MB kept (3 + final.pt)")  # LoRA r32 on SD3-medium's attention
 
 
 def test_pace_line(distill):
