@@ -381,9 +381,9 @@ def test_a_full_disk_is_one_paragraph_and_the_next_run_loses_nothing(tmp_path, t
     assert "run the same command again" in full.stderr
     assert not list((tmp_path / "checkpoints" / "r").glob("*.pt"))
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-") or p.name == "lock.json"]
-    code, out, err = run_kind(distill, "KILL", *args(tmp_path, tiny_path, *TRAINABLE["KILL"]))
-    assert code == 0, err[-2000:]
-    assert "stopped before its first checkpoint; it starts again from step 0" in out
+    again = run_main(distill, *args(tmp_path, tiny_path, *TRAINABLE["KILL"]))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "stopped before its first checkpoint; it starts again from step 0" in again.stdout
     same_as(tmp_path, left_alone["KILL"][1])
 
 
