@@ -494,6 +494,38 @@ class FinalEval:
     def student(self, root: Path, name: str) -> dict:
         return self.measure(self.student_latents(root, name, self.prompts, self.noise))
 
+    def checkpoint(self, root: Path, name: str, path: Path) -> dict:
+        """The readings of the student a checkpoint of the run holds (its EMA where it has one), sampled as the
+        export is: LoRA weights loaded onto the teacher's pipeline in diffusers' names, their alpha / rank folded
+        into B; any other student as its STUDENT_ID's transformer with the checkpoint's weights."""
+        import torch
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        config = json.loads((root / "runs" / name / "config.json").read_text())
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        weights = payload["student"]
+        if "ema" in payload:
+            weights = dict(zip(weights, payload["ema"]["shadow_params"], strict=True))
+        steps = config["NUM_ROLLOUT_STEPS"]
+        sigmas = self.distill.pipeline_sigmas(steps, config["SAMPLER_SPACING"])
+        if config["TRAINABLE"] != "lora":
+            transformer = SD3Transformer2DModel.from_pretrained(config["STUDENT_ID"], subfolder="transformer")
+            transformer.load_state_dict(weights, strict=False)
+            pipe = StableDiffusion3Pipeline(**{**self.teacher_pipe.components, "transformer": transformer})
+            return self.measure(pipeline_latents(pipe.to(self.teacher_pipe.device), self.prompts, self.noise, steps,
+                                                 1.0, sigmas))
+        if config["LORA_USE_DORA"]:
+            raise SystemExit(f"{name}: readings from checkpoints are for plain LoRA (a DoRA magnitude has no "
+                             f"diffusers name here); leave checkpoints_every out of its plan group.")
+        scale = config["LORA_ALPHA"] / config["LORA_RANK"]
+        state = {"transformer." + k.replace(".default", ""): v * (scale if ".lora_B." in k else 1.0)
+                 for k, v in weights.items()}
+        self.teacher_pipe.load_lora_weights(state)
+        try:
+            return self.measure(pipeline_latents(self.teacher_pipe, self.prompts, self.noise, steps, 1.0, sigmas))
+        finally:
+            self.teacher_pipe.unload_lora_weights()
+
 
 def final_eval(distill, teacher: Path, heldout: list[dict], noises_per_prompt: int, guidance: float, judge, task: Task):
     import torch
@@ -563,7 +595,18 @@ def run_record(root: Path, run: dict, ev: FinalEval) -> dict:
     config = json.loads((root / "runs" / name / "config.json").read_text())
     rows = [json.loads(line) for line in (root / "metrics" / name / "eval.jsonl").read_text().splitlines()]
     start = rows[0].get("time", 0)
-    return {**run, **ev.student(root, name), "curve": [(r["step"], r["eval_gap"]) for r in rows],
+    readings = []  # with checkpoints_every: each kept checkpoint's student read as the export is
+    if run.get("checkpoints_every"):
+        logged = [json.loads(line) for line in (root / "metrics" / name / "metrics.jsonl").read_text().splitlines()]
+        windows = [(r["step"], r["sec_per_step"] * (r["step"] - (logged[i - 1]["step"] if i else 0)))
+                   for i, r in enumerate(logged)]  # each row's window of steps, in seconds
+        folder = root / "checkpoints" / name
+        for path in sorted(folder.glob("step_*.pt"), key=lambda p: int(p.stem[5:])) + [folder / "final.pt"]:
+            step = torch_step(path)
+            readings.append({"step": step, "train_seconds": sum(sec for end, sec in windows if end <= step),
+                             **ev.checkpoint(root, name, path)})
+    return {**run, **ev.student(root, name), "readings_curve": readings,
+            "curve": [(r["step"], r["eval_gap"]) for r in rows],
             "drift_curve": [(r["step"], r.get("eval_drift")) for r in rows], "state_drift": rows[-1].get("state_drift"),
             "seconds_curve": [(r["step"], r.get("time", 0) - start) for r in rows],
             "train_seconds": summary["timings"]["train_seconds"], "updates": summary["step"],
@@ -591,10 +634,18 @@ def plan_runs(groups: list[dict], distill) -> list[dict]:
                             # the solver is in the name where not Euler, as it is in none of the earlier records
                             name = (f"{student}-K{K}-N{N}{'' if solver == 'euler' else solver}-M{M}"
                                     f"{'-' + tag if tag else ''}-{regime}-seed{seed}")
+                            every = g.get("checkpoints_every", 0)  # readings along training, from checkpoints
+                            kept = [f"--CHECKPOINT_EVERY={every}", "--KEEP_LAST_CHECKPOINTS=100000"] if every else []
                             runs.append({"name": name, "K": K, "N": N, "M": M, "tag": tag, "student": student,
                                          "solver": solver, "regime": regime, "seed": seed, "steps": g["steps"],
-                                         "args": g.get("args", [])})
+                                         "args": [*g.get("args", []), *kept], "checkpoints_every": every})
     return runs
+
+
+def torch_step(path: Path) -> int:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
 
 
 def settings_table(records: list[dict], baselines: dict, reference: dict, defaults: dict) -> list[dict]:
@@ -640,6 +691,8 @@ def settings_table(records: list[dict], baselines: dict, reference: dict, defaul
                 f"train_seconds_{regime}": statistics.mean(r["train_seconds"] for r in mine),
                 f"curve_{regime}": mean_curve([r["curve"] for r in mine]),
                 f"seconds_curve_{regime}": mean_curve([r["seconds_curve"] for r in mine])})
+            if any(r.get("readings_curve") for r in mine):  # the readings along training, per seed
+                entry[f"readings_curve_{regime}_per_seed"] = [r.get("readings_curve") for r in mine]
             for reading in [r for r in ("adherence", "adherence_strict") if r in mine[0]]:
                 entry[f"{reading}_{regime}"] = {k: statistics.mean(r[reading][k] for r in mine) for k in mine[0][reading]}
             if mine[0]["drift_curve"][-1][1] is not None:  # K = 1 has no state past the noise
@@ -685,7 +738,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs_colab/experiment")
     parser.add_argument("--plan", help="a JSON list of groups of runs, each {tag, student, k, n, solver, m, regimes, seeds, "
-                                       "steps, args}; what a group leaves out comes from the options below")
+                                       "steps, args, checkpoints_every}; what a group leaves out comes from the options "
+                                       "below; checkpoints_every N: the student read at every N updates too, from its "
+                                       "checkpoints (readings_curve)")
     parser.add_argument("--student", default="all", choices=sorted(STUDENTS), help="the student's kind")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=200, help="student updates per run")

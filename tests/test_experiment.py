@@ -69,7 +69,7 @@ def test_the_grid_in_a_short_configuration(tmp_path):
     past K = 1, its state drift."""
     # the runs whose claims need no training take 3 updates
     plan = [{"k": [1], "n": [4], "regimes": ["on_policy", "off_policy"]},
-            {"k": [4], "n": [1], "regimes": ["on_policy"]},
+            {"k": [4], "n": [1], "regimes": ["on_policy"], "checkpoints_every": 10},
             {"k": [4], "n": [4], "regimes": ["on_policy", "off_policy"]},
             {"student": "lora-r4", "k": [4], "n": [4], "regimes": ["on_policy", "dagger"], "steps": 3},
             {"student": "half-depth", "k": [4], "n": [4], "regimes": ["on_policy"], "steps": 3},
@@ -106,6 +106,9 @@ def test_the_grid_in_a_short_configuration(tmp_path):
                 assert set(e[f"{reading}_{of}"]) == {"shape", "color", "background"}, (reading, of)
         assert e["spacing"] == "trailing" and e["solver"] == ("ab2" if e["rollout_steps"] >= 4 else "euler")  # "auto"
     four_1, four_4 = settings[("all", 4, 1)], settings[("all", 4, 4)]
+    # a full student's checkpoints read as its export is: the last, final.pt, gives the export's own reading
+    (readings,) = four_1["readings_curve_on_policy_per_seed"]
+    assert [r["step"] for r in readings] == [10, 20] and readings[-1]["gap"] == pytest.approx(four_1["gap_on_policy"])
     # teacher passes on one image per update: 8 images x 4 states x N substeps x 2 (guidance)
     assert four_4["teacher_passes_per_update"] == 4 * four_1["teacher_passes_per_update"] == 8 * 4 * 4 * 2
     assert four_1["gap_on_policy"] < four_1["gap_no_training"] and four_4["gap_on_policy"] < four_4["gap_no_training"]
@@ -149,9 +152,9 @@ def test_the_digits_task_in_a_short_configuration(tmp_path):
     """The second task end to end: a teacher trained on real digits, a LoRA student with the 1-2-step recipe's terms
     (DMD, the adversarial head, the staged start, fresh fake-score samples), read by the classifier (no strict
     reading), with FD and the diversity ratio."""
-    plan = [{"student": "lora-r4", "k": [1], "regimes": ["on_policy"], "tag": "recipe",
+    plan = [{"student": "lora-r4", "k": [1], "regimes": ["on_policy"], "tag": "recipe", "checkpoints_every": 2,
              "args": ["--DMD_WEIGHT=1", "--FAKE_LORA_RANK=4", "--ADV_WEIGHT=0.1", "--DISTRIBUTION_START_STEP=2",
-                      "--FAKE_UPDATES_PER_STEP=2", "--FAKE_FRESH_SAMPLES=true"]}]
+                      "--FAKE_UPDATES_PER_STEP=2", "--FAKE_FRESH_SAMPLES=true", "--LORA_ALPHA=8"]}]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     result = subprocess.run([sys.executable, str(EXPERIMENT), "--task", "digits", "--out", str(tmp_path),
                              "--teacher-steps", "60", "--teacher-width", "32", "--teacher-layers", "2",
@@ -166,3 +169,10 @@ def test_the_digits_task_in_a_short_configuration(tmp_path):
     assert set(entry["adherence_on_policy"]) == {"digit"} and "adherence_strict_on_policy" not in entry
     assert entry["fd_on_policy"] > 0 and entry["diversity_ratio_on_policy"] > 0
     assert entry["settings_off_the_product_defaults"]["ADV_WEIGHT"] == 0.1
+    # readings along training from the checkpoints (step_2.pt, final.pt), each student read as the export is: the
+    # last one, the final weights through diffusers' LoRA names with alpha / rank folded in, equals the export's
+    (readings,) = entry["readings_curve_on_policy_per_seed"]
+    assert [r["step"] for r in readings] == [2, 4] and 0 <= readings[0]["train_seconds"] <= readings[1]["train_seconds"]
+    assert readings[-1]["gap"] == pytest.approx(entry["gap_on_policy"], rel=1e-5)
+    assert readings[-1]["fd"] == pytest.approx(entry["fd_on_policy"], rel=1e-4)
+    assert readings[0]["gap"] != readings[1]["gap"]
