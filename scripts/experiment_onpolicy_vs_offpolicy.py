@@ -602,7 +602,7 @@ def run_record(root: Path, run: dict, ev: FinalEval) -> dict:
                    for i, r in enumerate(logged)]  # each row's window of steps, in seconds
         folder = root / "checkpoints" / name
         for path in sorted(folder.glob("step_*.pt"), key=lambda p: int(p.stem[5:])) + [folder / "final.pt"]:
-            step = torch_step(path)
+            step = int(path.stem[5:]) if path.stem.startswith("step_") else summary["step"]  # final.pt: the last
             readings.append({"step": step, "train_seconds": sum(sec for end, sec in windows if end <= step),
                              **ev.checkpoint(root, name, path)})
     return {**run, **ev.student(root, name), "readings_curve": readings,
@@ -640,12 +640,6 @@ def plan_runs(groups: list[dict], distill) -> list[dict]:
                                          "solver": solver, "regime": regime, "seed": seed, "steps": g["steps"],
                                          "args": [*g.get("args", []), *kept], "checkpoints_every": every})
     return runs
-
-
-def torch_step(path: Path) -> int:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
 
 
 def settings_table(records: list[dict], baselines: dict, reference: dict, defaults: dict) -> list[dict]:

@@ -1483,8 +1483,8 @@ def pace_line(sec_per_step: float, steps_left: int) -> str:
 def restore_checkpoint(resume, models: Models, optimizer, lr_scheduler, accelerator, fake=(None, None),
                        adv=(None, None), ema=None):
     """Weights, optimizer, schedule, scaler, and the critics (DMD's fake score, the adversarial head) with their own
-    optimizers and scalers, and the EMA of the weights; returns (step, skipped steps, gap before). No RNG state: every draw of a step comes from
-    generators seeded by (SEED, step), so a resumed run continues exactly without one."""
+    optimizers and scalers, and the EMA of the weights; returns (step, skipped steps, gap before). No RNG state:
+    every draw of a step comes from generators seeded by (SEED, step), so a resumed run continues exactly without one."""
     path, payload = resume
     student = accelerator.unwrap_model(models.student)
     for model, params, key in ((student, models.trainable, "student"), (models.fake_host, models.fake, "fake")):
@@ -1616,6 +1616,7 @@ class HeldoutEval:
                 atomic_write(self.paths.samples / f"step_{step}.png", lambda tmp: grid.save(tmp, format="PNG"))
                 send_to_trackers(self.accelerator, grid, step)
         return gap
+
 
 def send_to_trackers(accelerator, grid, step: int) -> None:
     """A sample grid to each tracker of REPORT_TO that takes images (TensorBoard, W&B), beside its PNG."""
