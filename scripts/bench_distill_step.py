@@ -239,6 +239,78 @@ def profiled_time_by_kind(fn, device, steps: int = 2) -> dict:
             "clock": "GPU kernel time" if cuda else "self CPU time of aten ops"}
 
 
+PHASES = {  # the script's functions each phase of a step is, by name in its module
+    "teacher_target_velocity": "teacher substeps (the targets)",
+    "distribution_scores": "DMD: real and fake scores",
+    "fresh_student_samples": "DMD: fresh student samples",
+    "update_fake_score": "DMD: fake score update",
+    "adversarial_logits": "adversarial: the student's side",
+    "update_adversarial_head": "adversarial: head update",
+    "apply_update": "optimizer (clip, AdamW)",
+}
+REST_OF_STEP = "student forward and backward, the rest"
+
+
+def time_by_phase(distill, fn, device, steps: int = 2) -> dict:
+    """Milliseconds per step in each phase (PHASES), each of the script's functions timed between device
+    synchronisations and without the phases it calls itself (the fake score's fresh samples inside its update);
+    what is left of the step is REST_OF_STEP. The synchronisations take away some overlap of host and device, so the
+    step under them (synchronised_step_ms) is a little longer than the step's own time."""
+    import functools
+
+    spent = dict.fromkeys(PHASES, 0.0)
+    inner = []  # per open phase, the seconds of the phases it called
+
+    def timed_phase(name, function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            synchronize(device)
+            start = time.perf_counter()
+            inner.append(0.0)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                synchronize(device)
+                elapsed, nested = time.perf_counter() - start, inner.pop()
+                spent[name] += elapsed - nested
+                if inner:
+                    inner[-1] += elapsed
+        return wrapper
+
+    originals = {name: getattr(distill, name) for name in PHASES}
+    for name, function in originals.items():
+        setattr(distill, name, timed_phase(name, function))  # the script calls them by their module's names
+    try:
+        fn()  # once untimed: the compiled blocks sit below these functions, so nothing compiles again
+        spent.update(dict.fromkeys(PHASES, 0.0))
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+        wall = (time.perf_counter() - start) / steps
+    finally:
+        for name, function in originals.items():
+            setattr(distill, name, function)
+    phases = {PHASES[name]: seconds / steps * 1e3 for name, seconds in spent.items() if seconds}
+    phases[REST_OF_STEP] = wall * 1e3 - sum(phases.values())
+    return {"ms_per_step_by_phase": phases, "synchronised_step_ms": wall * 1e3}
+
+
+def mixed_ceiling_images_per_second(case: dict, flops_per_image: float, forward_flops_per_image: float,
+                                    ceiling: float, fp8_ceiling: float | None) -> float | None:
+    """The images/s a step would reach with every matmul at its ceiling: the teacher's substep passes (states x N x 2
+    guided, at the FP8 ceiling where its teacher is FP8) and the rest of the step's counted FLOPs (the student's
+    passes, DMD's, the critics') at the bf16 ceiling: 1 / (F_teacher / C_teacher + F_rest / C_bf16), per image."""
+    if not flops_per_image or ceiling != ceiling:
+        return None
+    states = case.get("supervised") or case["steps"]
+    substeps = case.get("substeps") or max(1, 8 // case["steps"])
+    teacher = states * substeps * 2 * forward_flops_per_image
+    teacher_rate = fp8_ceiling if case.get("teacher_fp8") and fp8_ceiling else ceiling
+    return 1 / (teacher / (teacher_rate * 1e12) + (flops_per_image - teacher) / (ceiling * 1e12))
+
+
 def random_text(distill, num_prompts: int, text_len: int, cfg: dict, device, dtype):
     import torch
 
@@ -333,6 +405,7 @@ def run_script_step(distill, case: dict, device, warmup: int, repeats: int, coun
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     if profile:
         result["profile"] = profiled_time_by_kind(step, device)
+        result["phases"] = time_by_phase(distill, step, device)
     return result
 
 
@@ -529,6 +602,13 @@ def suite(name: str) -> list[dict]:
         default = dict(base, teacher="sd3-medium", student="sd3-medium", substeps=2, trainable="lora", batch="auto",
                        images=4, compile=True, forward=False, count_flops=False, teacher_fp8=True, solver="ab2")
         return [default, dict(default, dmd=1.0)]
+    if name == "phases":  # 2026-12-07: where the default step's time goes, with DMD, at K = 2 (DMD on by default there)
+        default = dict(base, teacher="sd3-medium", student="sd3-medium", substeps=2, trainable="lora", batch="auto",
+                       images=4, compile=True, forward=False, count_flops=False, teacher_fp8=True, solver="ab2")
+        k2 = dict(default, steps=2, substeps=4, solver="euler", dmd=1.0)  # K = 2 as it runs by default
+        eager = dict(batch=1, images=1, compile=False, count_flops=True, repeats=1, warmup=1, teacher_fp8=False)
+        return [dict(default, **eager), dict(default, reference=True), dict(default, dmd=1.0), dict(k2, **eager),
+                k2, dict(default, student_fp8=True)]
     if name == "tiny":
         return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, substeps=2, solver="ab2",
                      batch=2, images=4, trainable="all", reference=True, ladder=True, compile=False)]
@@ -587,7 +667,8 @@ def main():
     parser.add_argument("--out", default="bench_results.json")
     parser.add_argument("--torchao", action="store_true", help="the FP8 probe also tries torchao's float8 quantisation")
     parser.add_argument("--kernels", action="store_true", help="the FP8 probe also lists the matmul kernels it ran")
-    parser.add_argument("--profile", action="store_true", help="also record where the step's time goes, by kernel kind")
+    parser.add_argument("--profile", action="store_true", help="also record where the step's time goes, by kernel kind "
+                        "and by phase of the step")
     args = parser.parse_args()
     import torch
 
@@ -612,7 +693,7 @@ def main():
             result = {"case": case, "error": f"out of memory: {str(err)[:200]}"}
             distill.free_accelerator_memory()
         work = (case["teacher"], case["student"], case["trainable"], case["steps"], case.get("substeps", 0),
-                case.get("supervised", 0), case["image_size"])
+                case.get("supervised", 0), case["image_size"], case.get("dmd", 0.0))
         if "script" in result:  # the same work costs the same FLOPs however it is run: reuse an eager count,
             # per image (every operation of the step is per sample, so FLOPs are proportional to the images
             # of an optimizer step, batch x accumulated rollouts; the optimizer's own FLOPs are negligible)
@@ -626,6 +707,13 @@ def main():
             if flops and fp8_ceiling and (case.get("teacher_fp8") or case.get("student_fp8")):
                 result["fp8_matmul_ceiling_tflops"] = fp8_ceiling
                 result["script"]["mfu_of_fp8_ceiling"] = flops / result["script"]["step_seconds"] / (fp8_ceiling * 1e12)
+            cfg = SD3_CONFIGS[case["teacher"]]
+            latent = case["image_size"] // (8 if case["teacher"] != "tiny" else 2)
+            forward = formula_forward_flops(cfg, 1, (latent // cfg["patch_size"]) ** 2, case["text_len"])
+            best = mixed_ceiling_images_per_second(case, (flops or 0) / images, forward, ceiling, fp8_ceiling)
+            if best:
+                result["script"]["mixed_ceiling_images_per_second"] = best
+                result["script"]["of_mixed_ceiling"] = result["script"]["images_per_second"] / best
         results.append(result)
         Path(args.out).write_text(json.dumps(results, indent=2))
         print(summary_line(result), flush=True)
@@ -651,6 +739,8 @@ def summary_line(r: dict) -> str:
     if s.get("mfu") is not None:
         parts.append(f"MFU {s['mfu'] * 100:.1f}%" + (f" ({s['mfu_of_fp8_ceiling'] * 100:.1f}% of FP8's)"
                                                      if s.get("mfu_of_fp8_ceiling") else ""))
+    if s.get("of_mixed_ceiling"):
+        parts.append(f"{s['of_mixed_ceiling'] * 100:.0f}% of the mixed ceiling ({s['mixed_ceiling_images_per_second']:.2f} img/s)")
     if s.get("batch_size_choice"):
         parts.append(f"batch {s['batch_size']} ({s['batch_size_choice']})")
     if s.get("peak_mem_gib") is not None:
@@ -658,6 +748,8 @@ def summary_line(r: dict) -> str:
     if "profile" in s:
         busy = s["profile"]["busy_ms_per_step"]
         parts.append(", ".join(f"{kind} {ms / busy * 100:.0f}%" for kind, ms in s["profile"]["ms_per_step_by_kind"].items()))
+    if "phases" in s:
+        parts.append(", ".join(f"{phase} {ms:.0f} ms" for phase, ms in s["phases"]["ms_per_step_by_phase"].items()))
     if "reference" in r:
         parts.append(f"reference {r['reference']['step_seconds'] * 1e3:.0f} ms ({r['speedup_vs_reference']:.2f}x)")
     for rung in r.get("reference_ladder", []):

@@ -243,12 +243,17 @@ def digit_images():
     return data[:, :64].reshape(-1, 8, 8) / 8 - 1, data[:, 64].long()
 
 
-def digit_latent(image):
-    """An 8x8 digit -> a (4, 16, 16) 'latent' as the shapes' are: grey in all four channels, upscaled 2x (bilinear)."""
+def digit_latent(image, corner: tuple | None = None):
+    """An 8x8 digit -> a (4, 16, 16) 'latent' as the shapes' are, grey in all four channels: upscaled 2x (bilinear),
+    or, given a corner (y, x), at its own size on an empty canvas (-1) with its top-left pixel there."""
     import torch
 
-    up = torch.nn.functional.interpolate(image[None, None], scale_factor=2, mode="bilinear", align_corners=False)[0]
-    return up.expand(4, -1, -1).clone()
+    if corner is None:
+        up = torch.nn.functional.interpolate(image[None, None], scale_factor=2, mode="bilinear", align_corners=False)[0]
+        return up.expand(4, -1, -1).clone()
+    canvas = torch.full((16, 16), -1.0)
+    canvas[corner[0]:corner[0] + 8, corner[1]:corner[1] + 8] = image
+    return canvas.expand(4, -1, -1).clone()
 
 
 @dataclasses.dataclass
@@ -265,33 +270,45 @@ class Task:
     def answers(self, prompts: list[dict]):
         import torch
 
-        if self.name == "digits":
+        if self.name != "shapes":
             return torch.tensor([[p["digit"]] for p in prompts])
         return labels(prompts, self.num_colors)
 
     def bank(self, prompts: list[dict], per_prompt: int, seed: int, held_out: bool = False):
         """`per_prompt` pictures of every prompt, (P, per_prompt, 4, 16, 16): drawn shapes, or real digits of the
-        prompt's digit, picked at random from the training rows (or, held_out, from the others)."""
+        prompt's digit, picked at random from the training rows (or, held_out, from the others): upscaled to fill
+        the picture ("digits"), or at their own size anywhere in it ("digits-anywhere", as the shapes are placed)."""
         import torch
 
-        if self.name != "digits":
+        if self.name == "shapes":
             return drawn_bank(prompts, per_prompt, seed)
         images, digits = digit_images()
         rng, rows = random.Random(seed), torch.arange(len(digits))
         pools = {d: [int(i) for i in rows[(digits == d) & (rows % 2 == int(held_out))]] for d in range(10)}
-        return torch.stack([torch.stack([digit_latent(images[rng.choice(pools[p["digit"]])]) for _ in range(per_prompt)])
-                            for p in prompts])
+
+        def picture(digit):
+            corner = (rng.randrange(9), rng.randrange(9)) if self.name == "digits-anywhere" else None
+            return digit_latent(images[rng.choice(pools[digit])], corner)
+
+        return torch.stack([torch.stack([picture(p["digit"]) for _ in range(per_prompt)]) for p in prompts])
 
     def strict(self, latents):
         """The strict reading (shapes only; None for the digits, which only the classifier reads)."""
         return strict_reading(latents, self.num_colors) if self.name == "shapes" else None
 
 
+TASK_FILES = {  # each task's prompts, teacher and judge, by the names they have in --out
+    "shapes": ("shape_prompts.jsonl", "shape_teacher_{colors}colors", "judge_{colors}colors"),
+    "digits": ("digit_prompts.jsonl", "digit_teacher", "judge_digits"),
+    "digits-anywhere": ("digit_prompts.jsonl", "digit_anywhere_teacher", "judge_digits_anywhere"),
+}
+
+
 def make_task(name: str, num_colors: int) -> Task:
-    if name == "digits":
-        return Task("digits", digit_prompts(), ("digit",), (10,))
-    return Task("shapes", shape_prompts(num_colors), ("shape", "color", "background"),
-                (len(SHAPES), num_colors, num_colors), num_colors)
+    if name == "shapes":
+        return Task("shapes", shape_prompts(num_colors), ("shape", "color", "background"),
+                    (len(SHAPES), num_colors, num_colors), num_colors)
+    return Task(name, digit_prompts(), ("digit",), (10,))
 
 
 def device_for_helpers():
@@ -754,8 +771,9 @@ def main(argv=None):
     parser.add_argument("--teacher-batch", type=int, default=128)
     parser.add_argument("--judge-steps", type=int, default=1000, help="training steps of the classifier")
     parser.add_argument("--guidance", type=float, default=GUIDANCE, help="the teacher's guidance scale")
-    parser.add_argument("--task", default="shapes", choices=("shapes", "digits"), help="coloured shapes drawn here, or "
-                        "scikit-learn's 1,797 real handwritten digits (scripts/data), read by a classifier")
+    parser.add_argument("--task", default="shapes", choices=sorted(TASK_FILES), help="coloured shapes drawn "
+                        "here, or scikit-learn's 1,797 real handwritten digits (scripts/data), read by a classifier: "
+                        "upscaled to fill the picture, or (digits-anywhere) at their own size anywhere in it")
     parser.add_argument("--colors", type=int, default=DEFAULT_COLORS, choices=range(3, len(COLORS) + 1),
                         help=f"colours of shape and background: 3 n (n - 1) prompts ({DEFAULT_COLORS}: 90, 8: 168)")
     parser.add_argument("--eval-noises", type=int, default=8, help="fixed noises per held-out prompt, final evaluation")
@@ -781,17 +799,16 @@ def main(argv=None):
     root.mkdir(parents=True, exist_ok=True)
     task = make_task(args.task, args.colors)
     prompts = task.prompts
-    prompts_path = root / ("shape_prompts.jsonl" if task.name == "shapes" else "digit_prompts.jsonl")
+    prompts_name, teacher_name, judge_name = (n.format(colors=args.colors) for n in TASK_FILES[task.name])
+    prompts_path = root / prompts_name
     distill.write_prompts_jsonl(prompts_path, [{k: p[k] for k in ("id", "prompt", "category")} for p in prompts])
     base = distill.resolve_model_path(distill.TINY_MODEL_ID, str(root))
-    kind = f"shape_teacher_{args.colors}colors" if task.name == "shapes" else "digit_teacher"
-    teacher = root / f"{kind}_w{args.teacher_width}_l{args.teacher_layers}_s{args.teacher_steps}_b{args.teacher_batch}"
+    teacher = root / f"{teacher_name}_w{args.teacher_width}_l{args.teacher_layers}_s{args.teacher_steps}_b{args.teacher_batch}"
     started = time.time()
     if not (teacher / "transformer" / "config.json").is_file():
         train_teacher(distill, base, teacher, task, args.teacher_steps, root, args.teacher_width, args.teacher_layers,
                       args.teacher_batch)
     teacher_seconds = time.time() - started
-    judge_name = f"judge_{args.colors}colors" if task.name == "shapes" else "judge_digits"
     judge = train_judge(task, root / f"{judge_name}_s{args.judge_steps}.pt", args.judge_steps)
     ev = final_eval(distill, teacher, prompts[-HELDOUT:], args.eval_noises, args.guidance, judge, task)
     reference = ev.teacher(REFERENCE_STEPS, args.guidance)

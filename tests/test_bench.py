@@ -33,6 +33,11 @@ def test_tiny_benchmark_writes_its_result(tmp_path):
     assert profile["ms_per_step_by_kind"]["matmul"] > 0 and profile["ms_per_step_by_kind"]["attention"] > 0
     assert profile["busy_ms_per_step"] == pytest.approx(sum(profile["ms_per_step_by_kind"].values()))
     assert profile["busy_ms_per_step"] <= profile["profiled_step_ms"]
+    phases = row["script"]["phases"]  # by phase: the teacher's substeps, the optimizer and the rest, adding up
+    assert set(phases["ms_per_step_by_phase"]) == {"teacher substeps (the targets)", "optimizer (clip, AdamW)",
+                                                   bench.REST_OF_STEP}
+    assert sum(phases["ms_per_step_by_phase"].values()) == pytest.approx(phases["synchronised_step_ms"])
+    assert all(ms > 0 for ms in phases["ms_per_step_by_phase"].values())
 
 
 def test_formula_counts_projections_mlp_and_joint_attention():
@@ -61,3 +66,39 @@ def test_kernel_kinds_of_the_h100_profile():
         "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
     }
     assert {name: bench.kernel_kind(name) for name in kinds} == kinds
+
+
+def test_phases_are_timed_without_the_phases_inside_them():
+    """A phase that calls another (the fake score's update draws fresh samples) is charged its own time only."""
+    import time
+    import types
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_distill_step as bench
+    import torch
+
+    module = types.SimpleNamespace()
+    module.fresh_student_samples = lambda: time.sleep(0.05)
+    module.update_fake_score = lambda: (time.sleep(0.02), module.fresh_student_samples())
+    for name in set(bench.PHASES) - {"fresh_student_samples", "update_fake_score"}:
+        setattr(module, name, lambda: None)
+    originals = dict(vars(module))
+    phases = bench.time_by_phase(module, lambda: (module.update_fake_score(), time.sleep(0.01)), torch.device("cpu"),
+                                 steps=2)["ms_per_step_by_phase"]
+    assert phases["DMD: fresh student samples"] == pytest.approx(50, abs=15)
+    assert phases["DMD: fake score update"] == pytest.approx(20, abs=10)
+    assert phases[bench.REST_OF_STEP] == pytest.approx(10, abs=10)
+    assert vars(module) == originals  # the script's functions are given back
+
+
+def test_mixed_ceiling_by_hand():
+    """K = 4, N = 2: 16 guided teacher passes of F FLOPs at the FP8 ceiling, the rest at bf16's."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_distill_step as bench
+
+    case = {"steps": 4, "substeps": 2, "teacher_fp8": True}
+    best = bench.mixed_ceiling_images_per_second(case, flops_per_image=26e12, forward_flops_per_image=1e12,
+                                                 ceiling=500, fp8_ceiling=1000)
+    assert best == pytest.approx(1 / (16e12 / 1000e12 + 10e12 / 500e12))
+    assert bench.mixed_ceiling_images_per_second(dict(case, teacher_fp8=False), 26e12, 1e12, 500, 1000) == \
+        pytest.approx(1 / (26e12 / 500e12))

@@ -146,6 +146,16 @@ def test_the_digits_are_the_real_ones():
     train_rows = {tuple(experiment.digit_latent(images[i]).flatten().tolist()) for i in range(0, 1797, 2)}
     assert all(tuple(x.flatten().tolist()) in train_rows for x in bank.flatten(0, 1))  # training pictures: even rows
     assert task.answers(prompts[:3]).tolist() == [[p["digit"]] for p in prompts[:3]] and task.strict(bank[0]) is None
+    # digits-anywhere: the same rows at their own size, each at some corner of an empty canvas, and not all at one
+    anywhere = experiment.make_task("digits-anywhere", 6).bank(prompts[:3], 5, seed=0).flatten(0, 1)
+    rows = {tuple(images[i].flatten().tolist()) for i in range(0, 1797, 2)}
+    corners = []
+    for x in anywhere:
+        found = [(y, c) for y in range(9) for c in range(9) if tuple(x[0, y:y + 8, c:c + 8].flatten().tolist()) in rows
+                 and (x[0].sum() - x[0, y:y + 8, c:c + 8].sum()) == -(256 - 64)]
+        assert found and torch.equal(x[0], x[3])
+        corners.append(found[0])
+    assert len(set(corners)) > 5
 
 
 def test_the_digits_task_in_a_short_configuration(tmp_path):
@@ -156,7 +166,7 @@ def test_the_digits_task_in_a_short_configuration(tmp_path):
              "args": ["--DMD_WEIGHT=1", "--FAKE_LORA_RANK=4", "--ADV_WEIGHT=0.1", "--DISTRIBUTION_START_STEP=2",
                       "--FAKE_UPDATES_PER_STEP=2", "--FAKE_FRESH_SAMPLES=true", "--LORA_ALPHA=8"]}]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    result = subprocess.run([sys.executable, str(EXPERIMENT), "--task", "digits", "--out", str(tmp_path),
+    result = subprocess.run([sys.executable, str(EXPERIMENT), "--task", "digits-anywhere", "--out", str(tmp_path),
                              "--teacher-steps", "60", "--teacher-width", "32", "--teacher-layers", "2",
                              "--teacher-batch", "16", "--judge-steps", "60", "--plan", str(tmp_path / "plan.json"),
                              "--seeds", "0", "--steps", "4", "--eval-noises", "2", "--IMAGES_PER_STEP=4",
@@ -164,7 +174,7 @@ def test_the_digits_task_in_a_short_configuration(tmp_path):
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "results.json").read_text())
-    assert summary["task"] == "digits" and summary["strict_on_drawn_pictures"] is None
+    assert summary["task"] == "digits-anywhere" and summary["strict_on_drawn_pictures"] is None
     (entry,) = summary["settings"]
     assert set(entry["adherence_on_policy"]) == {"digit"} and "adherence_strict_on_policy" not in entry
     assert entry["fd_on_policy"] > 0 and entry["diversity_ratio_on_policy"] > 0
