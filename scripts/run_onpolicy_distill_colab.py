@@ -88,6 +88,7 @@ LOG_EVERY = 10  # optimizer steps between metrics rows
 CHECKPOINT_EVERY = 250  # optimizer steps between step_<N>.pt checkpoints
 CHECKPOINT_EVERY_MINUTES = 10.0  # also checkpoint after this much wall time, checked at log steps (a disconnect gives no warning); 0 = off
 KEEP_LAST_CHECKPOINTS = 3  # newest step_*.pt kept (final.pt is always kept)
+KEEP_CHECKPOINTS_GB = 0.0  # also drop the oldest step_*.pt while those kept pass this many GB (the newest always stays); 0 = no cap (a Drive's free space, in one number)
 RESUME = "auto"  # "auto" (continue the newest valid checkpoint of this run) | "never" | a checkpoint path
 EVAL_EVERY = 250  # optimizer steps between held-out evaluations (teacher-student gap); 0 = only start and end
 EVAL_NOISES = 2  # fixed noises per held-out prompt in each evaluation: 2+ also reads the diversity ratio (a student that collapses to one picture per prompt shows); more = a steadier gap, evaluations that many times longer
@@ -1462,12 +1463,16 @@ def checkpoint_line(config: dict, trained_params: int) -> str:
     def size(gb):
         return f"{gb:.3g} GB" if gb >= 1 else f"{1000 * gb:.3g} MB"
 
-    one = checkpoint_gb(trained_params)
-    kept = one * (config["KEEP_LAST_CHECKPOINTS"] + 1)
-    line = f"  checkpoints about {size(one)} each, {size(kept)} kept ({config['KEEP_LAST_CHECKPOINTS']} + final.pt)"
+    one, cap = checkpoint_gb(trained_params), config["KEEP_CHECKPOINTS_GB"]
+    count = config["KEEP_LAST_CHECKPOINTS"]
+    if cap:
+        count = max(1, min(count, int(cap // one)))
+    kept = one * (count + 1)
+    capped = f", at most {cap:g} GB by KEEP_CHECKPOINTS_GB" if cap else ""
+    line = f"  checkpoints about {size(one)} each, {size(kept)} kept ({count} + final.pt{capped})"
     if kept > 10:
-        line += (f"; a free Google Drive holds 15 GB: lower KEEP_LAST_CHECKPOINTS, or train LoRA (TRAINABLE='lora'), "
-                 f"or write OUTPUT_ROOT to a larger disk")
+        line += (f"; a free Google Drive holds 15 GB: set KEEP_CHECKPOINTS_GB or lower KEEP_LAST_CHECKPOINTS, or train "
+                 f"LoRA (TRAINABLE='lora'), or write OUTPUT_ROOT to a larger disk")
     return line
 
 
@@ -1891,7 +1896,7 @@ def validate_config(c: dict) -> None:
     for name in ("LEARNING_RATE", "ADAM_EPS", "IMAGE_SIZE", "LORA_ALPHA", "FAKE_LEARNING_RATE", "ADV_LEARNING_RATE"):
         need(isinstance(c[name], (int, float)) and c[name] > 0, f"{name}={c[name]!r} must be > 0.")
     for name in ("ADAM_WEIGHT_DECAY", "MAX_GRAD_NORM", "LR_WARMUP_STEPS", "KL_WARMUP_STEPS", "EVAL_EVERY",
-                 "CHECKPOINT_EVERY_MINUTES", "SUPERVISED_STATES", "SAMPLER_ETA",
+                 "CHECKPOINT_EVERY_MINUTES", "KEEP_CHECKPOINTS_GB", "SUPERVISED_STATES", "SAMPLER_ETA",
                  "DISTRIBUTION_START_STEP", "DISTRIBUTION_RAMP_STEPS"):
         need(isinstance(c[name], (int, float)) and c[name] >= 0, f"{name}={c[name]!r} must be >= 0.")
     need(c["BATCH_SIZE"] == "auto" or (isinstance(c["BATCH_SIZE"], int) and c["BATCH_SIZE"] >= 1
@@ -2187,7 +2192,7 @@ def start_run(config: dict) -> Run:
         raise UserError(decided[1])
     paths = RunPaths(Path(config["OUTPUT_ROOT"]), decided[0])
     config = {**config, "RUN_NAME": paths.name}
-    checkpoints = CheckpointDir(paths, config["KEEP_LAST_CHECKPOINTS"])
+    checkpoints = CheckpointDir(paths, config["KEEP_LAST_CHECKPOINTS"], config["KEEP_CHECKPOINTS_GB"])
     try:
         if accelerator.is_main_process:  # the lock is held: no other process writes here
             for folder in (paths.metrics, paths.checkpoints, paths.run, paths.samples):
@@ -2325,7 +2330,7 @@ SETTINGS_BEFORE_THEY_EXISTED = {"SAMPLER_SPACING": "scheduler", "TEACHER_SOLVER"
 # run can be trained longer), and the path of the prompts file (its contents are checked apart, so OUTPUT_ROOT can be
 # moved, to Drive say). TEACHER_FP8 is checked apart too, by what it resolved to (resolved_fp8_problem).
 NOT_FINGERPRINTED = {"BATCH_SIZE", "RUN_NAME", "RESUME", "OUTPUT_ROOT", "LOG_EVERY", "CHECKPOINT_EVERY",
-                     "CHECKPOINT_EVERY_MINUTES", "KEEP_LAST_CHECKPOINTS", "EVAL_EVERY", "PRINT_COLAB_SETUP", "INSTALL_DEPS",
+                     "CHECKPOINT_EVERY_MINUTES", "KEEP_LAST_CHECKPOINTS", "KEEP_CHECKPOINTS_GB", "EVAL_EVERY", "PRINT_COLAB_SETUP", "INSTALL_DEPS",
                      "PREFETCH_MODELS", "COLAB_MODEL_CACHE", "MAX_CONSECUTIVE_SKIPS", "SAVE_SAMPLE_GRIDS", "REPORT_TO",
                      "EXPORT_DIFFUSERS", "PUSH_TO_HUB", "MAX_STEPS", "PROMPTS_JSONL", "GRADIENT_CHECKPOINTING",
                      "COMPILE", "ATTENTION_BACKEND", "TEACHER_FP8"}
@@ -3387,8 +3392,8 @@ class CheckpointDir:
     """checkpoints/<run>/: step_<N>.pt, final.pt and latest.json naming the newest complete one and the run's status
     (running, interrupted, trained: final.pt written, the ending not yet; finished)."""
 
-    def __init__(self, paths: "RunPaths", keep: int):
-        self.paths, self.folder, self.keep = paths, paths.checkpoints, keep
+    def __init__(self, paths: "RunPaths", keep: int, keep_gb: float = 0.0):
+        self.paths, self.folder, self.keep, self.keep_gb = paths, paths.checkpoints, keep, keep_gb
         self.pointer = self.folder / "latest.json"
 
     def step_files(self) -> list[Path]:
@@ -3396,7 +3401,8 @@ class CheckpointDir:
         return sorted(files, key=lambda p: int(p.stem[5:]))
 
     def save(self, name: str, step: int, status: str, fingerprint: str, save_fn) -> Path:
-        """Write, verify (its archive reads back), point latest.json at it, then drop the oldest."""
+        """Write, verify (its archive reads back), point latest.json at it, then drop the oldest: past the newest `keep`,
+        and while the step files kept pass `keep_gb` (the newest always stays)."""
         path = self.folder / name
         save_fn(path)
         load_checkpoint(path, mmap=True)  # reads the archive's index and values, not the tensors
@@ -3405,6 +3411,9 @@ class CheckpointDir:
         if name.startswith("step_"):
             for old in self.step_files()[: -self.keep]:
                 self.paths.remove(old)
+            kept = self.step_files()
+            while self.keep_gb and len(kept) > 1 and sum(p.stat().st_size for p in kept) > self.keep_gb * 1e9:
+                self.paths.remove(kept.pop(0))
         return path
 
     def mark(self, status: str) -> None:

@@ -114,10 +114,40 @@ def test_auto_batch_resolves_runs_and_says_why(tmp_path, distill):
 
 def test_checkpoint_sizes_by_hand(distill):
     assert distill.checkpoint_gb(2_000_000_000) == 24.0  # SD3-medium's 2B weights, each with two Adam moments, fp32
-    line = distill.checkpoint_line({"KEEP_LAST_CHECKPOINTS": 3}, 2_000_000_000)
+    line = distill.checkpoint_line({"KEEP_LAST_CHECKPOINTS": 3, "KEEP_CHECKPOINTS_GB": 0}, 2_000_000_000)
     assert line.startswith("  checkpoints about 24 GB each, 96 GB kept (3 + final.pt); a free Google Drive holds 15 GB")
-    assert distill.checkpoint_line({"KEEP_LAST_CHECKPOINTS": 3}, 18_874_368) == (
+    assert distill.checkpoint_line({"KEEP_LAST_CHECKPOINTS": 3, "KEEP_CHECKPOINTS_GB": 0}, 18_874_368) == (
         "  checkpoints about 226 MB each, 906 MB kept (3 + final.pt)")  # LoRA r32 on SD3-medium's attention
+    capped = distill.checkpoint_line({"KEEP_LAST_CHECKPOINTS": 3, "KEEP_CHECKPOINTS_GB": 50}, 2_000_000_000)
+    assert capped.startswith("  checkpoints about 24 GB each, 72 GB kept (2 + final.pt, at most 50 GB by "
+                             "KEEP_CHECKPOINTS_GB); a free Google Drive")
+    assert "1 + final.pt" in distill.checkpoint_line({"KEEP_LAST_CHECKPOINTS": 3, "KEEP_CHECKPOINTS_GB": 10}, 2_000_000_000)
+
+
+def test_checkpoints_kept_by_size(tmp_path, distill):
+    """KEEP_CHECKPOINTS_GB drops the oldest step files while those kept pass the cap, never the newest; final.pt
+    and what lies outside the run's folder stay."""
+    import torch
+
+    paths = distill.RunPaths(tmp_path, "r")
+    paths.checkpoints.mkdir(parents=True)
+    (paths.checkpoints / "final.pt").write_bytes(b"x" * 10)
+    (tmp_path / "step_1.pt").write_bytes(b"not the run's")
+    folder = distill.CheckpointDir(paths, keep=10)
+
+    def save(step, size):
+        def write(path):
+            torch.save({"format": "onpolicy-distill-v1", "step": step, "pad": torch.zeros(size // 4, dtype=torch.int32)},
+                       path)
+        folder.save(f"step_{step}.pt", step, "running", "f", write)
+        return sorted(p.name for p in paths.checkpoints.glob("step_*.pt"))
+
+    assert save(1, 1000) == ["step_1.pt"]
+    folder.keep_gb = 2.5 * (paths.checkpoints / "step_1.pt").stat().st_size / 1e9  # two such files fit
+    assert save(2, 1000) == ["step_1.pt", "step_2.pt"]
+    assert save(3, 1000) == ["step_2.pt", "step_3.pt"]
+    assert save(4, 8000) == ["step_4.pt"]  # over the cap alone: the newest stays
+    assert (paths.checkpoints / "final.pt").is_file() and (tmp_path / "step_1.pt").read_bytes() == b"not the run's"
 
 
 def test_pace_line(distill):
