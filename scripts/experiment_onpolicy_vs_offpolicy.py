@@ -531,9 +531,6 @@ class FinalEval:
             pipe = StableDiffusion3Pipeline(**{**self.teacher_pipe.components, "transformer": transformer})
             return self.measure(pipeline_latents(pipe.to(self.teacher_pipe.device), self.prompts, self.noise, steps,
                                                  1.0, sigmas))
-        if config["LORA_USE_DORA"]:
-            raise SystemExit(f"{name}: readings from checkpoints are for plain LoRA (a DoRA magnitude has no "
-                             f"diffusers name here); leave checkpoints_every out of its plan group.")
         scale = config["LORA_ALPHA"] / config["LORA_RANK"]
         state = {"transformer." + k.replace(".default", ""): v * (scale if ".lora_B." in k else 1.0)
                  for k, v in weights.items()}
@@ -652,6 +649,10 @@ def plan_runs(groups: list[dict], distill) -> list[dict]:
                             name = (f"{student}-K{K}-N{N}{'' if solver == 'euler' else solver}-M{M}"
                                     f"{'-' + tag if tag else ''}-{regime}-seed{seed}")
                             every = g.get("checkpoints_every", 0)  # readings along training, from checkpoints
+                            if every and "--LORA_USE_DORA=true" in g.get("args", []):
+                                raise SystemExit(f"plan group {tag!r}: readings from checkpoints are for plain LoRA "
+                                                 f"(a DoRA magnitude has no diffusers name here); leave "
+                                                 f"checkpoints_every out of it.")
                             kept = [f"--CHECKPOINT_EVERY={every}", "--KEEP_LAST_CHECKPOINTS=100000"] if every else []
                             runs.append({"name": name, "K": K, "N": N, "M": M, "tag": tag, "student": student,
                                          "solver": solver, "regime": regime, "seed": seed, "steps": g["steps"],
