@@ -306,13 +306,18 @@ def test_one_list_of_dependency_ranges(distill):
 def test_dmd_auto_is_on_where_it_was_measured_to_win_and_weak_choices_are_warned_of(distill):
     weight = {(k, kind): distill.parse_args([f"--NUM_ROLLOUT_STEPS={k}", f"--TRAINABLE={kind}"])["DMD_WEIGHT"]
               for k in (1, 2, 4) for kind in ("lora", "all")}
-    assert weight == {(1, "lora"): 0.0, (1, "all"): 1.0, (2, "lora"): 1.0, (2, "all"): 1.0, (4, "lora"): 0.0,
+    assert weight == {(1, "lora"): 1.0, (1, "all"): 1.0, (2, "lora"): 1.0, (2, "all"): 1.0, (4, "lora"): 0.0,
                       (4, "all"): 0.0}
     assert distill.parse_args(["--NUM_ROLLOUT_STEPS=2", "--DMD_WEIGHT=0"])["DMD_WEIGHT"] == 0.0  # a number wins
     assert distill.default_config()["DMD_WEIGHT"] == "auto"
     own = ["--GENERATE_PROMPTS=false", "--PROMPTS_JSONL=p.jsonl"]
     (lora,) = distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1"]))
-    assert lora.startswith("a LoRA student at K = 1 drew the right shape 15-18% of the time")
+    assert lora.startswith("a one-step LoRA student without DMD, DoRA and the MLPs: on attention alone it drew")
+    mlps = "--LORA_TARGET_MODULES=attn.to_q,attn.to_v,ff.net.0.proj,ff.net.2"
+    assert distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1", "--LORA_USE_DORA=true",
+                                                        mlps])) == []
+    assert len(distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1", "--LORA_USE_DORA=true",
+                                                            mlps, "--DMD_WEIGHT=0"]))) == 1
     (full,) = distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1", "--TRAINABLE=all",
                                                            "--DMD_WEIGHT=0"]))
     assert "without DMD drew the right shape 18% of the time, with DMD_WEIGHT=1 43%" in full
