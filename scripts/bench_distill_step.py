@@ -325,6 +325,11 @@ def step_images(case: dict) -> int:
     return case.get("images", case["batch"])
 
 
+def vae_factor(case: dict) -> int:
+    """Pixels per latent side: 8 for SD3's VAE, 2 for the tiny model's."""
+    return 8 if case["teacher"] != "tiny" else 2
+
+
 def case_config(distill, case: dict, device) -> dict:
     """The script's settings for a case; what a case does not name stays at the script's default."""
     config = distill.default_config()
@@ -358,8 +363,7 @@ def run_script_step(distill, case: dict, device, warmup: int, repeats: int, coun
     shares = config["TRAINABLE"] == "lora" and case["teacher"] == case["student"]
     student_dtype = teacher_dtype if shares else torch.float32
     student = teacher if shares else build_transformer(case["student"], student_dtype, device)
-    vae_factor = 8 if case["teacher"] != "tiny" else 2
-    models = distill.make_models(teacher, student, shares, teacher_dtype, student_dtype, config, vae_factor,
+    models = distill.make_models(teacher, student, shares, teacher_dtype, student_dtype, config, vae_factor(case),
                                  SCHEDULER_CONFIG, device)
     distill.set_attention_backend(config["ATTENTION_BACKEND"])
     optimizer, lr_scheduler = distill.build_optimizer(models.trainable, config, device, 1)
@@ -444,7 +448,7 @@ def reference_step_factory(distill, case: dict, device, levers: tuple = ()):
     batch = case["batch"] if case["batch"] != "auto" else step_images(case)
     K, guidance, accum = case["steps"], 7.0, step_images(case) // batch
     N = distill.teacher_substeps({"TEACHER_SUBSTEPS": case.get("substeps", 0), "NUM_ROLLOUT_STEPS": K})  # its passes
-    latent = case["image_size"] // (8 if real else 2)
+    latent = case["image_size"] // vae_factor(case)
     t5_len = case["text_len"] - 77
     sigmas, timesteps = distill.sampler_sigmas(SCHEDULER_CONFIG, K, None, (latent // 2) ** 2)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -521,8 +525,7 @@ def run_case(distill, case: dict, device, ceiling: float, args) -> dict:
     import torch
 
     torch._dynamo.reset()  # compile afresh, as a run does: compiled blocks do not re-check the attention switches
-    cfg = SD3_CONFIGS[case["teacher"]]
-    latent = case["image_size"] // (8 if case["teacher"] != "tiny" else 2)
+    cfg, latent = SD3_CONFIGS[case["teacher"]], case["image_size"] // vae_factor(case)
     image_tokens = (latent // cfg["patch_size"]) ** 2
     result = {"case": case, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "matmul_ceiling_tflops": ceiling}
@@ -708,8 +711,8 @@ def main():
                 result["fp8_matmul_ceiling_tflops"] = fp8_ceiling
                 result["script"]["mfu_of_fp8_ceiling"] = flops / result["script"]["step_seconds"] / (fp8_ceiling * 1e12)
             cfg = SD3_CONFIGS[case["teacher"]]
-            latent = case["image_size"] // (8 if case["teacher"] != "tiny" else 2)
-            forward = formula_forward_flops(cfg, 1, (latent // cfg["patch_size"]) ** 2, case["text_len"])
+            image_tokens = (case["image_size"] // vae_factor(case) // cfg["patch_size"]) ** 2
+            forward = formula_forward_flops(cfg, 1, image_tokens, case["text_len"])
             best = mixed_ceiling_images_per_second(case, (flops or 0) / images, forward, ceiling, fp8_ceiling)
             if best:
                 result["script"]["mixed_ceiling_images_per_second"] = best

@@ -614,8 +614,8 @@ def run_record(root: Path, run: dict, ev: FinalEval) -> dict:
         logged = [json.loads(line) for line in (root / "metrics" / name / "metrics.jsonl").read_text().splitlines()]
         windows = [(r["step"], r["sec_per_step"] * (r["step"] - (logged[i - 1]["step"] if i else 0)))
                    for i, r in enumerate(logged)]  # each row's window of steps, in seconds
-        folder = root / "checkpoints" / name
-        for path in sorted(folder.glob("step_*.pt"), key=lambda p: int(p.stem[5:])) + [folder / "final.pt"]:
+        kept = ev.distill.CheckpointDir(ev.distill.RunPaths(root, name), keep=1)  # only read: the script's step files
+        for path in kept.step_files() + [kept.folder / "final.pt"]:
             step = int(path.stem[5:]) if path.stem.startswith("step_") else summary["step"]  # final.pt: the last
             readings.append({"step": step, "train_seconds": sum(sec for end, sec in windows if end <= step),
                              **ev.checkpoint(root, name, path)})
@@ -649,7 +649,7 @@ def plan_runs(groups: list[dict], distill) -> list[dict]:
                             name = (f"{student}-K{K}-N{N}{'' if solver == 'euler' else solver}-M{M}"
                                     f"{'-' + tag if tag else ''}-{regime}-seed{seed}")
                             every = g.get("checkpoints_every", 0)  # readings along training, from checkpoints
-                            if every and "--LORA_USE_DORA=true" in g.get("args", []):
+                            if every and distill.parse_args(g.get("args", []))["LORA_USE_DORA"]:
                                 raise SystemExit(f"plan group {tag!r}: readings from checkpoints are for plain LoRA "
                                                  f"(a DoRA magnitude has no diffusers name here); leave "
                                                  f"checkpoints_every out of it.")

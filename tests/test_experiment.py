@@ -186,3 +186,15 @@ def test_the_digits_task_in_a_short_configuration(tmp_path):
     assert readings[-1]["gap"] == pytest.approx(entry["gap_on_policy"], rel=1e-5)
     assert readings[-1]["fd"] == pytest.approx(entry["fd_on_policy"], rel=1e-4)
     assert readings[0]["gap"] != readings[1]["gap"]
+
+
+def test_a_dora_group_with_checkpoint_readings_is_refused_when_the_plan_is_read(distill):
+    """A DoRA magnitude has no diffusers LoRA name, so such readings would fail after the run: refused before any,
+    however the setting is spelt; plain LoRA groups keep every checkpoint they read."""
+    group = {"student": "lora-r4", "k": [1], "n": [0], "solver": "auto", "regimes": ["on_policy"], "seeds": [0],
+             "steps": 4, "tag": "d", "checkpoints_every": 2}
+    for spelling in ("true", "True"):
+        with pytest.raises(SystemExit, match="plan group 'd': readings from checkpoints are for plain LoRA"):
+            experiment.plan_runs([dict(group, args=[f"--LORA_USE_DORA={spelling}"])], distill)
+    (run,) = experiment.plan_runs([dict(group, args=[])], distill)
+    assert run["args"] == ["--CHECKPOINT_EVERY=2", "--KEEP_LAST_CHECKPOINTS=100000"] and run["checkpoints_every"] == 2
