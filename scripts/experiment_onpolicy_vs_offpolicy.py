@@ -660,7 +660,7 @@ def plan_runs(groups: list[dict], distill) -> list[dict]:
     return runs
 
 
-def settings_table(records: list[dict], baselines: dict, reference: dict, defaults: dict) -> list[dict]:
+def settings_table(records: list[dict], baselines: dict, reference: dict, defaults_at) -> list[dict]:
     """One entry per (student, K, N, M, tag): means over seeds of each regime, beside the baselines of its K and
     spacing, and the scheduler spacing's (where the quality target is set)."""
     groups = {}
@@ -674,7 +674,7 @@ def settings_table(records: list[dict], baselines: dict, reference: dict, defaul
                  "args": rs[0].get("args", []), "updates": rs[0]["updates"],
                  "teacher_fp8": sorted({r.get("teacher_fp8") for r in rs}, key=str),
                  "devices": sorted({r.get("device_name") or r.get("device", "") for r in rs}),
-                 "settings_off_the_product_defaults": settings_off_defaults(rs[0].get("config"), defaults),
+                 "settings_off_the_product_defaults": settings_off_defaults(rs[0].get("config"), defaults_at),
                  "floor": base["floor"]["gap"], "equal_cost": base["equal_cost"]["gap"],
                  "equal_cost_guided_steps": base["equal_cost_steps"], "gap_no_training": base["no_training"]["gap"],
                  "floor_scheduler": plain["floor"]["gap"], "gap_no_training_scheduler": plain["no_training"]["gap"],
@@ -715,11 +715,13 @@ def settings_table(records: list[dict], baselines: dict, reference: dict, defaul
     return entries
 
 
-def settings_off_defaults(config: dict | None, defaults: dict) -> dict:
-    """The run's settings of the main script that differ from the script's own defaults (where its runs go, names and
-    how often it logs left out): what the evidence ran with that a user's run would not."""
+def settings_off_defaults(config: dict | None, defaults_at) -> dict:
+    """The run's settings of the main script that differ from the script's own defaults at its K (`defaults_at(K)`:
+    the "auto" settings resolved as a user's run at that K resolves them; where its runs go, names and how often it
+    logs left out): what the evidence ran with that a user's run would not."""
     if not config:
         return {}
+    defaults = defaults_at(config["NUM_ROLLOUT_STEPS"])
     ignored = {"OUTPUT_ROOT", "RUN_NAME", "PROMPTS_JSONL", "TEACHER_ID", "STUDENT_ID", "LOG_EVERY", "CHECKPOINT_EVERY",
                "EVAL_EVERY", "SAVE_SAMPLE_GRIDS", "SEED"}
     return {k: v for k, v in sorted(config.items()) if k not in ignored and defaults.get(k) != v}
@@ -809,6 +811,8 @@ def main(argv=None):
     if not (teacher / "transformer" / "config.json").is_file():
         train_teacher(distill, base, teacher, task, args.teacher_steps, root, args.teacher_width, args.teacher_layers,
                       args.teacher_batch)
+    else:  # a teacher carried from an earlier call may hold its transformer alone: the rest is the tiny base's
+        shutil.copytree(base, teacher, dirs_exist_ok=True, ignore=shutil.ignore_patterns("transformer"))
     teacher_seconds = time.time() - started
     judge = train_judge(task, root / f"{judge_name}_s{args.judge_steps}.pt", args.judge_steps)
     ev = final_eval(distill, teacher, prompts[-HELDOUT:], args.eval_noises, args.guidance, judge, task)
@@ -852,7 +856,7 @@ def main(argv=None):
     records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("*.json"))]
     needed = {(r["K"], spacing) for r in records for spacing in (r["spacing"], "scheduler")}
     entries = settings_table(records, {key: ev.baselines(*key) for key in sorted(needed)}, reference,
-                             distill.default_config())
+                             lambda k: distill.parse_args([f"--NUM_ROLLOUT_STEPS={k}"]))
     add_cost_to_reach(entries, args.jobs)
     summary = {
         "command": "python scripts/experiment_onpolicy_vs_offpolicy.py " + " ".join(argv or sys.argv[1:]),

@@ -93,7 +93,10 @@ def test_the_grid_in_a_short_configuration(tmp_path):
     # DMD's run goes through the same path: its real score adds one guided teacher pass per state and image, and every
     # student is read for diversity beside the teacher's own samples (the ratio 1 where they vary as much)
     assert dmd["teacher_passes_per_update"] == settings[("all", 1, 4)]["teacher_passes_per_update"] + 8 * 1 * 1 * 2
-    assert dmd["settings_off_the_product_defaults"]["DMD_WEIGHT"] == 1.0 and dmd["teacher_fp8"] == [False]
+    # the settings off the defaults are against the defaults at the run's K ("auto" resolved there): DMD is on at K = 1
+    off = dmd["settings_off_the_product_defaults"]
+    assert off["FAKE_LORA_RANK"] == 4 and "DMD_WEIGHT" not in off and dmd["teacher_fp8"] == [False]
+    assert "DMD_WEIGHT" not in settings[("all", 4, 4)]["settings_off_the_product_defaults"]
     for e in summary["settings"]:
         assert e["diversity_ratio_on_policy"] > 0 and e["diversity_ratio_floor"] > 0 and e["devices"]
         assert e["quality_target"] == pytest.approx(0.6 * e["floor"])

@@ -303,6 +303,16 @@ def test_one_list_of_dependency_ranges(distill):
                                                        for name in ("diffusers", "transformers", "accelerate", "peft"))
 
 
+def test_lora_targets_auto_add_the_mlps_at_one_step_only(distill):
+    targets = {k: distill.parse_args([f"--NUM_ROLLOUT_STEPS={k}"])["LORA_TARGET_MODULES"] for k in (1, 2, 4)}
+    assert targets[2] == targets[4] == ("attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,"
+                                        "attn.add_v_proj,attn.to_add_out")  # diffusers' SD3 LoRA example's
+    assert targets[1] == targets[4] + ",ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2"
+    assert distill.parse_args(["--NUM_ROLLOUT_STEPS=1", "--LORA_TARGET_MODULES=attn.to_q"])["LORA_TARGET_MODULES"] \
+        == "attn.to_q"  # a list of the user's wins
+    assert distill.default_config()["LORA_TARGET_MODULES"] == "auto"
+
+
 def test_dmd_auto_is_on_where_it_was_measured_to_win_and_weak_choices_are_warned_of(distill):
     weight = {(k, kind): distill.parse_args([f"--NUM_ROLLOUT_STEPS={k}", f"--TRAINABLE={kind}"])["DMD_WEIGHT"]
               for k in (1, 2, 4) for kind in ("lora", "all")}
@@ -311,13 +321,14 @@ def test_dmd_auto_is_on_where_it_was_measured_to_win_and_weak_choices_are_warned
     assert distill.parse_args(["--NUM_ROLLOUT_STEPS=2", "--DMD_WEIGHT=0"])["DMD_WEIGHT"] == 0.0  # a number wins
     assert distill.default_config()["DMD_WEIGHT"] == "auto"
     own = ["--GENERATE_PROMPTS=false", "--PROMPTS_JSONL=p.jsonl"]
-    (lora,) = distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1"]))
-    assert lora.startswith("a one-step LoRA student without DMD, DoRA and the MLPs: on attention alone it drew")
+    assert distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1"])) == []  # auto: DMD, MLPs
+    attention = f"--LORA_TARGET_MODULES={distill.LORA_ATTENTION}"
+    (lora,) = distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1", attention]))
+    assert lora.startswith("a one-step LoRA student without both DMD and the MLPs: on attention alone it drew")
+    (lora,) = distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1", "--DMD_WEIGHT=0"]))
+    assert lora.startswith("a one-step LoRA student without both DMD and the MLPs")
     mlps = "--LORA_TARGET_MODULES=attn.to_q,attn.to_v,ff.net.0.proj,ff.net.2"
-    assert distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1", "--LORA_USE_DORA=true",
-                                                        mlps])) == []
-    assert len(distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1", "--LORA_USE_DORA=true",
-                                                            mlps, "--DMD_WEIGHT=0"]))) == 1
+    assert distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1", mlps])) == []
     (full,) = distill.setting_warnings(distill.parse_args([*own, "--NUM_ROLLOUT_STEPS=1", "--TRAINABLE=all",
                                                            "--DMD_WEIGHT=0"]))
     assert "without DMD drew the right shape 18% of the time, with DMD_WEIGHT=1 43%" in full
