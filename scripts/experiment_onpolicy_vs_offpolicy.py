@@ -513,8 +513,11 @@ class FinalEval:
 
     def checkpoint(self, root: Path, name: str, path: Path) -> dict:
         """The readings of the student a checkpoint of the run holds (its EMA where it has one), sampled as the
-        export is: LoRA weights loaded onto the teacher's pipeline in diffusers' names, their alpha / rank folded
-        into B; any other student as its STUDENT_ID's transformer with the checkpoint's weights."""
+        export is: the checkpoint's weights in the run's STUDENT_ID transformer (with the script's own adapter in
+        LoRA mode, DoRA included), then LoRA written by the export's own save_student_lora and loaded onto the
+        teacher's pipeline, any other student as that transformer in the teacher's pipeline."""
+        import tempfile
+
         import torch
         from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -525,16 +528,21 @@ class FinalEval:
             weights = dict(zip(weights, payload["ema"]["shadow_params"], strict=True))
         steps = config["NUM_ROLLOUT_STEPS"]
         sigmas = self.distill.pipeline_sigmas(steps, config["SAMPLER_SPACING"])
-        if config["TRAINABLE"] != "lora":
-            transformer = SD3Transformer2DModel.from_pretrained(config["STUDENT_ID"], subfolder="transformer")
-            transformer.load_state_dict(weights, strict=False)
+        transformer = SD3Transformer2DModel.from_pretrained(config["STUDENT_ID"], subfolder="transformer")
+        lora = config["TRAINABLE"] == "lora"
+        if lora:
+            self.distill.add_lora_adapter(transformer, config["LORA_RANK"], config["LORA_ALPHA"], config, "default",
+                                          config["LORA_USE_DORA"])
+        unexpected = transformer.load_state_dict(weights, strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"{path}: weights the student has no place for: {unexpected[:3]}")
+        if not lora:
             pipe = StableDiffusion3Pipeline(**{**self.teacher_pipe.components, "transformer": transformer})
             return self.measure(pipeline_latents(pipe.to(self.teacher_pipe.device), self.prompts, self.noise, steps,
                                                  1.0, sigmas))
-        scale = config["LORA_ALPHA"] / config["LORA_RANK"]
-        state = {"transformer." + k.replace(".default", ""): v * (scale if ".lora_B." in k else 1.0)
-                 for k, v in weights.items()}
-        self.teacher_pipe.load_lora_weights(state)
+        with tempfile.TemporaryDirectory() as folder:
+            self.distill.save_student_lora(folder, transformer)
+            self.teacher_pipe.load_lora_weights(folder)
         try:
             return self.measure(pipeline_latents(self.teacher_pipe, self.prompts, self.noise, steps, 1.0, sigmas))
         finally:
@@ -649,10 +657,6 @@ def plan_runs(groups: list[dict], distill) -> list[dict]:
                             name = (f"{student}-K{K}-N{N}{'' if solver == 'euler' else solver}-M{M}"
                                     f"{'-' + tag if tag else ''}-{regime}-seed{seed}")
                             every = g.get("checkpoints_every", 0)  # readings along training, from checkpoints
-                            if every and distill.parse_args(g.get("args", []))["LORA_USE_DORA"]:
-                                raise SystemExit(f"plan group {tag!r}: readings from checkpoints are for plain LoRA "
-                                                 f"(a DoRA magnitude has no diffusers name here); leave "
-                                                 f"checkpoints_every out of it.")
                             kept = [f"--CHECKPOINT_EVERY={every}", "--KEEP_LAST_CHECKPOINTS=100000"] if every else []
                             runs.append({"name": name, "K": K, "N": N, "M": M, "tag": tag, "student": student,
                                          "solver": solver, "regime": regime, "seed": seed, "steps": g["steps"],

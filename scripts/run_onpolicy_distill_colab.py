@@ -3686,6 +3686,19 @@ def export_student(models: Models, accelerator, config: dict, teacher_path: str,
         raise
 
 
+def save_student_lora(folder, transformer) -> None:
+    """The student's LoRA (peft's "default" adapter) as pipe.load_lora_weights reads it: peft's state dict in
+    diffusers' file, the adapter's config (rank, alpha, targets, DoRA) in its metadata, so it loads at the strength it
+    was trained at (alpha / rank). DMD's fake-score adapter is never part of it. The export and the experiment's
+    readings of checkpoints both write through here."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    StableDiffusion3Pipeline.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name="default"),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+
+
 def export_student_files(models: Models, accelerator, config: dict, teacher_path: str, paths: "RunPaths", gap_before,
                          gap_last) -> None:
     """The student in the form diffusers users load: LoRA weights for pipe.load_lora_weights in LoRA
@@ -3698,13 +3711,7 @@ def export_student_files(models: Models, accelerator, config: dict, teacher_path
     if staging.exists():
         paths.remove(staging)
     if config["TRAINABLE"] == "lora":
-        from peft.utils import get_peft_model_state_dict
-
-        # The adapter's config (rank, alpha, targets) rides in the file's metadata, so diffusers loads it at the
-        # strength it was trained at (alpha / rank); DMD's fake-score adapter is never part of it.
-        StableDiffusion3Pipeline.save_lora_weights(
-            staging, transformer_lora_layers=get_peft_model_state_dict(student, adapter_name="default"),
-            transformer_lora_adapter_metadata=student.peft_config["default"].to_dict())
+        save_student_lora(staging, student)
         base = teacher_path if config["STUDENT_ID"] == TINY_MODEL_ID else config["STUDENT_ID"]  # the built-in one's folder
         # As it was trained: without T5 where it learned without it, and at its own shift (a LoRA file holds none).
         no_t5 = "" if config["USE_T5"] else ", text_encoder_3=None, tokenizer_3=None"
