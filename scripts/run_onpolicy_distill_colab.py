@@ -26,6 +26,7 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -78,6 +79,7 @@ ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999
 ADAM_WEIGHT_DECAY = 1e-4
 ADAM_EPS = 1e-8
+ADAM_8BIT = False  # AdamW's two moments in 8 bits (bitsandbytes' AdamW8bit, optional: pip install bitsandbytes): 6 bytes per trained weight in memory and in each checkpoint instead of 12; for TRAINABLE="all" (2B weights: 12 GB, not 24)
 LR_SCHEDULER = "constant_with_warmup"  # any name of diffusers.optimization.get_scheduler: constant, cosine, linear, ...
 LR_WARMUP_STEPS = 50  # optimizer steps of linear learning-rate warmup
 MAX_STEPS = 1000  # optimizer steps in the whole run
@@ -1012,14 +1014,19 @@ def choose_batch_size(models: Models, accelerator, text: "TextEmbeddings", confi
 
 
 def build_optimizer(params: list, config: dict, device, num_processes: int):
-    """AdamW (fused on CUDA) and diffusers' learning-rate schedule. accelerate steps a prepared
+    """AdamW (fused on CUDA; 8-bit with ADAM_8BIT) and diffusers' learning-rate schedule. accelerate steps a prepared
     schedule once per process, hence the factor."""
     import torch
     from diffusers.optimization import get_scheduler
 
-    optimizer = torch.optim.AdamW(params, lr=config["LEARNING_RATE"], betas=(config["ADAM_BETA1"], config["ADAM_BETA2"]),
-                                  weight_decay=config["ADAM_WEIGHT_DECAY"], eps=config["ADAM_EPS"],
-                                  **({"fused": True} if device.type == "cuda" else {}))
+    adam = dict(lr=config["LEARNING_RATE"], betas=(config["ADAM_BETA1"], config["ADAM_BETA2"]),
+                weight_decay=config["ADAM_WEIGHT_DECAY"], eps=config["ADAM_EPS"])
+    if config["ADAM_8BIT"]:  # block-wise 8-bit moments (tensors under 4096 weights keep fp32 ones)
+        import bitsandbytes
+
+        optimizer = bitsandbytes.optim.AdamW8bit(params, **adam)
+    else:
+        optimizer = torch.optim.AdamW(params, **adam, **({"fused": True} if device.type == "cuda" else {}))
     lr_scheduler = get_scheduler(config["LR_SCHEDULER"], optimizer, num_warmup_steps=config["LR_WARMUP_STEPS"] * num_processes,
                                  num_training_steps=config["MAX_STEPS"] * num_processes)
     return optimizer, lr_scheduler
@@ -1452,10 +1459,10 @@ def run_header(run: Run, models: Models, images_per_step: int, result: TrainResu
         + f" (latent MSE to the teacher's {config['TEACHER_EVAL_STEPS']}-step guided sample; it should fall)"])
 
 
-def checkpoint_gb(trained_params: int) -> float:
+def checkpoint_gb(trained_params: int, adam_8bit: bool = False) -> float:
     """Size of one checkpoint: every trained weight (the student's, the fake score's, the adversarial head's) in fp32
-    with AdamW's two fp32 moments, 3 x 4 bytes each: 12 x params / 1e9 GB (2B weights: 24 GB)."""
-    return 12 * trained_params / 1e9
+    with AdamW's two moments, fp32 (3 x 4 bytes: 12 x params / 1e9 GB, 2B weights: 24 GB) or 8-bit (4 + 2 x 1: 6 x)."""
+    return (6 if adam_8bit else 12) * trained_params / 1e9
 
 
 def checkpoint_line(config: dict, trained_params: int) -> str:
@@ -1463,7 +1470,7 @@ def checkpoint_line(config: dict, trained_params: int) -> str:
     def size(gb):
         return f"{gb:.3g} GB" if gb >= 1 else f"{1000 * gb:.3g} MB"
 
-    one, cap = checkpoint_gb(trained_params), config["KEEP_CHECKPOINTS_GB"]
+    one, cap = checkpoint_gb(trained_params, config.get("ADAM_8BIT", False)), config["KEEP_CHECKPOINTS_GB"]
     count = config["KEEP_LAST_CHECKPOINTS"]
     if cap:
         count = max(1, min(count, int(cap // one)))
@@ -1472,7 +1479,8 @@ def checkpoint_line(config: dict, trained_params: int) -> str:
     line = f"  checkpoints about {size(one)} each, {size(kept)} kept ({count} + final.pt{capped})"
     if kept > 10:
         line += (f"; a free Google Drive holds 15 GB: set KEEP_CHECKPOINTS_GB or lower KEEP_LAST_CHECKPOINTS, or train "
-                 f"LoRA (TRAINABLE='lora'), or write OUTPUT_ROOT to a larger disk")
+                 f"LoRA (TRAINABLE='lora'){'' if config.get('ADAM_8BIT') else ' or with ADAM_8BIT=True'}, or write "
+                 f"OUTPUT_ROOT to a larger disk")
     return line
 
 
@@ -1903,6 +1911,9 @@ def validate_config(c: dict) -> None:
                  "NUM_ROLLOUT_STEPS", "TEACHER_EVAL_STEPS", "NUM_PROMPTS", "LORA_RANK", "T5_MAX_LENGTH",
                  "KEEP_LAST_CHECKPOINTS", "MAX_CONSECUTIVE_SKIPS", "EVAL_NOISES", "FAKE_LORA_RANK", "FAKE_UPDATES_PER_STEP"):
         need(isinstance(c[name], int) and c[name] >= 1, f"{name}={c[name]!r} must be a whole number >= 1.")
+    need(not c["ADAM_8BIT"] or importlib.util.find_spec("bitsandbytes") is not None,
+         "ADAM_8BIT=True needs bitsandbytes, which is not installed: pip install bitsandbytes (a GPU build; on Colab "
+         "!pip install -q bitsandbytes), or set ADAM_8BIT=False for torch's AdamW (two fp32 moments per weight).")
     need(isinstance(c["HELDOUT_PROMPTS"], int) and c["HELDOUT_PROMPTS"] >= 1,
          f"HELDOUT_PROMPTS={c['HELDOUT_PROMPTS']!r}: at least one prompt must be held out, since every evaluation (the "
          f"gap, the sample grids, the summary) is taken on them; set HELDOUT_PROMPTS=8 (or 1 for almost all to train).")
@@ -2011,8 +2022,6 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 
 def tracker_problem(report_to: str) -> str | None:
     """Why REPORT_TO cannot log here (an unknown tracker, or its package missing), with the fix; None if it can."""
-    import importlib.util
-
     if not report_to or report_to == "all":
         return None
     from accelerate.utils import LoggerType
@@ -2339,7 +2348,7 @@ SETTINGS_BEFORE_THEY_EXISTED = {"SAMPLER_SPACING": "scheduler", "TEACHER_SOLVER"
                                "FAKE_LORA_RANK": 32, "FAKE_LEARNING_RATE": 1e-4, "FAKE_UPDATES_PER_STEP": 1,
                                "FAKE_FRESH_SAMPLES": False, "ADV_WEIGHT": 0.0, "ADV_LEARNING_RATE": 1e-4,
                                "DISTRIBUTION_START_STEP": 0, "DISTRIBUTION_RAMP_STEPS": 0, "LORA_USE_DORA": False,
-                               "EMA_DECAY": 0.0}
+                               "EMA_DECAY": 0.0, "ADAM_8BIT": False}
 # Not part of what a run is: where outputs go, how often, memory and speed only (a run resumes on a smaller GPU with
 # a smaller BATCH_SIZE, IMAGES_PER_STEP unchanged, checkpointing on, another attention kernel), how long (MAX_STEPS: a
 # run can be trained longer), and the path of the prompts file (its contents are checked apart, so OUTPUT_ROOT can be
@@ -2537,8 +2546,6 @@ def set_attention_backend(name: str) -> None:
 
 def flash_attention_4_problem() -> str | None:
     """Why ATTENTION_BACKEND="fa4" cannot run here, with the fix; None if it can."""
-    import importlib.util
-
     import torch
     import torch.nn.attention
 

@@ -207,3 +207,30 @@ def test_gradient_checkpointing_recomputes_the_teachers_pass_with_the_adapters_o
     reference = input_gradient(False)
     assert torch.allclose(input_gradient(True), reference, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(input_gradient(False, adapters_off=False), reference, rtol=1e-3)  # the adapters matter
+
+
+def test_adam_8bit_halves_the_checkpoint_and_trains_or_is_refused_without_bitsandbytes(tmp_path, distill, tiny_root):
+    """ADAM_8BIT: bitsandbytes' AdamW8bit, whose moments take 2 bytes per weight instead of 8 (checkpoint 6 x params
+    bytes, not 12). Where bitsandbytes is installed a tiny run trains with it and its checkpoint holds the 8-bit moments;
+    where it is not, the setting is refused before any model loads, with the fix."""
+    import importlib.util
+
+    import torch
+
+    assert distill.checkpoint_gb(2_000_000_000, adam_8bit=True) == 12.0
+    assert "or with ADAM_8BIT=True" in distill.checkpoint_line({"KEEP_LAST_CHECKPOINTS": 3, "KEEP_CHECKPOINTS_GB": 0},
+                                                               2_000_000_000)
+    assert distill.checkpoint_line({"KEEP_LAST_CHECKPOINTS": 3, "KEEP_CHECKPOINTS_GB": 0, "ADAM_8BIT": True},
+                                   2_000_000_000).startswith("  checkpoints about 12 GB each, 48 GB kept")
+    args = tiny_args(tiny_root, f"--OUTPUT_ROOT={tmp_path}", "--RUN_NAME=r", "--ADAM_8BIT=true", "--MAX_STEPS=2",
+                     "--EVAL_EVERY=0", "--EXPORT_DIFFUSERS=false")
+    result = run_main(distill, *args)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert result.returncode == 2 and "ADAM_8BIT=True needs bitsandbytes, which is not installed" in result.stderr
+        assert not (tmp_path / "runs" / "r").exists()
+        return
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = torch.load(tmp_path / "checkpoints" / "r" / "final.pt", map_location="cpu", weights_only=False)
+    states = [s.get("__bnb_optimizer_quant_state__", s) for s in payload["optimizer"]["state"].values()]
+    moments = [s["state1"] for s in states if "state1" in s]
+    assert moments and any(m.dtype == torch.uint8 for m in moments)
