@@ -1435,7 +1435,9 @@ def run_header(run: Run, models: Models, images_per_step: int, result: TrainResu
         f"run {run.paths.name}: writing under {run.paths.root}",
         f"  device {accelerator.device} x {accelerator.num_processes}, mixed precision {run.mixed_precision}, teacher "
         f"{config['TEACHER_ID']} ({str(models.teacher_dtype).replace('torch.', '')}{fp8}), student {student}",
-        f"  trainable parameters {trainable:,} ({config['TRAINABLE']})",
+        f"  trainable parameters {trainable:,} ({config['TRAINABLE']}"
+        + (f" r{config['LORA_RANK']}{', DoRA' if config['LORA_USE_DORA'] else ''} on {config['LORA_TARGET_MODULES']}"
+           if config["TRAINABLE"] == "lora" else "") + ")",
         checkpoint_line(config, trainable + sum(p.numel() for p in models.fake or [])
                         + (sum(p.numel() for p in models.adv_head.parameters()) if models.adv_head is not None else 0)),
         f"  batch {batch} images per rollout, {config['IMAGES_PER_STEP'] // batch} rollout(s) per step, per process"

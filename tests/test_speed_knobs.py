@@ -234,3 +234,17 @@ def test_adam_8bit_halves_the_checkpoint_and_trains_or_is_refused_without_bitsan
     states = [s.get("__bnb_optimizer_quant_state__", s) for s in payload["optimizer"]["state"].values()]
     moments = [s["state1"] for s in states if "state1" in s]
     assert moments and any(m.dtype == torch.uint8 for m in moments)
+
+
+def test_a_one_step_lora_run_adapts_the_mlps_and_says_so(tmp_path, distill, tiny_root):
+    """LORA_TARGET_MODULES="auto" at K = 1: the header names the layers, and the student's checkpoint holds adapters on
+    the MLPs beside attention's."""
+    import torch
+
+    result = run_main(distill, *tiny_args(tiny_root, f"--OUTPUT_ROOT={tmp_path}", "--RUN_NAME=r", "--TRAINABLE=lora",
+                                          "--NUM_ROLLOUT_STEPS=1", "--MAX_STEPS=1", "--EVAL_EVERY=0",
+                                          "--EXPORT_DIFFUSERS=false"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"(lora r32 on {distill.LORA_ATTENTION},{distill.LORA_MLPS})" in result.stdout
+    student = torch.load(tmp_path / "checkpoints" / "r" / "final.pt", weights_only=True)["student"]
+    assert any(".ff.net.0.proj.lora_A." in k for k in student) and any(".attn.to_q.lora_A." in k for k in student)
