@@ -347,7 +347,7 @@ def case_config(distill, case: dict, device) -> dict:
         config["LORA_TARGET_MODULES"] = case["lora_targets"]
     if device.type != "cuda":
         config.update(TEACHER_DTYPE="float32", COMPILE=False)
-    return config
+    return distill.resolve_auto_settings(config)  # the LoRA layers at the case's K, as a run's
 
 
 def run_script_step(distill, case: dict, device, warmup: int, repeats: int, count_flops: bool,

@@ -1813,6 +1813,16 @@ def auto_dmd_weight(num_steps) -> float:
     return 1.0 if num_steps <= 2 else 0.0
 
 
+def resolve_auto_settings(config: dict) -> dict:
+    """DMD_WEIGHT and LORA_TARGET_MODULES "auto" resolved in place, from the settings alone (so a run and its resume
+    agree): auto_dmd_weight, auto_lora_targets. Every config the step runs with passes through here."""
+    if config["DMD_WEIGHT"] == "auto":
+        config["DMD_WEIGHT"] = auto_dmd_weight(config["NUM_ROLLOUT_STEPS"])
+    if config["LORA_TARGET_MODULES"] == "auto":
+        config["LORA_TARGET_MODULES"] = auto_lora_targets(config["NUM_ROLLOUT_STEPS"])
+    return config
+
+
 def parse_args(argv: list[str]) -> dict:
     """Config = constants, then --preset NAME, then each --NAME=VALUE, in that order of precedence (PRECEDENCE)."""
     config = default_config()
@@ -1852,10 +1862,7 @@ def parse_args(argv: list[str]) -> dict:
               + " (over the constants in the file; a --NAME=VALUE on the command line wins over both).")
         config.update(PRESETS[preset])
     config.update(overrides)
-    if config["DMD_WEIGHT"] == "auto":  # resolved here, from the settings alone: a run and its resume agree
-        config["DMD_WEIGHT"] = auto_dmd_weight(config["NUM_ROLLOUT_STEPS"])
-    if config["LORA_TARGET_MODULES"] == "auto":
-        config["LORA_TARGET_MODULES"] = auto_lora_targets(config["NUM_ROLLOUT_STEPS"])
+    resolve_auto_settings(config)
     if not config["PROMPTS_JSONL"] and config["GENERATE_PROMPTS"]:  # a file the script owns, one per prompt set
         config["PROMPTS_JSONL"] = str(Path(config["OUTPUT_ROOT"]) / "prompts" /
                                       f"generated-n{config['NUM_PROMPTS']}-seed{config['PROMPT_SEED']}.jsonl")

@@ -102,3 +102,18 @@ def test_mixed_ceiling_by_hand():
     assert best == pytest.approx(1 / (16e12 / 1000e12 + 10e12 / 500e12))
     assert bench.mixed_ceiling_images_per_second(dict(case, teacher_fp8=False), 26e12, 1e12, 500, 1000) == \
         pytest.approx(1 / (26e12 / 500e12))
+
+
+def test_a_lora_case_adapts_the_layers_a_run_at_its_k_adapts(distill):
+    """The benchmark's config resolves the "auto" settings as a run's does: LoRA on attention at K = 4, the MLPs too
+    at K = 1; a case's own layers win."""
+    import torch
+
+    import bench_distill_step as bench
+
+    case = dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, batch=2, trainable="lora")
+    cpu = torch.device("cpu")
+    assert bench.case_config(distill, case, cpu)["LORA_TARGET_MODULES"] == distill.LORA_ATTENTION
+    assert bench.case_config(distill, dict(case, steps=1), cpu)["LORA_TARGET_MODULES"] == (
+        f"{distill.LORA_ATTENTION},{distill.LORA_MLPS}")
+    assert bench.case_config(distill, dict(case, lora_targets="attn.to_q"), cpu)["LORA_TARGET_MODULES"] == "attn.to_q"
