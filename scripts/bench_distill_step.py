@@ -341,6 +341,7 @@ def case_config(distill, case: dict, device) -> dict:
                   SUPERVISED_STATES=case.get("supervised", 0), TRAINABLE=case["trainable"],
                   GRADIENT_CHECKPOINTING=case.get("checkpointing", False), COMPILE=case.get("compile", False),
                   ATTENTION_BACKEND=case.get("attention", "auto"), DMD_WEIGHT=case.get("dmd", 0.0),
+                  DMD_STATES=case.get("dmd_states", 0),
                   LR_WARMUP_STEPS=0, KL_WARMUP_STEPS=0,
                   LEARNING_RATE=1e-6, MAX_STEPS=10**6, MIXED_PRECISION="bf16" if device.type == "cuda" else "no")
     if case.get("lora_targets"):
@@ -612,6 +613,13 @@ def suite(name: str) -> list[dict]:
         eager = dict(batch=1, images=1, compile=False, count_flops=True, repeats=1, warmup=1, teacher_fp8=False)
         return [dict(default, **eager), dict(default, reference=True), dict(default, dmd=1.0), dict(k2, **eager),
                 k2, dict(default, student_fp8=True)]
+    if name == "levers":  # 2026-12-07: the attention kernel, DMD at one state per rollout, the K = 1 recipe, STUDENT_FP8
+        default = dict(base, teacher="sd3-medium", student="sd3-medium", substeps=2, trainable="lora", batch="auto",
+                       images=4, compile=True, forward=False, count_flops=False, teacher_fp8=True, solver="ab2")
+        k2 = dict(default, steps=2, substeps=4, solver="euler", dmd=1.0)  # K = 2 as it runs by default
+        k1 = dict(default, steps=1, substeps=8, solver="euler", dmd=1.0)  # K = 1: the MLPs too ("auto"), DMD
+        return [dict(default, reference=True), dict(default, attention="cudnn"), k2, dict(k2, dmd_states=1), k1,
+                dict(default, student_fp8=True), dict(k2, dmd_states=1, attention="cudnn")]
     if name == "tiny":
         return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, substeps=2, solver="ab2",
                      batch=2, images=4, trainable="all", reference=True, ladder=True, compile=False)]
@@ -696,7 +704,7 @@ def main():
             result = {"case": case, "error": f"out of memory: {str(err)[:200]}"}
             distill.free_accelerator_memory()
         work = (case["teacher"], case["student"], case["trainable"], case["steps"], case.get("substeps", 0),
-                case.get("supervised", 0), case["image_size"], case.get("dmd", 0.0))
+                case.get("supervised", 0), case["image_size"], case.get("dmd", 0.0), case.get("dmd_states", 0))
         if "script" in result:  # the same work costs the same FLOPs however it is run: reuse an eager count,
             # per image (every operation of the step is per sample, so FLOPs are proportional to the images
             # of an optimizer step, batch x accumulated rollouts; the optimizer's own FLOPs are negligible)

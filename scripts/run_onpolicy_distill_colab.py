@@ -115,6 +115,7 @@ EPS_MSE_WEIGHT = 1.0  # weight of the epsilon MSE
 LATENT_MSE_WEIGHT = 1.0  # weight of the latent (x0) MSE
 KL_WARMUP_STEPS = 100  # optimizer steps over which the KL weight ramps linearly from 0 to KL_WEIGHT
 DMD_WEIGHT = "auto"  # weight of distribution matching (DMD2) on the student's own x0 predictions at the supervised states; 0 = off; "auto" = 1 where it was measured to win (K <= 2), else 0 (auto_dmd_weight)
+DMD_STATES = 0  # supervised states per rollout that take DMD's step, chosen at random (DMD2 takes one: the real and fake scores and the fake score's samples at one state, not K); 0 = all of them
 FAKE_LORA_RANK = 32  # DMD's fake score: a LoRA adapter of this rank on the frozen teacher, trained on the student's samples
 FAKE_LEARNING_RATE = 1e-4  # AdamW learning rate of the fake score (constant)
 FAKE_UPDATES_PER_STEP = 1  # fake-score updates per student update (DMD2's two time scales), each over all of the step's samples
@@ -407,13 +408,14 @@ TEACHER_SOLVERS = {"euler": 1, "ab2": 1, "heun": 2, "midpoint": 2}  # transforme
 
 def teacher_passes_per_step(config: dict) -> int:
     """The teacher's transformer passes per optimizer step (of one process): images x supervised states x (substeps x
-    the solver's passes per substep, + 1 for DMD's real score) x 2 with guidance (conditional and unconditional),
+    the solver's passes per substep, + 1 for DMD's real score at the DMD_STATES that take it) x 2 with guidance (conditional and unconditional),
     + 3 unguided passes per image for the adversarial term at the last state (the student's side, the head's real and
     fake; with SUPERVISED_STATES < K the last state is supervised only in some rollouts, so this counts the most)."""
     states = config["SUPERVISED_STATES"] or config["NUM_ROLLOUT_STEPS"]
-    per_state = teacher_substeps(config) * TEACHER_SOLVERS[teacher_solver(config)] + int(config["DMD_WEIGHT"] > 0)
+    dmd_states = min(config.get("DMD_STATES", 0) or states, states) * int(config["DMD_WEIGHT"] > 0)
+    guided = states * teacher_substeps(config) * TEACHER_SOLVERS[teacher_solver(config)] + dmd_states
     adversarial = 3 * int(config.get("ADV_WEIGHT", 0) > 0)  # absent from the configs of runs before it existed
-    return config["IMAGES_PER_STEP"] * (states * per_state * (1 if config["GUIDANCE_SCALE"] == 1 else 2) + adversarial)
+    return config["IMAGES_PER_STEP"] * (guided * (1 if config["GUIDANCE_SCALE"] == 1 else 2) + adversarial)
 
 
 def teacher_substeps(config: dict) -> int:
@@ -669,6 +671,7 @@ class RolloutPlan:
     generator: object  # seeded by (SEED, step, micro-batch, process)
     supervised: set[int]
     student_leads: set[int]
+    dmd_states: set[int]  # the supervised states that take DMD's step (DMD_STATES)
     loss_scale: float  # 1 / (supervised states x accumulated rollouts)
     sync_gradients: bool  # the last rollout of an optimizer step: synchronise gradients across processes
     weights: dict  # this step's loss weights: kl, dmd, adv (the staged start and the warmups applied)
@@ -740,10 +743,11 @@ def distill_rollout(models: Models, accelerator, config: dict, sigmas, timesteps
                 lat = latent_mse(x, sigma, v_student, v_teacher)
                 dmd, adv = torch.zeros((), device=device), torch.zeros((), device=device)
                 x0 = x0_from_velocity(x, sigma, v_student)
-                if config["DMD_WEIGHT"] > 0:
+                if config["DMD_WEIGHT"] > 0 and i in plan.dmd_states:
                     if weights["dmd"] > 0:  # before the staged start only the fake score learns (on the samples)
                         real, fake = distribution_scores(models, config, x0.detach(), cond, uncond, plan.generator, shift)
-                        dmd = dmd_loss(x0, dmd_direction(x0.detach(), real, fake))
+                        # at M of the S supervised states, x S / M: DMD's share of the rollout's gradient is as at all S
+                        dmd = dmd_loss(x0, dmd_direction(x0.detach(), real, fake)) * len(supervised) / len(plan.dmd_states)
                     plan.samples.append((x0.detach(), cond, i))
                 if config["ADV_WEIGHT"] > 0 and i == len(timesteps) - 1:
                     x0_teacher = x0_from_velocity(x, sigma, v_teacher)  # the teacher's own solve to sigma = 0
@@ -790,11 +794,14 @@ def distill_step(models: Models, accelerator, text: "TextEmbeddings", step: int,
                              num_train_prompts, config["SEED"])
         rng = random.Random(config["SEED"] * 7919 + step * 31 + micro)
         supervised = choose_supervised(K, config["SUPERVISED_STATES"], rng)
+        student_leads = choose_student_leads(K, config["ON_POLICY_FRACTION"], rng)
+        in_order = sorted(supervised)
+        dmd_states = {in_order[j] for j in choose_supervised(len(in_order), config["DMD_STATES"], rng)}
         plan = RolloutPlan(text.batch(idx, accelerator.device, models.teacher_dtype),
                            text.empty_batch(batch, accelerator.device, models.teacher_dtype),
                            step_generator(config["SEED"], step, micro, accelerator.process_index, accelerator.device),
-                           supervised, choose_student_leads(K, config["ON_POLICY_FRACTION"], rng),
-                           1.0 / (len(supervised) * accum), micro == accum - 1, weights)
+                           supervised, student_leads, dmd_states, 1.0 / (len(supervised) * accum), micro == accum - 1,
+                           weights)
         terms += distill_rollout(models, accelerator, config, sigmas, timesteps, plan)
         samples += plan.samples
         adv_samples += plan.adv_samples
@@ -966,7 +973,7 @@ def probe_peak_memory(models: Models, accelerator, text: "TextEmbeddings", confi
     plan = RolloutPlan(text.batch([i % len(text.embeds) for i in range(batch)], accelerator.device, models.teacher_dtype),
                        text.empty_batch(batch, accelerator.device, models.teacher_dtype),
                        step_generator(config["SEED"], 0, 0, accelerator.process_index, accelerator.device),
-                       set(range(K)), set(range(K)), 1.0 / K, False,
+                       set(range(K)), set(range(K)), set(range(K)), 1.0 / K, False,
                        {"kl": config["KL_WEIGHT"], "dmd": config["DMD_WEIGHT"], "adv": config["ADV_WEIGHT"]})
     eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else contextlib.nullcontext()
     try:
@@ -1446,7 +1453,7 @@ def run_header(run: Run, models: Models, images_per_step: int, result: TrainResu
         f"{teacher_substeps(config)} teacher substeps per step ({teacher_solver(config)}; "
         f"{teacher_passes_per_step(config) // config['IMAGES_PER_STEP']} teacher passes per image), guidance "
         f"{config['GUIDANCE_SCALE']}"
-        + (f"; DMD x {config['DMD_WEIGHT']:g} (fake score: LoRA r{config['FAKE_LORA_RANK']} on the teacher's weights, "
+        + (f"; DMD x {config['DMD_WEIGHT']:g} at {config['DMD_STATES'] or 'every'} supervised state(s) per rollout (fake score: LoRA r{config['FAKE_LORA_RANK']} on the teacher's weights, "
            f"{config['FAKE_UPDATES_PER_STEP']} update(s) per step at {config['FAKE_LEARNING_RATE']:g})"
            if models.fake else "")
         + (f"; adversarial x {config['ADV_WEIGHT']:g} (a head on the teacher's blocks {models.adv_head.blocks})"
@@ -1932,7 +1939,7 @@ def validate_config(c: dict) -> None:
         need(isinstance(c[name], (int, float)) and c[name] > 0, f"{name}={c[name]!r} must be > 0.")
     for name in ("ADAM_WEIGHT_DECAY", "MAX_GRAD_NORM", "LR_WARMUP_STEPS", "KL_WARMUP_STEPS", "EVAL_EVERY",
                  "CHECKPOINT_EVERY_MINUTES", "KEEP_CHECKPOINTS_GB", "SUPERVISED_STATES", "SAMPLER_ETA",
-                 "DISTRIBUTION_START_STEP", "DISTRIBUTION_RAMP_STEPS"):
+                 "DISTRIBUTION_START_STEP", "DISTRIBUTION_RAMP_STEPS", "DMD_STATES"):
         need(isinstance(c[name], (int, float)) and c[name] >= 0, f"{name}={c[name]!r} must be >= 0.")
     need(c["BATCH_SIZE"] == "auto" or (isinstance(c["BATCH_SIZE"], int) and c["BATCH_SIZE"] >= 1
                                         and isinstance(c["IMAGES_PER_STEP"], int) and c["IMAGES_PER_STEP"] % c["BATCH_SIZE"] == 0),
@@ -1959,6 +1966,8 @@ def validate_config(c: dict) -> None:
     need(not (c["KL_WEIGHT"] > 0 and c["SAMPLER_ETA"] <= 0),
          "KL_WEIGHT > 0 needs SAMPLER_ETA > 0 (the KL is between stochastic transitions); set SAMPLER_ETA=0.7 or KL_WEIGHT=0.")
     need(c["GUIDANCE_SCALE"] >= 1, f"GUIDANCE_SCALE={c['GUIDANCE_SCALE']} must be >= 1 (1 = no guidance).")
+    need(isinstance(c["DMD_STATES"], int), f"DMD_STATES={c['DMD_STATES']!r} must be a whole number: 0 = every "
+         f"supervised state, 1 = one per rollout.")
     need(c["SUPERVISED_STATES"] <= c["NUM_ROLLOUT_STEPS"],
          f"SUPERVISED_STATES={c['SUPERVISED_STATES']} exceeds NUM_ROLLOUT_STEPS={c['NUM_ROLLOUT_STEPS']}; use 0 for all states.")
     for name in ("SAMPLER_SHIFT", "TEACHER_SUBSTEP_SHIFT"):
@@ -2355,7 +2364,7 @@ def find_resume_point(config: dict, paths: "RunPaths", checkpoints: "CheckpointD
 # Settings added since earlier checkpoints were written, as those runs had them.
 SETTINGS_BEFORE_THEY_EXISTED = {"SAMPLER_SPACING": "scheduler", "TEACHER_SOLVER": "euler", "DMD_WEIGHT": 0.0,
                                "FAKE_LORA_RANK": 32, "FAKE_LEARNING_RATE": 1e-4, "FAKE_UPDATES_PER_STEP": 1,
-                               "FAKE_FRESH_SAMPLES": False, "ADV_WEIGHT": 0.0, "ADV_LEARNING_RATE": 1e-4,
+                               "FAKE_FRESH_SAMPLES": False, "DMD_STATES": 0, "ADV_WEIGHT": 0.0, "ADV_LEARNING_RATE": 1e-4,
                                "DISTRIBUTION_START_STEP": 0, "DISTRIBUTION_RAMP_STEPS": 0, "LORA_USE_DORA": False,
                                "EMA_DECAY": 0.0, "ADAM_8BIT": False}
 # Not part of what a run is: where outputs go, how often, memory and speed only (a run resumes on a smaller GPU with

@@ -323,3 +323,29 @@ def test_prompts_are_encoded_before_any_transformer_loads(distill, tmp_path, mon
     result = run_main(distill, *tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=1", "--TRAINABLE=all"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(loaded) == 2 and all(len(names) == 1 for names in loaded)  # teacher and student: the cache was there
+
+
+def test_dmd_at_one_state_per_rollout_takes_the_whole_rollouts_share(distill, tiny_root, tiny_path):
+    """DMD_STATES=1: DMD's step (and the fake score's sample) at one random supervised state per rollout, its term
+    scaled by S / M, so that at the state chosen it is twice the term it has when both of K = 2 states take it; the
+    other state takes none and leaves no sample for the fake score."""
+    import random
+
+    extra = ("--NUM_ROLLOUT_STEPS=2", "--DMD_WEIGHT=1", "--KL_WARMUP_STEPS=0", "--LORA_RANK=4")
+    config, accelerator, models, text, sigmas, timesteps = rollout_setup(distill, tiny_root, tiny_path, *extra)
+    for p in models.trainable:  # a student that differs from the teacher (LoRA starts as it)
+        torch.nn.init.normal_(p, std=0.05)
+    # the state the rollout of step `step` draws (after the supervised states and the student's leads, which draw
+    # nothing at M = 0 and on-policy): pick a step where it is the first, whose draws are as with DMD at both
+    step = next(s for s in range(20) if random.Random(config["SEED"] * 7919 + s * 31).sample(range(2), 1) == [0])
+    every, every_samples = distill.distill_step(models, accelerator, text, step, config, sigmas, timesteps, 8)[::2]
+    one, one_samples = distill.distill_step(models, accelerator, text, step, {**config, "DMD_STATES": 1}, sigmas,
+                                            timesteps, 8)[::2]
+    dmd = distill.LOSS_TERMS.index("dmd")
+    assert (every[:, dmd] > 0).all() and one[1, dmd] == 0
+    assert torch.allclose(one[0, dmd], 2 * every[0, dmd], rtol=1e-5)
+    assert [i for _, _, i in every_samples.fake] == [0, 1] and [i for _, _, i in one_samples.fake] == [0]
+    for p in models.trainable:
+        p.grad = None
+    # per image: 2 states x N = 4 substeps, + one real score, x 2 for guidance
+    assert distill.teacher_passes_per_step({**config, "DMD_STATES": 1}) == config["IMAGES_PER_STEP"] * (2 * 4 + 1) * 2
