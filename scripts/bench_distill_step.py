@@ -10,6 +10,7 @@ images/s, MFU, peak memory) and a straightforward loop doing the same work the p
     python scripts/bench_distill_step.py --suite h200-passes   # on a CUDA GPU: the README's table (N = 2 AB2 default)
     python scripts/bench_distill_step.py --suite h200          # the N = 4 defaults of 2026-12-02, FP8 (lab notes)
     python scripts/bench_distill_step.py --suite h100          # the earlier levers at N = 1 (lab notes)
+    python scripts/bench_distill_step.py --suite levers        # 2026-12-07: attention kernel, DMD at one state, K = 1
     python scripts/bench_distill_step.py --suite tiny          # on the CPU: keeps this file working
 
 Each case's result is appended to --out (JSON) as soon as it is measured.
