@@ -59,8 +59,9 @@ GUIDANCE = 3.0  # the teacher's guidance, distilled into the student and used fo
 HELDOUT = 12  # the last 12 shape prompts are never trained on
 REFERENCE_STEPS = 28  # the teacher's guided sampler that the final, pipeline-measured gap compares against
 RUN_EVAL_NOISES = 8  # fixed noises per held-out prompt in the runs' own evaluation (the curves)
+# DMD_WEIGHT and the LoRA's layers are the product's ("auto", resolved at each run's K): a group that names neither
+# trains what users run (until 2026-12-07 DMD was off unless a group set it).
 DISTILL_ARGS = ["--LEARNING_RATE=2e-4", "--LR_SCHEDULER=cosine", "--LR_WARMUP_STEPS=5", "--KL_WARMUP_STEPS=10",
-                "--DMD_WEIGHT=0",  # a run's DMD is its plan's to set ("auto" would turn it on at K = 2)
                 "--IMAGES_PER_STEP=32", "--BATCH_SIZE=32", "--STOCHASTIC_ROLLOUT=false", "--COMPILE=false",
                 f"--TEACHER_EVAL_STEPS={REFERENCE_STEPS}"]
 REGIMES = {"on_policy": 1.0, "off_policy": 0.0, "dagger": 0.5}  # each regime's ON_POLICY_FRACTION

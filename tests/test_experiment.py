@@ -80,7 +80,8 @@ def test_the_grid_in_a_short_configuration(tmp_path):
                              "--teacher-width", "32", "--teacher-layers", "2", "--teacher-batch", "32",
                              "--judge-steps", "100", "--plan", str(tmp_path / "plan.json"), "--seeds", "0",
                              "--steps", "20", "--jobs", "2", "--eval-noises", "2", "--LEARNING_RATE=1e-3",
-                             "--LR_SCHEDULER=constant", "--IMAGES_PER_STEP=8", "--BATCH_SIZE=8", "--EVAL_NOISES=2"],
+                             "--LR_SCHEDULER=constant", "--IMAGES_PER_STEP=8", "--BATCH_SIZE=8", "--EVAL_NOISES=2",
+                             "--DMD_WEIGHT=0"],  # DMD only where the plan's group turns it on
                             capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "results.json").read_text())
@@ -97,6 +98,7 @@ def test_the_grid_in_a_short_configuration(tmp_path):
     off = dmd["settings_off_the_product_defaults"]
     assert off["FAKE_LORA_RANK"] == 4 and "DMD_WEIGHT" not in off and dmd["teacher_fp8"] == [False]
     assert "DMD_WEIGHT" not in settings[("all", 4, 4)]["settings_off_the_product_defaults"]
+    assert settings[("all", 1, 4)]["settings_off_the_product_defaults"]["DMD_WEIGHT"] == 0  # the command line's
     for e in summary["settings"]:
         assert e["diversity_ratio_on_policy"] > 0 and e["diversity_ratio_floor"] > 0 and e["devices"]
         assert e["quality_target"] == pytest.approx(0.6 * e["floor"])
@@ -163,10 +165,10 @@ def test_the_digits_are_the_real_ones():
 
 def test_the_digits_task_in_a_short_configuration(tmp_path):
     """The second task end to end: a teacher trained on real digits, a DoRA student with the 1-2-step recipe's terms
-    (DMD, the adversarial head, the staged start, fresh fake-score samples), read by the classifier (no strict
+    (DMD as the product turns it on at K = 1, the adversarial head, the staged start, fresh fake-score samples), read by the classifier (no strict
     reading), with FD and the diversity ratio."""
     plan = [{"student": "lora-r4", "k": [1], "regimes": ["on_policy"], "tag": "recipe", "checkpoints_every": 2,
-             "args": ["--DMD_WEIGHT=1", "--FAKE_LORA_RANK=4", "--ADV_WEIGHT=0.1", "--DISTRIBUTION_START_STEP=2",
+             "args": ["--FAKE_LORA_RANK=4", "--ADV_WEIGHT=0.1", "--DISTRIBUTION_START_STEP=2",
                       "--FAKE_UPDATES_PER_STEP=2", "--FAKE_FRESH_SAMPLES=true", "--LORA_ALPHA=8",
                       "--LORA_USE_DORA=true"]}]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
@@ -183,6 +185,9 @@ def test_the_digits_task_in_a_short_configuration(tmp_path):
     assert set(entry["adherence_on_policy"]) == {"digit"} and "adherence_strict_on_policy" not in entry
     assert entry["fd_on_policy"] > 0 and entry["diversity_ratio_on_policy"] > 0
     assert entry["settings_off_the_product_defaults"]["ADV_WEIGHT"] == 0.1
+    # a group that does not name DMD gets the product's: on at K = 1 (one guided real-score pass more per image)
+    assert "DMD_WEIGHT" not in entry["settings_off_the_product_defaults"]
+    assert entry["teacher_passes_per_update"] == 4 * ((8 + 1) * 2 + 3)
     # readings along training from the checkpoints (step_2.pt, final.pt), each student read as the export is: the
     # last one, the final weights (DoRA, attention and the MLPs at K = 1) written as the export writes them, equals
     # the export's
