@@ -565,6 +565,18 @@ def final_eval(distill, teacher: Path, heldout: list[dict], noises_per_prompt: i
                      reference, drawn_features, judge, guidance, task, noises_per_prompt)
 
 
+def fill_carried_teacher(base: Path, teacher: Path) -> None:
+    """A teacher carried from an earlier call may hold its transformer alone: the files it lacks come from the tiny
+    base, and none it has is replaced (the tiny base's T5 tokenizer is learned when it is built, and differs between
+    machines with other tokenizer versions: a teacher read with another machine's tokenizer ignores its prompts)."""
+    def copy_if_missing(source, destination):
+        if not os.path.exists(destination):
+            shutil.copy2(source, destination)
+
+    shutil.copytree(base, teacher, dirs_exist_ok=True, ignore=shutil.ignore_patterns("transformer"),
+                    copy_function=copy_if_missing)
+
+
 def half_depth_student(teacher: Path, folder: Path) -> Path:
     """The teacher's pipeline with every other transformer block (..., L-3, L-1: the last block, which only reads
     the text, stays last), the rest of the transformer copied: a student that cannot copy its teacher, as
@@ -816,8 +828,8 @@ def main(argv=None):
     if not (teacher / "transformer" / "config.json").is_file():
         train_teacher(distill, base, teacher, task, args.teacher_steps, root, args.teacher_width, args.teacher_layers,
                       args.teacher_batch)
-    else:  # a teacher carried from an earlier call may hold its transformer alone: the rest is the tiny base's
-        shutil.copytree(base, teacher, dirs_exist_ok=True, ignore=shutil.ignore_patterns("transformer"))
+    else:
+        fill_carried_teacher(base, teacher)
     teacher_seconds = time.time() - started
     judge = train_judge(task, root / f"{judge_name}_s{args.judge_steps}.pt", args.judge_steps)
     ev = final_eval(distill, teacher, prompts[-HELDOUT:], args.eval_noises, args.guidance, judge, task)

@@ -196,3 +196,22 @@ def test_the_digits_task_in_a_short_configuration(tmp_path):
     assert readings[-1]["gap"] == pytest.approx(entry["gap_on_policy"], rel=1e-5)
     assert readings[-1]["fd"] == pytest.approx(entry["fd_on_policy"], rel=1e-4)
     assert readings[0]["gap"] != readings[1]["gap"]
+
+
+def test_a_carried_teacher_keeps_its_own_files_and_gets_the_missing_ones(tmp_path):
+    """A teacher folder brought from another machine keeps its tokenizers and encoders (the tiny base's T5 tokenizer
+    is learned when the base is built and differs across tokenizer versions), and gets only what it lacks."""
+    base, teacher = tmp_path / "base", tmp_path / "teacher"
+    for folder, text in ((base, "this machine's"), (teacher, "the teacher's own")):
+        (folder / "tokenizer_3").mkdir(parents=True)
+        (folder / "tokenizer_3" / "tokenizer.json").write_text(text)
+    (base / "vae").mkdir()
+    (base / "vae" / "config.json").write_text("{}")
+    (base / "transformer").mkdir()
+    (base / "transformer" / "config.json").write_text("the base's transformer")
+    (teacher / "transformer").mkdir()
+    (teacher / "transformer" / "config.json").write_text("the teacher's transformer")
+    experiment.fill_carried_teacher(base, teacher)
+    assert (teacher / "tokenizer_3" / "tokenizer.json").read_text() == "the teacher's own"
+    assert (teacher / "vae" / "config.json").read_text() == "{}"
+    assert (teacher / "transformer" / "config.json").read_text() == "the teacher's transformer"
