@@ -407,10 +407,11 @@ TEACHER_SOLVERS = {"euler": 1, "ab2": 1, "heun": 2, "midpoint": 2}  # transforme
 
 
 def teacher_passes_per_step(config: dict) -> int:
-    """The teacher's transformer passes per optimizer step (of one process): images x supervised states x (substeps x
-    the solver's passes per substep, + 1 for DMD's real score at the DMD_STATES that take it) x 2 with guidance (conditional and unconditional),
-    + 3 unguided passes per image for the adversarial term at the last state (the student's side, the head's real and
-    fake; with SUPERVISED_STATES < K the last state is supervised only in some rollouts, so this counts the most)."""
+    """The teacher's transformer passes per optimizer step (of one process): images x (supervised states x substeps x
+    the solver's passes per substep, + 1 for DMD's real score at each state that takes it) x 2 with guidance
+    (conditional and unconditional), + 3 unguided passes per image for the adversarial term at the last state (the
+    student's side, the head's real and fake; with SUPERVISED_STATES < K the last state is supervised only in some
+    rollouts, so this counts the most)."""
     states = config["SUPERVISED_STATES"] or config["NUM_ROLLOUT_STEPS"]
     dmd_states = min(config.get("DMD_STATES", 0) or states, states) * int(config["DMD_WEIGHT"] > 0)
     guided = states * teacher_substeps(config) * TEACHER_SOLVERS[teacher_solver(config)] + dmd_states
@@ -1453,7 +1454,8 @@ def run_header(run: Run, models: Models, images_per_step: int, result: TrainResu
         f"{teacher_substeps(config)} teacher substeps per step ({teacher_solver(config)}; "
         f"{teacher_passes_per_step(config) // config['IMAGES_PER_STEP']} teacher passes per image), guidance "
         f"{config['GUIDANCE_SCALE']}"
-        + (f"; DMD x {config['DMD_WEIGHT']:g} at {config['DMD_STATES'] or 'every'} supervised state(s) per rollout (fake score: LoRA r{config['FAKE_LORA_RANK']} on the teacher's weights, "
+        + (f"; DMD x {config['DMD_WEIGHT']:g} at {config['DMD_STATES'] or 'every'} supervised state(s) per rollout "
+           f"(fake score: LoRA r{config['FAKE_LORA_RANK']} on the teacher's weights, "
            f"{config['FAKE_UPDATES_PER_STEP']} update(s) per step at {config['FAKE_LEARNING_RATE']:g})"
            if models.fake else "")
         + (f"; adversarial x {config['ADV_WEIGHT']:g} (a head on the teacher's blocks {models.adv_head.blocks})"
