@@ -718,8 +718,9 @@ def main():
             flops = result["script"].get("step_flops") or result["script"].get("step_flops_from_eager_case")
             if fp8_ceiling and (case.get("teacher_fp8") or case.get("student_fp8")):
                 result["fp8_matmul_ceiling_tflops"] = fp8_ceiling  # kept with or without a FLOP count
-            if flops and fp8_ceiling and (case.get("teacher_fp8") or case.get("student_fp8")):
-                result["script"]["mfu_of_fp8_ceiling"] = flops / result["script"]["step_seconds"] / (fp8_ceiling * 1e12)
+                if flops:
+                    seconds = result["script"]["step_seconds"]
+                    result["script"]["mfu_of_fp8_ceiling"] = flops / seconds / (fp8_ceiling * 1e12)
             cfg = SD3_CONFIGS[case["teacher"]]
             image_tokens = (case["image_size"] // vae_factor(case) // cfg["patch_size"]) ** 2
             forward = formula_forward_flops(cfg, 1, image_tokens, case["text_len"])

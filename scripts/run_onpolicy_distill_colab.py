@@ -1941,7 +1941,7 @@ def validate_config(c: dict) -> None:
         need(isinstance(c[name], (int, float)) and c[name] > 0, f"{name}={c[name]!r} must be > 0.")
     for name in ("ADAM_WEIGHT_DECAY", "MAX_GRAD_NORM", "LR_WARMUP_STEPS", "KL_WARMUP_STEPS", "EVAL_EVERY",
                  "CHECKPOINT_EVERY_MINUTES", "KEEP_CHECKPOINTS_GB", "SUPERVISED_STATES", "SAMPLER_ETA",
-                 "DISTRIBUTION_START_STEP", "DISTRIBUTION_RAMP_STEPS", "DMD_STATES"):
+                 "DISTRIBUTION_START_STEP", "DISTRIBUTION_RAMP_STEPS"):
         need(isinstance(c[name], (int, float)) and c[name] >= 0, f"{name}={c[name]!r} must be >= 0.")
     need(c["BATCH_SIZE"] == "auto" or (isinstance(c["BATCH_SIZE"], int) and c["BATCH_SIZE"] >= 1
                                         and isinstance(c["IMAGES_PER_STEP"], int) and c["IMAGES_PER_STEP"] % c["BATCH_SIZE"] == 0),
@@ -1968,8 +1968,8 @@ def validate_config(c: dict) -> None:
     need(not (c["KL_WEIGHT"] > 0 and c["SAMPLER_ETA"] <= 0),
          "KL_WEIGHT > 0 needs SAMPLER_ETA > 0 (the KL is between stochastic transitions); set SAMPLER_ETA=0.7 or KL_WEIGHT=0.")
     need(c["GUIDANCE_SCALE"] >= 1, f"GUIDANCE_SCALE={c['GUIDANCE_SCALE']} must be >= 1 (1 = no guidance).")
-    need(isinstance(c["DMD_STATES"], int), f"DMD_STATES={c['DMD_STATES']!r} must be a whole number: 0 = every "
-         f"supervised state, 1 = one per rollout.")
+    need(isinstance(c["DMD_STATES"], int) and c["DMD_STATES"] >= 0, f"DMD_STATES={c['DMD_STATES']!r} must be a whole "
+         f"number >= 0: 0 = every supervised state, 1 = one per rollout.")
     need(c["SUPERVISED_STATES"] <= c["NUM_ROLLOUT_STEPS"],
          f"SUPERVISED_STATES={c['SUPERVISED_STATES']} exceeds NUM_ROLLOUT_STEPS={c['NUM_ROLLOUT_STEPS']}; use 0 for all states.")
     for name in ("SAMPLER_SHIFT", "TEACHER_SUBSTEP_SHIFT"):
