@@ -11,7 +11,7 @@ from conftest import REPO
 def test_tiny_benchmark_writes_its_result(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_distill_step.py"), "--suite", "tiny",
-                             "--repeats", "2", "--warmup", "1", "--out", str(out), "--profile"], capture_output=True, text=True,
+                             "--repeats", "1", "--warmup", "1", "--out", str(out), "--profile"], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json.loads(out.read_text())

@@ -90,8 +90,14 @@ def test_the_token_is_never_written(left_alone):
         assert not [p for p in root.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
 
 
-@pytest.mark.parametrize("moment", ["write step_4.pt", "evaluation 3", "export", "after final.pt"])
-@pytest.mark.parametrize("sig", ["KILL", "INT", "TERM"])
+# SIGTERM at every moment; Ctrl-C, which the same handler takes (Stopped is a KeyboardInterrupt), where its own
+# message is read; SIGKILL, which leaves no chance to save, where it differs: mid-write, mid-export, after final.pt
+STOPS = [("TERM", m) for m in ("write step_4.pt", "evaluation 3", "export", "after final.pt")] + [
+    ("INT", "write step_4.pt"), ("INT", "evaluation 3"),
+    ("KILL", "write step_4.pt"), ("KILL", "export"), ("KILL", "after final.pt")]
+
+
+@pytest.mark.parametrize("sig, moment", STOPS)
 def test_a_run_stopped_at_any_moment_ends_as_one_left_alone(tmp_path, tiny_path, distill, left_alone, moment, sig):
     code, out, err = run_kind(distill, sig, *args(tmp_path, tiny_path, *TRAINABLE[sig]),
                               env={"DISTILL_FAULT_AT": f"{moment}:{sig}"})
