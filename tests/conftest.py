@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (the README's `-n 2`) each worker's torch takes one thread: two workers' OpenMP threads on two
+# cores spin-wait on each other (tried: the grid test's experiment stalled for minutes). Set before torch is imported.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 from distill_module import SCRIPT, load_distill  # noqa: E402  (the one loader, shared with the benchmark and experiment)
