@@ -190,6 +190,9 @@ def test_the_digits_task_in_a_short_configuration(tmp_path):
     assert readings[-1]["gap"] == pytest.approx(entry["gap_on_policy"], rel=1e-5)
     assert readings[-1]["fd"] == pytest.approx(entry["fd_on_policy"], rel=1e-4)
     assert readings[0]["gap"] != readings[1]["gap"]
+    # the logged steps' seconds (what a run resumed on another machine adds up) lie within this run's training wall time
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")]
+    assert 0 < record["train_seconds_logged"] <= record["train_seconds"]
 
 
 def test_a_carried_teacher_keeps_its_own_files_and_gets_the_missing_ones(tmp_path):
