@@ -630,10 +630,10 @@ def run_record(root: Path, run: dict, ev: FinalEval) -> dict:
     config = json.loads((root / "runs" / name / "config.json").read_text())
     rows = [json.loads(line) for line in (root / "metrics" / name / "eval.jsonl").read_text().splitlines()]
     start = rows[0].get("time", 0)
-    readings = []  # with checkpoints_every: each kept checkpoint's student read as the export is
     logged = [json.loads(line) for line in (root / "metrics" / name / "metrics.jsonl").read_text().splitlines()]
     windows = [(r["step"], r["sec_per_step"] * (r["step"] - (logged[i - 1]["step"] if i else 0)))
                for i, r in enumerate(logged)]  # each row's window of steps, in seconds
+    readings = []  # with checkpoints_every: each kept checkpoint's student read as the export is
     if run.get("checkpoints_every"):
         kept = ev.distill.CheckpointDir(ev.distill.RunPaths(root, name), keep=1)  # only read: the script's step files
         for path in kept.step_files() + [kept.folder / "final.pt"]:
