@@ -631,8 +631,7 @@ def run_record(root: Path, run: dict, ev: FinalEval) -> dict:
     rows = [json.loads(line) for line in (root / "metrics" / name / "eval.jsonl").read_text().splitlines()]
     start = rows[0].get("time", 0)
     logged = [json.loads(line) for line in (root / "metrics" / name / "metrics.jsonl").read_text().splitlines()]
-    windows = [(r["step"], r["sec_per_step"] * (r["step"] - (logged[i - 1]["step"] if i else 0)))
-               for i, r in enumerate(logged)]  # each row's window of steps, in seconds
+    windows = ev.distill.step_windows(logged)  # each row's window of steps, in seconds
     readings = []  # with checkpoints_every: each kept checkpoint's student read as the export is
     if run.get("checkpoints_every"):
         kept = ev.distill.CheckpointDir(ev.distill.RunPaths(root, name), keep=1)  # only read: the script's step files
@@ -645,7 +644,7 @@ def run_record(root: Path, run: dict, ev: FinalEval) -> dict:
             "drift_curve": [(r["step"], r.get("eval_drift")) for r in rows], "state_drift": rows[-1].get("state_drift"),
             "seconds_curve": [(r["step"], r.get("time", 0) - start) for r in rows],
             "train_seconds": summary["timings"]["train_seconds"], "updates": summary["step"],
-            "train_seconds_logged": sum(sec for _, sec in windows),  # all of a run's steps, also one resumed on another machine
+            "train_seconds_logged": summary["timings"]["train_seconds_across_resumes"],  # also one resumed elsewhere
             "solver": ev.distill.teacher_solver(config), "spacing": config["SAMPLER_SPACING"],
             "learning_rate": config["LEARNING_RATE"], "teacher_fp8": summary["teacher_fp8"],
             "device_name": summary.get("device_name", summary["device"]), "config": config,

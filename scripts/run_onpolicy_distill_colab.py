@@ -3544,6 +3544,13 @@ def rows_through(path: Path, last_step: int | None) -> list[dict]:
     return rows
 
 
+def step_windows(rows: list[dict]) -> list[tuple[int, float]]:
+    """Each metrics row's window of optimizer steps in seconds: (step_i, sec_per_step_i * (step_i - step_{i-1})),
+    step_0 = 0. Summed, the training time of every process a resumed run ran in (a window cut by a kill is lost with
+    its row, so the sum errs by at most one window per resume)."""
+    return [(r["step"], r["sec_per_step"] * (r["step"] - (rows[i - 1]["step"] if i else 0))) for i, r in enumerate(rows)]
+
+
 def append_line(path: Path, line: str) -> None:
     with open(path, "a") as f:
         f.write(line + "\n")
@@ -3638,6 +3645,7 @@ def write_summary(run: Run, result: TrainResult, models: Models) -> dict:
         return {}
     config, paths, now = run.config, run.paths, time.time()
     plot_curves(paths.metrics / "metrics.jsonl", paths.run / "curves.png")
+    logged = rows_through(paths.metrics / "metrics.jsonl", math.inf)
     summary = {
         "status": result.status, "run_name": paths.name, "step": result.step, "max_steps": config["MAX_STEPS"],
         "skipped_steps": result.skipped_steps, "eval_gap_before": result.gap_before, "eval_gap_last": result.gap_last,
@@ -3646,7 +3654,8 @@ def write_summary(run: Run, result: TrainResult, models: Models) -> dict:
                     "model_fetch_seconds": run.timings.get("model_fetch_seconds"),
                     "model_load_seconds": run.timings.get("model_load_seconds"),
                     "text_embedding_seconds": run.timings.get("text_embedding_seconds"),
-                    "train_seconds": now - run.timings.get("train_started", now)},
+                    "train_seconds": now - run.timings.get("train_started", now),  # this process's
+                    "train_seconds_across_resumes": sum(sec for _, sec in step_windows(logged))},
         "device": str(run.accelerator.device), "device_name": device_name(run.accelerator.device),
         "mixed_precision": run.mixed_precision,
         "num_processes": run.accelerator.num_processes, "batch_size": config["BATCH_SIZE"],

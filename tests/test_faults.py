@@ -122,6 +122,11 @@ def test_a_run_stopped_at_any_moment_ends_as_one_left_alone(tmp_path, tiny_path,
     if moment in ("export", "after final.pt"):
         assert "finishing run r: trained to step 6" in out
     same_as(tmp_path, left_alone[sig][1])
+    # the summary's training seconds count both processes': every logged window, by hand
+    rows = [json.loads(line) for line in (tmp_path / "metrics" / "r" / "metrics.jsonl").read_text().splitlines()]
+    by_hand = sum(r["sec_per_step"] * (r["step"] - before) for r, before in zip(rows, [0] + [r["step"] for r in rows]))
+    summary = json.loads((tmp_path / "runs" / "r" / "train_summary.json").read_text())
+    assert summary["timings"]["train_seconds_across_resumes"] == pytest.approx(by_hand) and by_hand > 0
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-") or p.name == "lock.json"]
     assert not leftovers
 

@@ -380,3 +380,10 @@ def test_the_adversarial_game_moves_fake_samples_towards_real_ones(distill):
     distill.adversarial_generator_loss(head(x)).backward()
     moved = x - 0.5 * x.grad
     assert (moved > fake).all()
+
+
+def test_step_windows_by_hand(distill):
+    # logged every 2 steps, then a row of 3 steps (the first after a resume from step 4, say)
+    rows = [{"step": 2, "sec_per_step": 0.5}, {"step": 4, "sec_per_step": 0.25}, {"step": 7, "sec_per_step": 1.0}]
+    assert distill.step_windows(rows) == [(2, 1.0), (4, 0.5), (7, 3.0)]
+    assert distill.step_windows([]) == []
