@@ -717,7 +717,8 @@ def settings_table(records: list[dict], baselines: dict, reference: dict, defaul
                 f"fd_{regime}_per_seed": [r["fd"] for r in mine],
                 f"diversity_ratio_{regime}": (statistics.mean(r["diversity_ratio"] for r in mine)
                                               if all("diversity_ratio" in r for r in mine) else None),
-                f"train_seconds_{regime}": statistics.mean(r["train_seconds"] for r in mine),
+                f"train_seconds_{regime}": statistics.mean(r.get("train_seconds_logged", r["train_seconds"])
+                                                           for r in mine),  # all of a resumed run's processes
                 f"curve_{regime}": mean_curve([r["curve"] for r in mine]),
                 f"seconds_curve_{regime}": mean_curve([r["seconds_curve"] for r in mine])})
             if any(r.get("readings_curve") for r in mine):  # the readings along training, per seed

@@ -193,6 +193,7 @@ def test_the_digits_task_in_a_short_configuration(tmp_path):
     # the logged steps' seconds (what a run resumed on another machine adds up) lie within this run's training wall time
     (record,) = [json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")]
     assert 0 < record["train_seconds_logged"] <= record["train_seconds"]
+    assert entry["train_seconds_on_policy"] == pytest.approx(record["train_seconds_logged"])  # the table's, too
 
 
 def test_a_carried_teacher_keeps_its_own_files_and_gets_the_missing_ones(tmp_path):
