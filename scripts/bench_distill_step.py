@@ -11,6 +11,7 @@ images/s, MFU, peak memory) and a straightforward loop doing the same work the p
     python scripts/bench_distill_step.py --suite h200          # the N = 4 defaults of 2026-12-02, FP8 (lab notes)
     python scripts/bench_distill_step.py --suite h100          # the earlier levers at N = 1 (lab notes)
     python scripts/bench_distill_step.py --suite levers        # 2026-12-07: attention kernel, DMD at one state, K = 1
+    python scripts/bench_distill_step.py --suite attention     # 2026-12-08: the attention kernels alone, bf16 and FP8
     python scripts/bench_distill_step.py --suite tiny          # on the CPU: keeps this file working
 
 Each case's result is appended to --out (JSON) as soon as it is measured.
@@ -140,6 +141,78 @@ def fp8_teacher_probe(distill, case: dict, device, ceiling: float, fp8_ceiling: 
         v["speedup_vs_bf16"] = base / v["forward_ms"]
     del variants, bf16
     distill.free_accelerator_memory()
+    return result
+
+
+def fp8_per_tensor(t):
+    """(t / s) in float8 e4m3 and s = amax(|t|) / 448, so that t ~ s * q: the per-tensor scaling FP8 attention takes."""
+    import torch
+
+    scale = t.abs().amax().float().clamp(min=1e-12) / 448.0
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def attention_kernels_probe(case: dict, device, repeats: int = 10) -> dict:
+    """SD3's joint attention alone at the step's shape (batch, 24 heads of 64, image and text tokens): each kernel's
+    forward (what the teacher's passes run) and forward with backward (the student's), in ms and TFLOP/s
+    (forward 4 B H T^2 D FLOPs, backward 2.5x that), and its output's relative RMS error against fp32 on the first
+    sample. Kernels: PyTorch's SDPA backends in bf16, FlexAttention compiled in bf16 and in FP8 (e4m3 inputs scaled
+    per tensor, the scales folded into the softmax scale and the output; forward only, as FP8 attention runs)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, H, T, D = case["batch"], case.get("heads", 24), case["tokens"], case.get("head_dim", 64)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, generator=g).to(device, torch.bfloat16) for _ in range(3))
+    with torch.no_grad():
+        exact = F.scaled_dot_product_attention(q[:1].float(), k[:1].float(), v[:1].float())
+    forward_flops = 4 * B * H * T * T * D
+
+    def sdpa(backend):
+        def run(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+        return run
+
+    variants = {"sdpa flash (bf16)": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa cudnn (bf16)": sdpa(SDPBackend.CUDNN_ATTENTION),
+                "sdpa efficient (bf16)": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        variants["flex (bf16, compiled)"] = lambda q, k, v: flex(q, k, v)
+
+        def flex_fp8(q, k, v):
+            (q8, sq), (k8, sk), (v8, sv) = fp8_per_tensor(q), fp8_per_tensor(k), fp8_per_tensor(v)
+            return flex(q8, k8, v8, scale=float(sq * sk) / D**0.5).to(torch.bfloat16) * sv.to(torch.bfloat16)
+        variants["flex (fp8 e4m3, compiled)"] = flex_fp8
+    except ImportError as err:
+        variants["flex"] = err
+    result = {"case": case, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "forward_flops": forward_flops,
+              "variants": {}}
+    for name, fn in variants.items():
+        entry = result["variants"][name] = {}
+        try:
+            if isinstance(fn, Exception):
+                raise fn
+            with torch.no_grad():
+                out = fn(q, k, v)
+                entry["relative_rms_error_vs_fp32"] = float((out[:1].float() - exact).square().mean().sqrt()
+                                                            / exact.square().mean().sqrt())
+                entry["output_dtype"] = str(out.dtype)
+                times = timed(lambda: fn(q, k, v), device, 2, repeats)
+            entry["forward_ms"] = statistics.median(times) * 1e3
+            entry["forward_tflops"] = forward_flops / statistics.median(times) / 1e12
+            if "fp8" not in name:
+                qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+                times = timed(lambda: fn(qg, kg, vg).sum().backward(), device, 2, repeats)
+                entry["forward_backward_ms"] = statistics.median(times) * 1e3
+                entry["forward_backward_tflops"] = 3.5 * forward_flops / statistics.median(times) / 1e12
+        except Exception as err:  # a kernel this GPU or torch lacks: say so and go on
+            entry["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        print(f"  {name}: {entry}", flush=True)
     return result
 
 
@@ -621,6 +694,8 @@ def suite(name: str) -> list[dict]:
         k1 = dict(default, steps=1, substeps=8, solver="euler", dmd=1.0)  # K = 1: the MLPs too ("auto"), DMD
         return [dict(default, reference=True), dict(default, attention="cudnn"), k2, dict(k2, dmd_states=1), k1,
                 dict(default, student_fp8=True), dict(k2, dmd_states=1, attention="cudnn")]
+    if name == "attention":  # 2026-12-08: SD3-medium's attention at 1024^2 alone, each kernel, bf16 and FP8 (issue 37)
+        return [dict(kind="attention", batch=8, tokens=4096 + 333), dict(kind="attention", batch=4, tokens=4096 + 333)]
     if name == "tiny":
         return [dict(teacher="tiny", student="tiny", image_size=32, text_len=109, steps=4, substeps=2, solver="ab2",
                      batch=2, images=4, trainable="all", reference=True, ladder=True, compile=False)]
@@ -694,8 +769,9 @@ def main():
     for index, case in enumerate(suite(args.suite)):
         if args.only and index not in args.only:
             continue
-        if case.get("kind") == "fp8_teacher":
-            results.append(fp8_teacher_probe(distill, case, device, ceiling, fp8_ceiling, args.torchao, args.kernels))
+        if case.get("kind") in ("fp8_teacher", "attention"):
+            results.append(attention_kernels_probe(case, device) if case["kind"] == "attention" else
+                           fp8_teacher_probe(distill, case, device, ceiling, fp8_ceiling, args.torchao, args.kernels))
             Path(args.out).write_text(json.dumps(results, indent=2))
             print(json.dumps({k: v for k, v in results[-1].items() if k != "case"}), flush=True)
             continue
@@ -736,6 +812,12 @@ def main():
 
 def summary_line(r: dict) -> str:
     c = r["case"]
+    if c.get("kind") == "attention":
+        return f"attention, batch {c['batch']}, {c['tokens']} tokens: " + ", ".join(
+            f"{name} " + (f"fwd {v['forward_tflops']:.0f} TFLOP/s, error {v['relative_rms_error_vs_fp32']:.1e}"
+                          if "forward_tflops" in v else "") + (f", fwd+bwd {v['forward_backward_tflops']:.0f}"
+                                                               if "forward_backward_tflops" in v else "")
+            + (f" [{v['error'][:60]}]" if "error" in v else "") for name, v in r["variants"].items())
     if c.get("kind") == "fp8_teacher":
         return f"{c['teacher']} teacher pass, batch {c['batch']}: " + ", ".join(
             f"{name} {v['forward_ms']:.1f} ms ({v['speedup_vs_bf16']:.2f}x, relative MSE {v['relative_mse_vs_bf16']:.1e})"
