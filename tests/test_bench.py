@@ -104,6 +104,22 @@ def test_mixed_ceiling_by_hand():
         pytest.approx(1 / (26e12 / 500e12))
 
 
+def test_fp8_per_tensor_scaling_by_hand():
+    """s = amax |t| / 448 (e4m3's largest finite value), so the largest entry lands on 448 exactly and s q gives t back
+    to e4m3's 3 mantissa bits (relative error at most 2^-4 on normal values)."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_distill_step as bench
+
+    t = torch.tensor([[-3.5, 0.25], [1.0, 7.0]])
+    q, s = bench.fp8_per_tensor(t)
+    assert q.dtype == torch.float8_e4m3fn and float(s) == pytest.approx(7.0 / 448)
+    assert float(q.float().abs().max()) == 448.0
+    back = q.float() * s
+    assert torch.all((back - t).abs() <= t.abs() / 16)
+
+
 def test_a_lora_case_adapts_the_layers_a_run_at_its_k_adapts(distill):
     """The benchmark's config resolves the "auto" settings as a run's does: LoRA on attention at K = 4, the MLPs too
     at K = 1; a case's own layers win."""
