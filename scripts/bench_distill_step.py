@@ -169,6 +169,9 @@ def attention_kernels_probe(case: dict, device, repeats: int = 10) -> dict:
         exact = F.scaled_dot_product_attention(q[:1].float(), k[:1].float(), v[:1].float())
     forward_flops = 4 * B * H * T * T * D
 
+    def seconds(fn):  # between CUDA events on the GPU, as the ceilings are timed
+        return median_gpu_seconds(fn, repeats, 2) if device.type == "cuda" else statistics.median(timed(fn, device, 2, repeats))
+
     def sdpa(backend):
         def run(q, k, v):
             with sdpa_kernel(backend):
@@ -202,14 +205,13 @@ def attention_kernels_probe(case: dict, device, repeats: int = 10) -> dict:
                 entry["relative_rms_error_vs_fp32"] = float((out[:1].float() - exact).square().mean().sqrt()
                                                             / exact.square().mean().sqrt())
                 entry["output_dtype"] = str(out.dtype)
-                times = timed(lambda: fn(q, k, v), device, 2, repeats)
-            entry["forward_ms"] = statistics.median(times) * 1e3
-            entry["forward_tflops"] = forward_flops / statistics.median(times) / 1e12
+                forward = seconds(lambda: fn(q, k, v))
+            entry["forward_ms"], entry["forward_tflops"] = forward * 1e3, forward_flops / forward / 1e12
             if "fp8" not in name:
                 qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-                times = timed(lambda: fn(qg, kg, vg).sum().backward(), device, 2, repeats)
-                entry["forward_backward_ms"] = statistics.median(times) * 1e3
-                entry["forward_backward_tflops"] = 3.5 * forward_flops / statistics.median(times) / 1e12
+                both = seconds(lambda: fn(qg, kg, vg).sum().backward())
+                entry["forward_backward_ms"] = both * 1e3
+                entry["forward_backward_tflops"] = 3.5 * forward_flops / both / 1e12
         except Exception as err:  # a kernel this GPU or torch lacks: say so and go on
             entry["error"] = f"{type(err).__name__}: {str(err)[:300]}"
         print(f"  {name}: {entry}", flush=True)
