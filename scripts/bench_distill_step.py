@@ -178,28 +178,25 @@ def attention_kernels_probe(case: dict, device, repeats: int = 10) -> dict:
                 return F.scaled_dot_product_attention(q, k, v)
         return run
 
+    result = {"case": case, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "forward_flops": forward_flops,
+              "variants": {}}
     variants = {"sdpa flash (bf16)": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa cudnn (bf16)": sdpa(SDPBackend.CUDNN_ATTENTION),
                 "sdpa efficient (bf16)": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
     try:
         from torch.nn.attention.flex_attention import flex_attention
 
-        flex = torch.compile(flex_attention, dynamic=False)
-        variants["flex (bf16, compiled)"] = lambda q, k, v: flex(q, k, v)
+        flex = variants["flex (bf16, compiled)"] = torch.compile(flex_attention, dynamic=False)
 
         def flex_fp8(q, k, v):
             (q8, sq), (k8, sk), (v8, sv) = fp8_per_tensor(q), fp8_per_tensor(k), fp8_per_tensor(v)
             return flex(q8, k8, v8, scale=float(sq * sk) / D**0.5).to(torch.bfloat16) * sv.to(torch.bfloat16)
         variants["flex (fp8 e4m3, compiled)"] = flex_fp8
     except ImportError as err:
-        variants["flex"] = err
-    result = {"case": case, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "forward_flops": forward_flops,
-              "variants": {}}
+        result["variants"]["flex"] = {"error": f"ImportError: {err}"}
     for name, fn in variants.items():
         entry = result["variants"][name] = {}
         try:
-            if isinstance(fn, Exception):
-                raise fn
             with torch.no_grad():
                 out = fn(q, k, v)
                 entry["relative_rms_error_vs_fp32"] = float((out[:1].float() - exact).square().mean().sqrt()
