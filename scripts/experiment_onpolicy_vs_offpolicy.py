@@ -47,7 +47,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from distill_module import SD3_CONFIGS, build_transformer, load_distill  # noqa: E402  (the main script, as a module)
+from distill_module import SD3_CONFIGS, build_transformer, load_distill, run_main_process  # noqa: E402  (the main script)
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
           "white": (245, 245, 245), "black": (20, 20, 20), "orange": (245, 140, 30), "purple": (140, 50, 180)}
 DEFAULT_COLORS = 6  # the first six: 90 prompts; --colors 8 gives 168
@@ -606,7 +606,7 @@ def half_depth_student(teacher: Path, folder: Path) -> Path:
 
 
 def distill_run(root: Path, teacher: Path, prompts_path: Path, run: dict, extra: list[str], env: dict):
-    """One run of the main script (a fresh process, as a user starts it); raises with its error output."""
+    """One run of the main script in a process of its own, as a user starts it; raises with its error output."""
     student = root / "half_depth_student" if run["student"] == "half-depth" else teacher
     args = ["--preset", "tiny", f"--OUTPUT_ROOT={root}", f"--TEACHER_ID={teacher}", f"--STUDENT_ID={student}",
             "--GENERATE_PROMPTS=false", f"--PROMPTS_JSONL={prompts_path}", f"--HELDOUT_PROMPTS={HELDOUT}",
@@ -617,8 +617,7 @@ def distill_run(root: Path, teacher: Path, prompts_path: Path, run: dict, extra:
             f"--EVAL_NOISES={RUN_EVAL_NOISES}", "--LOG_EVERY=10", f"--CHECKPOINT_EVERY={run['steps']}",
             "--SAVE_SAMPLE_GRIDS=false", "--T5_MAX_LENGTH=32", "--USE_T5=true", *extra, *STUDENTS[run["student"]],
             *run["args"]]
-    result = subprocess.run([sys.executable, str(HERE / "run_onpolicy_distill_colab.py"), *args],
-                            capture_output=True, text=True, env=env)
+    result = run_main_process(args, env)
     if result.returncode != 0:
         raise RuntimeError(f"run {run['name']} failed:\n{result.stderr[-3000:]}")
 

@@ -15,7 +15,7 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from distill_module import SCRIPT, load_distill  # noqa: E402  (the one loader, shared with the benchmark and experiment)
+from distill_module import SCRIPT, MainProcess, load_distill, run_main_process  # noqa: E402,F401  (shared with the benchmark and experiment)
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +45,12 @@ def run_script(*args, env=None, timeout=300):
                           timeout=timeout, cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def run_process(*args, env=None, timeout=300):
+    """main() in a process of its own that skips the interpreter's start and the imports (MainProcess), for runs a
+    test kills with SIGKILL; answered as run_script answers."""
+    return run_main_process(list(args), env, timeout)
+
+
 def tiny_args(root, *extra):
     return ["--preset", "tiny", f"--OUTPUT_ROOT={root}", f"--PROMPTS_JSONL={root}/prompts.jsonl", *extra]
 
@@ -53,7 +59,7 @@ def run_main(distill, *args, env=None):
     """The script's main() in this process, as run_script runs it in a new one but without the interpreter's start
     (most of a tiny run's time), answered as run_script answers: returncode, stdout, stderr. Ctrl-C and SIGTERM sent by
     the script's fault points reach it as they would a process of its own; the signal handlers and the environment
-    are restored after. (SIGKILL, several processes and settings read at import need run_script.)"""
+    are restored after. (SIGKILL needs run_process; several processes and settings read at import, run_script.)"""
     import contextlib
     import io
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SCRIPT, run_main, run_script, tiny_args
+from conftest import REPO, SCRIPT, run_main, run_process, tiny_args
 from test_run import start, strip_timing, wait_for_step
 
 COMMON = ["--RUN_NAME=r", "--LORA_RANK=4", "--MAX_STEPS=6", "--CHECKPOINT_EVERY=2", "--EVAL_EVERY=3",
@@ -66,7 +66,7 @@ EXIT_CODE = {"KILL": -signal.SIGKILL, "INT": 130, "TERM": 143}
 
 def run_kind(distill, sig, *arguments, env=None):
     """(exit code, stdout, stderr) of a run of the kind of student `sig` tests, in a process of its own for SIGKILL."""
-    result = run_script(*arguments, env=env) if sig == "KILL" else run_main(distill, *arguments, env=env)
+    result = run_process(*arguments, env=env) if sig == "KILL" else run_main(distill, *arguments, env=env)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -366,7 +366,7 @@ def test_the_export_holds_the_student_only(left_alone):
 def test_a_run_trained_longer_then_killed_resumes_from_its_newest_step_not_its_old_final(tmp_path, tiny_path, distill):
     assert run_main(distill, *args(tmp_path, tiny_path, "--MAX_STEPS=4")).returncode == 0  # final.pt at step 4
     longer = args(tmp_path, tiny_path, "--MAX_STEPS=14", "--CHECKPOINT_EVERY=5", "--EVAL_EVERY=12")
-    killed = run_script(*longer, env={"DISTILL_FAULT_AT": "evaluation 12:KILL"})
+    killed = run_process(*longer, env={"DISTILL_FAULT_AT": "evaluation 12:KILL"})
     assert killed.returncode == -signal.SIGKILL and (tmp_path / "checkpoints" / "r" / "step_10.pt").is_file()
     code, out, err = run_kind(distill, "INT", *longer)
     assert code == 0, err[-2000:]
@@ -418,7 +418,7 @@ def test_a_kill_while_staging_on_another_filesystem_leaves_nothing_behind(tiny_p
     there leaves the staged checkpoint; the run's next start removes it, and the run ends as one left alone."""
     root = Path(tempfile.mkdtemp(dir="/dev/shm"))
     try:
-        killed = run_script(*args(root, tiny_path, *TRAINABLE["KILL"]), env={"DISTILL_FAULT_AT": "write step_4.pt:KILL"})
+        killed = run_process(*args(root, tiny_path, *TRAINABLE["KILL"]), env={"DISTILL_FAULT_AT": "write step_4.pt:KILL"})
         assert killed.returncode == -signal.SIGKILL
         staged = distill.staging_folder(root / "checkpoints" / "r")
         assert [p.name.split("-", 1)[1] for p in staged.iterdir()] == ["step_4.pt"]  # <pid>-step_4.pt

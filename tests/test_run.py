@@ -2,18 +2,15 @@
 
 import csv
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import SCRIPT, run_main, tiny_args
+from conftest import SCRIPT, MainProcess, run_main, run_process, run_script, tiny_args
 
 TIMING = {"sec_per_step", "images_per_sec", "peak_mem_gb"}
 
@@ -78,11 +75,8 @@ def strip_timing(rows):
 
 
 def start(args, env=None):
-    # Ctrl-C's default restored in the child: a shell's background job (`pytest ... &`) ignores SIGINT,
-    # its children inherit that, and Python then never raises KeyboardInterrupt.
-    return subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **(env or {})},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    """A run in a process of its own, as Popen gives it, for a test to kill mid-run (MainProcess)."""
+    return MainProcess(args, env)
 
 
 def wait_for_step(root, name, step, process, timeout=120):
@@ -119,6 +113,21 @@ def test_empty_run_name_continues_the_unfinished_run_of_the_same_config(tmp_path
     time.sleep(1.1)
     fresh = run_main(distill, *args, "--RESUME=never")
     assert fresh.returncode == 0 and len(list((tmp_path / "checkpoints").iterdir())) == 2
+
+
+def test_a_run_in_a_process_of_its_own_answers_as_a_fresh_interpreter_does(tmp_path):
+    """MainProcess, forked from a process that has the libraries imported: bad input is answered as `python
+    script` answers it, word for word, with its exit code; Ctrl-C mid-run saves and names the script to run again."""
+    bad = tiny_args(tmp_path, "--MAX_STEPS=0")
+    fresh, forked = run_script(*bad), run_process(*bad)
+    assert fresh.returncode == 2 and "MAX_STEPS=0 must be a whole number" in fresh.stderr
+    assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+    process = start(tiny_args(tmp_path, "--RUN_NAME=r", "--MAX_STEPS=400"))
+    wait_for_step(tmp_path, "r", 2, process)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.poll() == 130, err[-2000:]
+    assert "interrupted (Ctrl-C) at step" in out and f"To continue: python {SCRIPT} " in out
 
 
 def next_run_name(root, process, timeout=60):

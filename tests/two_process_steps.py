@@ -34,10 +34,10 @@ def main():
             distill.apply_update(models, run.accelerator, training.optimizer, training.lr_scheduler, terms, counts,
                                  run.config, run.mixed_precision)
         collectives, waiting = {}, 0.0
-        for event in prof.events():
-            if event.name.startswith("gloo:"):
-                collectives[event.name] = collectives.get(event.name, 0) + 1
-                waiting += event.cpu_time_total / 1e6
+        for event in prof.profiler.kineto_results.events():  # the raw events: prof.events() takes 2.5 s a step here
+            if event.name().startswith("gloo:"):
+                collectives[event.name()] = collectives.get(event.name(), 0) + 1
+                waiting += event.duration_ns() / 1e9
         steps.append({"collectives": collectives, "seconds_in_collectives": waiting,
                       "step_seconds": time.perf_counter() - started})
     out.mkdir(parents=True, exist_ok=True)
