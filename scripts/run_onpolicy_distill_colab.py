@@ -610,8 +610,6 @@ def adversarial_head_module():
 def teacher_features(models: Models, x, sigma, cond, blocks: list[int]) -> dict:
     """{block: its image tokens} of the frozen teacher (adapters off, unguided, conditional) at state x and noise level
     sigma (one per sample), read by forward hooks on those blocks; gradients flow to x where x has them."""
-    import torch
-
     features = {}
     hooks = [models.teacher.transformer_blocks[b].register_forward_hook(
         lambda _module, _args, out, b=b: features.__setitem__(b, out[1])) for b in blocks]
