@@ -57,13 +57,16 @@ class MainProcess:
     _context = None
 
     def __init__(self, args: list[str], env: dict | None = None):
-        import multiprocessing
+        if MainProcess._context is None:  # chosen once per process
+            import multiprocessing
 
-        import torch
+            import torch
 
-        if MainProcess._context is None:
-            MainProcess._context = multiprocessing.get_context("spawn" if torch.cuda.is_available() else "forkserver")
-            MainProcess._context.set_forkserver_preload(RUN_IMPORTS)
+            if torch.cuda.is_available():
+                MainProcess._context = multiprocessing.get_context("spawn")
+            else:
+                MainProcess._context = multiprocessing.get_context("forkserver")
+                MainProcess._context.set_forkserver_preload(RUN_IMPORTS)
         self._folder = tempfile.TemporaryDirectory(prefix="distill-run-")
         self._out, self._err = (os.path.join(self._folder.name, name) for name in ("stdout", "stderr"))
         self.args = list(args)
